@@ -1,0 +1,80 @@
+"""The ``fhirmatch`` command line: one module per subcommand.
+
+Each subcommand module exposes ``register(subparsers) -> None`` (adds its parser and sets
+``func``) and a ``run(args) -> int``. Library code never calls ``sys.exit``; fatal problems raise
+:class:`fhirmatch.cli.exitcodes.CliExit` or a :class:`fhirmatch.errors.FhirmatchError`, which
+:func:`main` turns into one line on stderr and a stable exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import (
+    AuthenticationError,
+    ConfigurationError,
+    FhirmatchError,
+    NetworkError,
+    StateError,
+)
+from . import exitcodes
+
+SUBCOMMANDS = ("evaluate", "match", "trials", "sandbox", "demo")
+
+log = logging.getLogger("fhirmatch")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line and the configuration exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(exitcodes.CONFIG_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fhirmatch",
+        description="Screen FHIR R4 patient data against computable clinical-trial eligibility "
+        "criteria, and record candidates as ResearchSubject resources.",
+    )
+    parser.add_argument("--version", action="version", version=f"fhirmatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except exitcodes.CliExit as exc:
+        if exc.message:
+            print(f"fhirmatch: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("fhirmatch: interrupted", file=sys.stderr)
+        return exitcodes.INTERRUPTED
+    except StateError as exc:
+        print(f"fhirmatch: {exc}", file=sys.stderr)
+        return exitcodes.STATE_ERROR
+    except ConfigurationError as exc:
+        print(f"fhirmatch: configuration error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    except AuthenticationError as exc:
+        print(f"fhirmatch: authentication failed: {exc}", file=sys.stderr)
+        return exitcodes.SERVER_ERROR
+    except NetworkError as exc:
+        print(f"fhirmatch: server error: {exc}", file=sys.stderr)
+        return exitcodes.SERVER_ERROR
+    except FhirmatchError as exc:
+        print(f"fhirmatch: {exc}", file=sys.stderr)
+        return exitcodes.FAILURE

@@ -1,0 +1,111 @@
+"""Compiled trial definitions: what the loader (:mod:`fhirmatch.trials`) produces from a
+ResearchStudy + PlanDefinition and what the engine (:mod:`fhirmatch.engine`) evaluates.
+
+The FHIR representation is documented in ``docs/trial-format.md``. These classes are immutable
+so one compiled trial can be shared by many threads evaluating patients at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CriterionKind = Literal["inclusion", "exclusion"]
+Selection = Literal["all", "any"]
+ClinicalStatusNeed = Literal["current", "history", "any"]
+Outcome = Literal["pass", "fail", "unknown", "manual"]
+TrialStatus = Literal["eligible", "insufficient-data", "ineligible"]
+
+EXT_BASE = "https://fhirmatch.dev/fhir/StructureDefinition"
+CS_BASE = "https://fhirmatch.dev/fhir/CodeSystem"
+VS_BASE = "https://fhirmatch.dev/fhir/ValueSet"
+
+#: Extension URLs (documented in docs/trial-format.md).
+EXT_TARGET_UNIT = f"{EXT_BASE}/target-unit"
+EXT_ANALYTE = f"{EXT_BASE}/analyte"
+EXT_CLINICAL_STATUS = f"{EXT_BASE}/clinical-status"
+EXT_REQUIRED = f"{EXT_BASE}/required"
+EXT_MANUAL_REVIEW = f"{EXT_BASE}/manual-review"
+CS_CRITERION_KIND = f"{CS_BASE}/criterion-kind"
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One ``PlanDefinition.action.input`` (a DataRequirement), bound to FHIRPath as ``%name``.
+
+    For ``select == "latest"`` (Observations, ``limit`` 1) ``%name`` is the most recent usable
+    result inside the look-back window, normalised to ``unit``; otherwise ``%name`` is the list of
+    every matching resource.
+    """
+
+    name: str
+    resource_type: str
+    value_set: str | None = None
+    #: expanded codes of ``value_set`` as ``(system, code)`` pairs
+    codes: frozenset[tuple[str, str]] = frozenset()
+    code_path: str = "code"
+    lookback_days: int | None = None
+    unit: str | None = None
+    analyte: str | None = None
+    select: Literal["latest", "all"] = "all"
+    clinical_status: ClinicalStatusNeed = "any"
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One ``PlanDefinition.action``: a computable criterion, a manual one, or a group."""
+
+    id: str
+    kind: CriterionKind
+    text: str
+    #: FHIRPath applicability condition (``text/fhirpath``); None for manual criteria and groups
+    expression: str | None = None
+    inputs: tuple[DataInput, ...] = ()
+    #: reason the criterion needs a person (consent, clinical judgement ...); None when computable
+    manual_reason: str | None = None
+    #: sub-criteria for a group; ``selection`` says whether all or any of them must pass
+    children: tuple[Criterion, ...] = ()
+    selection: Selection = "all"
+    #: free-text note (source of the criterion, modelling decisions)
+    note: str | None = None
+
+    @property
+    def is_manual(self) -> bool:
+        return self.manual_reason is not None
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.children)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A ResearchStudy and its PlanDefinition, compiled."""
+
+    id: str
+    title: str
+    identifiers: tuple[tuple[str, str], ...]
+    criteria: tuple[Criterion, ...]
+    plan_definition_id: str
+    plan_definition_url: str | None = None
+    version: str | None = None
+    source: str | None = None
+    recruitment_status: str | None = None
+    #: the FHIR resources as loaded (ResearchStudy, PlanDefinition, ValueSets), for publishing
+    resources: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def reference(self) -> str:
+        return f"ResearchStudy/{self.id}"
+
+    def all_inputs(self) -> list[DataInput]:
+        out: list[DataInput] = []
+
+        def walk(cs: tuple[Criterion, ...]) -> None:
+            for c in cs:
+                out.extend(c.inputs)
+                walk(c.children)
+
+        walk(self.criteria)
+        return out
