@@ -15,7 +15,10 @@ them and never contains patient data, tokens or passwords.
     ├── NetworkError                  talking to a FHIR server failed
     │   ├── TemporaryNetworkError     retryable (408, 429, 5xx, connection problems) after retries ran out
     │   └── FatalNetworkError         not retryable (4xx other than 408/429, TLS, refused redirect)
-    │       └── AuthenticationError   401/403, or the token endpoint refused us
+    │       ├── AuthenticationError   401/403, or the token endpoint refused us
+    │       ├── ResourceNotFound      404: no such resource (or endpoint)
+    │       ├── ResourceGone          410: the resource was deleted
+    │       └── PreconditionFailed    412: If-Match version conflict / ambiguous conditional write
     └── StateError                    the job's state file is locked or inconsistent
 """
 
@@ -28,6 +31,9 @@ __all__ = [
     "FatalNetworkError",
     "FhirmatchError",
     "NetworkError",
+    "PreconditionFailed",
+    "ResourceGone",
+    "ResourceNotFound",
     "StateError",
     "TemporaryNetworkError",
     "TerminologyError",
@@ -136,3 +142,15 @@ class AuthenticationError(FatalNetworkError):
 
 class StateError(FhirmatchError):
     """The job state file is locked by another run, or does not match this run's parameters."""
+
+
+class ResourceNotFound(FatalNetworkError):
+    """The server answered 404: the resource (or the endpoint) does not exist."""
+
+
+class ResourceGone(FatalNetworkError):
+    """The server answered 410: the resource existed and was deleted."""
+
+
+class PreconditionFailed(FatalNetworkError):
+    """The server answered 412: an If-Match version conflict or an ambiguous conditional write."""
