@@ -1,0 +1,7 @@
+#!/bin/sh
+# Set up (first time) and run the checks: lint, types, and the test suite (unit tests, and
+# integration tests against a local FHIR server over HTTP, or the server in FHIR_BASE_URL).
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m slow` for the long tests.
+. "$(dirname "$0")/env.sh"
+.venv/bin/ruff check fhirmatch tests benchmarks
+.venv/bin/python -m pytest -m "not slow" -q "$@"
