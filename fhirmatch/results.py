@@ -1,0 +1,82 @@
+"""Evaluation results: what :class:`fhirmatch.engine.Engine` returns and ``fhirmatch evaluate``
+prints.
+
+The JSON shape (``EvaluationReport.model_dump(mode="json")``)::
+
+    {"as_of": "2026-11-01",
+     "results": [
+      {"patient": "Patient/p1", "study": "ResearchStudy/NCT06767007", "status": "eligible",
+       "criteria": [{"id": "inc-ecog", "kind": "inclusion", "text": "...", "outcome": "pass",
+                     "evidence": ["Observation/o7"], "reason": "...", "criteria": []}]}]}
+
+A group criterion keeps its sub-criteria nested in its own ``criteria`` list (the children's ids
+are the PlanDefinition action ids); a plain criterion has an empty list there.
+
+Results contain clinical values and dates (they are the answer the user asked for); they are
+written to stdout or files, never to logs.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .model import CriterionKind, Outcome, TrialStatus
+
+__all__ = ["DECEASED_CRITERION_ID", "CriterionResult", "EvaluationReport", "TrialResult"]
+
+#: id of the synthetic criterion the engine adds when the patient is recorded as deceased
+DECEASED_CRITERION_ID = "patient-deceased"
+
+
+class CriterionResult(BaseModel):
+    """The outcome of one criterion for one patient.
+
+    ``evidence`` lists the resources the outcome rests on (``Observation/o7``); ``reason`` says in
+    words why, with values after unit conversion, or what data is missing.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    kind: CriterionKind
+    text: str
+    outcome: Outcome
+    evidence: list[str] = Field(default_factory=list)
+    reason: str = ""
+    title: str | None = None
+    #: sub-criteria of a group, in protocol order (empty for a plain criterion)
+    criteria: list[CriterionResult] = Field(default_factory=list)
+
+
+class TrialResult(BaseModel):
+    """One patient screened against one trial."""
+
+    model_config = ConfigDict(frozen=True)
+
+    patient: str
+    study: str
+    status: TrialStatus
+    criteria: list[CriterionResult] = Field(default_factory=list)
+    title: str | None = None
+
+    def manual_criteria(self) -> list[CriterionResult]:
+        """Criteria a coordinator must review by hand (top level and inside groups)."""
+        out: list[CriterionResult] = []
+
+        def walk(items: list[CriterionResult]) -> None:
+            for c in items:
+                if c.outcome == "manual" and not c.criteria:
+                    out.append(c)
+                walk(c.criteria)
+
+        walk(self.criteria)
+        return out
+
+
+class EvaluationReport(BaseModel):
+    """Every (patient, trial) result of one evaluation run at one as-of date."""
+
+    as_of: date
+    results: list[TrialResult] = Field(default_factory=list)
