@@ -1,0 +1,484 @@
+"""HTTP plumbing for talking to a FHIR server: one pooled session, timeouts, retries, errors.
+
+This module knows nothing about FHIR searches or paging (that is :mod:`fhirmatch.client`); it
+knows how to send one request safely:
+
+* every call has a connect and a read timeout (:class:`Timeouts`);
+* 408, 429, 500, 502, 503 and 504 and connection failures are retried on a bounded list of
+  exponentially growing, jittered delays (:class:`RetryPolicy`); ``Retry-After`` (seconds or an
+  HTTP date) is honoured up to a cap;
+* requests that are not idempotent are retried only when a retry cannot create a duplicate (see
+  :func:`HttpTransport.request`, argument ``idempotent``);
+* failures become :class:`~fhirmatch.errors.TemporaryNetworkError` (retryable, retries ran out)
+  or :class:`~fhirmatch.errors.FatalNetworkError` and its subclasses, carrying the status, the
+  request's method and redacted URL, and the server's OperationOutcome text;
+* the ``Authorization`` header goes only to the server's own scheme, host and port.
+
+Nothing here logs a request or response body or a header value.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+
+from .errors import (
+    AuthenticationError,
+    ConfigurationError,
+    FatalNetworkError,
+    NetworkError,
+    PreconditionFailed,
+    ResourceGone,
+    ResourceNotFound,
+    TemporaryNetworkError,
+)
+
+if TYPE_CHECKING:
+    from .auth import Auth
+
+__all__ = [
+    "RETRYABLE_STATUSES",
+    "HttpTransport",
+    "RetryPolicy",
+    "Timeouts",
+    "check_base_url",
+    "outcome_text",
+    "parse_retry_after",
+    "redact_url",
+    "same_origin",
+]
+
+log = logging.getLogger(__name__)
+
+#: Statuses that a later attempt may cure.
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+#: Query parameters whose values are secrets and are masked in error messages and logs.
+_SECRET_PARAMS = frozenset(
+    {
+        "access_token",
+        "token",
+        "client_secret",
+        "password",
+        "client_assertion",
+        "code",
+        "refresh_token",
+        "api_key",
+        "apikey",
+        "key",
+        "sig",
+        "signature",
+    }
+)
+
+FHIR_JSON = "application/fhir+json"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts in seconds, applied to every request."""
+
+    connect: float = 10.0
+    read: float = 60.0
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (self.connect, self.read)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry.
+
+    ``max_attempts`` counts the first try (1 disables retries). Delay ``n`` (0-based) is
+    ``min(max_delay, base_delay * 2**n)`` scaled by a random factor in ``[1 - jitter, 1]``; a
+    server's ``Retry-After`` replaces it, capped at ``retry_after_cap`` (a longer demand ends the
+    retries at once rather than stalling a job for hours).
+    """
+
+    max_attempts: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 30.0
+    retry_after_cap: float = 120.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigurationError("retry max_attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0 or self.retry_after_cap < 0:
+            raise ConfigurationError("retry delays must not be negative")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError("retry jitter must be between 0 and 1")
+
+    def delays(self, rng: random.Random | None = None) -> list[float]:
+        """The bounded list of waits between attempts (``max_attempts - 1`` items)."""
+        pick = rng.random if rng else random.random
+        out = []
+        for n in range(self.max_attempts - 1):
+            nominal = min(self.max_delay, self.base_delay * (2**n))
+            out.append(nominal * (1 - self.jitter * pick()))
+        return out
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user-info and with secret-looking query values masked."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # IPv6 literal
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            pairs = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+            query = urlencode(pairs, safe=",|:/$")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return (scheme, (parts.hostname or "").lower(), port)
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True when both URLs share scheme, host and (effective) port."""
+    return _origin(a) == _origin(b)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+        ".localhost"
+    ):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
+    """Validate a FHIR base URL and return it without a trailing slash.
+
+    ``http://`` is accepted only for loopback hosts (127.0.0.0/8, ::1, localhost) unless
+    ``allow_insecure_http`` is set; user-info in the URL is refused (pass credentials as auth).
+    """
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"FHIR base URL must be an http(s) URL, got {redact_url(base_url)}"
+        )
+    if parts.username or parts.password:
+        raise ConfigurationError("FHIR base URL must not contain credentials; use an auth option")
+    if parts.query or parts.fragment:
+        raise ConfigurationError("FHIR base URL must not have a query or fragment")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise ConfigurationError(
+            f"refusing plain http:// to non-loopback host {parts.hostname}; use https:// "
+            "or set allow_insecure_http"
+        )
+    return base_url.rstrip("/")
+
+
+def outcome_text(response: requests.Response) -> str | None:
+    """Diagnostics/details text of an OperationOutcome body, or a short plain-text body."""
+    ctype = response.headers.get("Content-Type", "")
+    if "json" in ctype:
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        if isinstance(body, dict):
+            if body.get("resourceType") == "OperationOutcome":
+                texts = []
+                for issue in body.get("issue") or []:
+                    text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+                    if text:
+                        texts.append(str(text))
+                return "; ".join(texts)[:1000] or None
+            # OAuth token endpoints answer {"error": ..., "error_description": ...}
+            if "error" in body:
+                desc = body.get("error_description")
+                return f"{body['error']}: {desc}" if desc else str(body["error"])
+        return None
+    if ctype.startswith("text/plain"):
+        return response.text[:300].strip() or None
+    return None
+
+
+def _error_class(status: int) -> type[NetworkError]:
+    if status in RETRYABLE_STATUSES:
+        return TemporaryNetworkError
+    if status in (401, 403):
+        return AuthenticationError
+    if status == 404:
+        return ResourceNotFound
+    if status == 410:
+        return ResourceGone
+    if status == 412:
+        return PreconditionFailed
+    return FatalNetworkError
+
+
+@dataclass
+class TransportStats:
+    """Counters of what one transport sent."""
+
+    requests: int = 0
+    retries: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class HttpTransport:
+    """One pooled :class:`requests.Session` bound to one FHIR server.
+
+    ``sleep`` is injectable so tests run instantly; ``rng`` makes jitter reproducible.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: Auth | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        verify: bool = True,
+        ca_bundle: str | None = None,
+        allow_insecure_http: bool = False,
+        user_agent: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        from . import __version__
+
+        self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
+        self.auth = auth
+        self.timeouts = timeouts or Timeouts()
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.rng = rng
+        self.stats = TransportStats()
+        self.session = session or requests.Session()
+        # A CA bundle path replaces the default trust store; verify=False is an explicit opt-out.
+        self.session.verify = ca_bundle if (ca_bundle and verify) else verify
+        self.session.headers.update(
+            {
+                "User-Agent": user_agent or f"fhirmatch/{__version__}",
+                "Accept": FHIR_JSON,
+            }
+        )
+        for name, value in (extra_headers or {}).items():
+            if name.lower() == "authorization":
+                raise ConfigurationError("pass credentials through auth, not extra headers")
+            self.session.headers[name] = value
+        # Proxies from the environment are kept (trust_env), but redirects use our own, stricter
+        # rule: Authorization survives only a same scheme/host/port hop, and ~/.netrc is never
+        # consulted for credentials.
+        self.session.auth = _no_auth  # a set auth stops requests from reading ~/.netrc
+        self.session.rebuild_auth = _rebuild_auth_same_origin.__get__(self.session)  # type: ignore[method-assign]
+
+    def __repr__(self) -> str:
+        return f"HttpTransport(base_url={redact_url(self.base_url)!r}, auth={self.auth!r})"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def url_for(self, path_or_url: str) -> str:
+        """Absolute URL for a path relative to the base (or an absolute URL, unchanged)."""
+        if "://" in path_or_url:
+            return path_or_url
+        return f"{self.base_url}/{path_or_url.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Sequence[tuple[str, str]] | None = None,
+        json_body: Any = None,
+        form: Sequence[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+        authenticated: bool = True,
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> requests.Response:
+        """Send one request with retries and return a 2xx (or ``ok_statuses``) response.
+
+        ``idempotent`` defaults to True for GET, HEAD, PUT and DELETE and for POSTs that are
+        searches (``_search``) or conditional creates (``If-None-Exist``); pass it explicitly for
+        transactions. A non-idempotent request is retried only when the server cannot have acted
+        on it: a connect timeout (nothing was sent) or a 429 (rejected before processing). A read
+        timeout, 5xx or dropped connection on a plain create could mean the resource was created,
+        so the error is raised at once instead of risking a duplicate.
+
+        ``authenticated=False`` sends no Authorization header (token endpoint, discovery).
+        Absolute URLs on another scheme/host/port are refused while authenticated.
+        """
+        url = self.url_for(path_or_url)
+        method = method.upper()
+        hdrs = dict(headers or {})
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS") or (
+                method == "POST"
+                and (
+                    urlsplit(url).path.endswith("/_search")
+                    or any(k.lower() == "if-none-exist" for k in hdrs)
+                )
+            )
+        if authenticated and not same_origin(url, self.base_url):
+            raise FatalNetworkError(
+                "refusing to send credentials to a URL outside the FHIR server",
+                method=method,
+                url=redact_url(url),
+            )
+        if json_body is not None:
+            hdrs.setdefault("Content-Type", FHIR_JSON)
+        delays = self.retry.delays(self.rng)
+        refreshed_auth = False
+        attempt = 0
+        while True:
+            attempt += 1
+            send_headers = dict(hdrs)
+            if authenticated and self.auth is not None:
+                value = self.auth.authorization(self)
+                if value:
+                    send_headers["Authorization"] = value
+            self.stats.requests += 1
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=list(params) if params else None,
+                    json=json_body,
+                    data=list(form) if form is not None else None,
+                    headers=send_headers,
+                    timeout=self.timeouts.as_tuple(),
+                )
+            except requests.exceptions.SSLError as exc:
+                raise FatalNetworkError(
+                    f"TLS error: {type(exc).__name__}", method=method, url=redact_url(url)
+                ) from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                # ConnectTimeout is a subclass of both; nothing reached the server.
+                safe = idempotent or isinstance(exc, requests.exceptions.ConnectTimeout)
+                kind = type(exc).__name__
+                if safe and attempt <= len(delays):
+                    wait = delays[attempt - 1]
+                    self._note_retry(method, url, kind, attempt, wait)
+                    self.sleep(wait)
+                    continue
+                raise TemporaryNetworkError(
+                    f"{kind} after {attempt} attempt(s)", method=method, url=redact_url(url)
+                ) from None
+            status = response.status_code
+            self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+            log.debug("%s %s -> %s", method, urlsplit(url).path, status)
+            if status < 400 or status in ok_statuses:
+                return response
+            if (
+                status == 401
+                and authenticated
+                and self.auth is not None
+                and not refreshed_auth
+                and self.auth.invalidate()
+            ):
+                refreshed_auth = True
+                log.info("%s %s -> 401; refreshing the access token once", method, url_path(url))
+                continue
+            if status in RETRYABLE_STATUSES and (idempotent or status == 429):
+                retry_wait = self._retry_wait(response, attempt, delays)
+                if retry_wait is not None:
+                    self._note_retry(method, url, str(status), attempt, retry_wait)
+                    self.sleep(retry_wait)
+                    continue
+            cls = _error_class(status)
+            tried = f" after {attempt} attempts" if attempt > 1 else ""
+            raise cls(
+                f"HTTP {status}{tried}",
+                method=method,
+                url=redact_url(url),
+                status=status,
+                outcome=outcome_text(response),
+            )
+
+    def _retry_wait(
+        self, response: requests.Response, attempt: int, delays: list[float]
+    ) -> float | None:
+        if attempt > len(delays):
+            return None
+        wait = delays[attempt - 1]
+        asked = parse_retry_after(response.headers.get("Retry-After"))
+        if asked is not None:
+            if asked > self.retry.retry_after_cap:
+                log.warning(
+                    "server asked to retry after %.0f s, more than the %.0f s cap; giving up",
+                    asked,
+                    self.retry.retry_after_cap,
+                )
+                return None
+            wait = asked
+        return wait
+
+    def _note_retry(self, method: str, url: str, why: str, attempt: int, wait: float) -> None:
+        self.stats.retries += 1
+        level = logging.INFO if attempt == 1 else logging.WARNING
+        log.log(
+            level,
+            "%s %s: %s; retry %d/%d in %.1f s",
+            method,
+            url_path(url),
+            why,
+            attempt,
+            self.retry.max_attempts - 1,
+            wait,
+        )
+
+
+def url_path(url: str) -> str:
+    """Path part of a URL, for log lines (no query string: search values stay out of logs)."""
+    return urlsplit(url).path
+
+
+def _rebuild_auth_same_origin(
+    self: requests.Session, prepared_request: requests.PreparedRequest, response: requests.Response
+) -> None:
+    """Drop Authorization on a redirect that leaves the original host; never add netrc auth."""
+    headers = prepared_request.headers
+    url = prepared_request.url or ""
+    if "Authorization" in headers and not same_origin(response.request.url or "", url):
+        del headers["Authorization"]
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """requests auth hook that changes nothing (our Authorization header is set per request)."""
+    return request
