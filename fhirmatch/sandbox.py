@@ -274,7 +274,9 @@ def _wait_until_up(handle: SandboxHandle, timeout: float, nonce: str) -> None:
 
 def fixture_files(paths: Iterable[Path] | None = None) -> list[Path]:
     """The JSON files to load: trial Bundles first, then patients (sorted, so loads repeat)."""
-    roots = list(paths) if paths is not None else [FIXTURES_DIR / "trials", FIXTURES_DIR / "patients"]
+    roots = (
+        list(paths) if paths is not None else [FIXTURES_DIR / "trials", FIXTURES_DIR / "patients"]
+    )
     files: list[Path] = []
     for root in roots:
         if root.is_dir():

@@ -23,28 +23,41 @@ def test_identifier_search_filters_research_types(fhir_base_url: str, rtype: str
     """Without registered search parameters sekmet would return every resource here."""
     system = "https://fhirmatch.dev/fhir/sid/test"
     value = uuid.uuid4().hex
-    body: dict[str, object] = {"resourceType": rtype, "identifier": [{"system": system, "value": value}]}
+    body: dict[str, object] = {
+        "resourceType": rtype,
+        "identifier": [{"system": system, "value": value}],
+    }
     if rtype == "ResearchStudy":
         body["status"] = "active"
     elif rtype == "ResearchSubject":
-        body |= {"status": "candidate", "study": {"reference": "ResearchStudy/x"},
-                 "individual": {"reference": "Patient/x"}}
+        body |= {
+            "status": "candidate",
+            "study": {"reference": "ResearchStudy/x"},
+            "individual": {"reference": "Patient/x"},
+        }
     else:
         body["status"] = "draft"
-    hdr = {**STRICT, "Content-Type": "application/fhir+json",
-           "If-None-Exist": f"identifier={system}|{value}"}
+    hdr = {
+        **STRICT,
+        "Content-Type": "application/fhir+json",
+        "If-None-Exist": f"identifier={system}|{value}",
+    }
     first = requests.post(f"{fhir_base_url}/{rtype}", json=body, headers=hdr, timeout=10)
     assert first.status_code == 201, first.text
     again = requests.post(f"{fhir_base_url}/{rtype}", json=body, headers=hdr, timeout=10)
     assert again.status_code == 200, again.text  # conditional create found the first one
     found = requests.get(
-        f"{fhir_base_url}/{rtype}", params={"identifier": f"{system}|{value}"}, headers=STRICT,
+        f"{fhir_base_url}/{rtype}",
+        params={"identifier": f"{system}|{value}"},
+        headers=STRICT,
         timeout=10,
     ).json()
     assert [e["resource"]["id"] for e in found.get("entry", [])] == [first.json()["id"]]
     none = requests.get(
-        f"{fhir_base_url}/{rtype}", params={"identifier": f"{system}|{uuid.uuid4().hex}"},
-        headers=STRICT, timeout=10,
+        f"{fhir_base_url}/{rtype}",
+        params={"identifier": f"{system}|{uuid.uuid4().hex}"},
+        headers=STRICT,
+        timeout=10,
     ).json()
     assert none.get("entry", []) == []
 
@@ -65,10 +78,19 @@ def test_sandbox_binds_loopback_only(tmp_path) -> None:  # type: ignore[no-untyp
         cs = requests.get(f"{sb.base_url}/metadata", timeout=10)
         assert cs.status_code == 200
         # the workflow simulator is off: creating a ServiceRequest spawns no Task
-        sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
-              "subject": {"reference": "Patient/x"}, "code": {"text": "x"}}
-        requests.post(f"{sb.base_url}/ServiceRequest", json=sr, timeout=10,
-                      headers={"Content-Type": "application/fhir+json"})
+        sr = {
+            "resourceType": "ServiceRequest",
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/x"},
+            "code": {"text": "x"},
+        }
+        requests.post(
+            f"{sb.base_url}/ServiceRequest",
+            json=sr,
+            timeout=10,
+            headers={"Content-Type": "application/fhir+json"},
+        )
         tasks = requests.get(f"{sb.base_url}/Task", timeout=10).json()
         assert tasks.get("entry", []) == []
     assert not sb.alive()
@@ -78,8 +100,9 @@ def test_dead_sandbox_reports_its_log(tmp_path) -> None:  # type: ignore[no-unty
     blocker = start_sandbox(data_dir=tmp_path / "a", load=False)
     try:
         with pytest.raises(SandboxError) as err:
-            start_sandbox(port=blocker.port, data_dir=tmp_path / "b", load=False,
-                          startup_timeout=20)
+            start_sandbox(
+                port=blocker.port, data_dir=tmp_path / "b", load=False, startup_timeout=20
+            )
         assert "sandbox" in str(err.value)
     finally:
         blocker.stop()
