@@ -1,0 +1,885 @@
+"""The eligibility engine: compiled trials evaluated against one patient's record at a time.
+
+Usage::
+
+    engine = Engine(load_trials(paths, terminology), terminology)
+    for record in iter_patient_records(patient_paths):
+        results = engine.evaluate_patient_record(record, as_of=date(2026, 11, 1))
+
+Design (see ``docs/trial-format.md`` for the meaning of conditions and inputs):
+
+* Each criterion's FHIRPath condition is compiled once, when the :class:`Engine` is built.
+* Each patient's record is indexed once (:class:`PatientIndex`: by resource type and by
+  ``(type, system, code)``), and every input is resolved at most once per patient, however many
+  trials use it. Resources stay plain dicts.
+* The engine keeps no mutable state after construction, so one engine can serve many threads.
+
+Semantics implemented here, beyond the table in the trial format:
+
+* Resources marked ``entered-in-error`` are ignored everywhere, as are cancelled / not-done /
+  not-taken medication and procedure records, refuted Conditions and AllergyIntolerances, and
+  Observations whose status is not ``final``, ``amended`` or ``corrected``. Resources dated after
+  the as-of date are ignored (they were not known then). Dates are compared at day precision, as
+  written (no time-zone shift); a partial date counts as its first day.
+* A ``latest`` Observation input uses the most recent result in its look-back window (effective
+  date, then ``issued``, then id). If that result is unusable (unit that cannot be converted, no
+  value, unreadable string), the input is empty and the criterion's reason says why: the engine
+  does not silently fall back to an older result.
+* Censored values (``<0.5``, ``>1000``, from ``valueQuantity.comparator`` or ``valueString``) are
+  replaced by the two ends of the interval they describe (``[0, 0.5)``, ``(1000, 10^12]``). The
+  condition is evaluated at both; if the answers agree that answer is used, otherwise the
+  criterion is ``unknown``. This is exact for threshold comparisons (monotonic in the value),
+  which is what eligibility conditions are. A partial birth date is handled the same way for
+  ``%age`` (youngest and oldest possible age).
+* Upper limit of normal: the Observation's ``referenceRange.high`` converted to the target unit;
+  when it has none (or its unit cannot be converted) the analyte's default from
+  ``mappings/analytes.json``. The reason says which one was used.
+* Condition clinical status: ``current`` = active, recurrence, relapse, or no clinicalStatus at
+  all (systems often omit it for current problems); ``history`` = current plus remission,
+  resolved, inactive.
+* Observations whose codes match no code any trial asks for are passed through the terminology's
+  ConceptMaps (local lab codes), when a terminology is given.
+* A deceased patient (``deceasedBoolean`` true, or ``deceasedDateTime`` on or before the as-of
+  date) gets a synthetic failing exclusion criterion ``patient-deceased`` first in every trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import fhirpathpy
+
+from . import units
+from .errors import TrialDefinitionError, UnitError
+from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
+from .records import PatientRecord, reference_id
+from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
+
+if TYPE_CHECKING:
+    from .terminology import Terminology
+
+__all__ = [
+    "ANSWER_SCORES",
+    "Engine",
+    "PatientIndex",
+    "age_range",
+    "combine_group",
+    "trial_status",
+]
+
+log = logging.getLogger(__name__)
+
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
+
+#: Observation answer codes that stand for a score: ECOG (LOINC LL529-9 answers, SNOMED
+#: "ECOG performance status - grade n") and Karnofsky (LOINC 89243-0 answer list LL4986-7).
+ANSWER_SCORES: dict[tuple[str, str], int] = {
+    (LOINC, "LA9622-7"): 0,
+    (LOINC, "LA9623-5"): 1,
+    (LOINC, "LA9624-3"): 2,
+    (LOINC, "LA9625-0"): 3,
+    (LOINC, "LA9626-8"): 4,
+    (SNOMED, "425389002"): 0,
+    (SNOMED, "422512005"): 1,
+    (SNOMED, "422894000"): 2,
+    (SNOMED, "423053003"): 3,
+    (SNOMED, "423237006"): 4,
+    (SNOMED, "423409001"): 5,
+    (LOINC, "LA29175-9"): 100,
+    (LOINC, "LA29176-7"): 90,
+    (LOINC, "LA29177-5"): 80,
+    (LOINC, "LA29178-3"): 70,
+    (LOINC, "LA29179-1"): 60,
+    (LOINC, "LA29180-9"): 50,
+    (LOINC, "LA29181-7"): 40,
+    (LOINC, "LA29182-5"): 30,
+    (LOINC, "LA29183-3"): 20,
+    (LOINC, "LA29184-1"): 10,
+}
+#: LA9627-6 "Dead" is ECOG 5 and Karnofsky 0: which one depends on the question asked.
+_DEAD_ANSWER = (LOINC, "LA9627-6")
+_KARNOFSKY_CODES = frozenset({"89243-0", "89244-8"})
+
+OBSERVATION_OK = frozenset({"final", "amended", "corrected"})
+_DROP_STATUS: dict[str, frozenset[str]] = {
+    "Procedure": frozenset({"not-done", "entered-in-error"}),
+    "MedicationRequest": frozenset({"cancelled", "entered-in-error"}),
+    "MedicationStatement": frozenset({"not-taken", "entered-in-error"}),
+    "MedicationAdministration": frozenset({"not-done", "entered-in-error"}),
+}
+_DROP_VERIFICATION = frozenset({"entered-in-error", "refuted"})
+CURRENT_STATUSES = frozenset({"active", "recurrence", "relapse"})
+HISTORY_STATUSES = CURRENT_STATUSES | {"remission", "resolved", "inactive"}
+MEDICATION_TYPES = frozenset(
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration"}
+)
+
+#: where each type keeps its clinically relevant date, in order of preference
+_DATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod", "issued"),
+    "Condition": ("onsetDateTime", "onsetPeriod", "recordedDate"),
+    "Procedure": ("performedDateTime", "performedPeriod"),
+    "MedicationRequest": ("authoredOn",),
+    "MedicationStatement": ("effectiveDateTime", "effectivePeriod", "dateAsserted"),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod"),
+    "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
+}
+_GENERIC_DATE_FIELDS = ("effectiveDateTime", "effectivePeriod", "date", "recordedDate", "issued")
+
+_CENSOR_LOW = 0.0
+_CENSOR_HIGH = 1e12
+_MAX_VARIANTS = 16
+_SCORE_UNITS = frozenset({"{score}", "1", "{Score}", "{ScoreOf}"})
+
+
+# --------------------------------------------------------------------------- dates and ages
+
+
+def _date_key(value: Any) -> str | None:
+    """An ISO date string (YYYY[-MM[-DD]]) from a FHIR date/dateTime/instant/Period, or None."""
+    if isinstance(value, dict):  # Period: its end if known, else its start
+        value = value.get("end") or value.get("start")
+    if isinstance(value, str) and len(value) >= 4:
+        return value[:10]
+    return None
+
+
+def _to_date(key: str) -> date | None:
+    """The first day a (partial) ISO date can denote."""
+    try:
+        parts = key.split("-")
+        year = int(parts[0])
+        month = int(parts[1]) if len(parts) > 1 else 1
+        day = int(parts[2]) if len(parts) > 2 else 1
+        return date(year, month, day)
+    except (ValueError, IndexError):
+        return None
+
+
+def _years_between(born: date, as_of: date) -> int:
+    return as_of.year - born.year - ((as_of.month, as_of.day) < (born.month, born.day))
+
+
+def age_range(birth_date: str | None, as_of: date) -> tuple[int, int] | None:
+    """(youngest, oldest) possible age in whole years at ``as_of``; None when not computable.
+
+    ``1960-05-17`` gives one age; ``1960-05`` and ``1960`` give the range of ages a birth on any
+    day of that month or year would give.
+    """
+    if not isinstance(birth_date, str):
+        return None
+    parts = birth_date[:10].split("-")
+    try:
+        year = int(parts[0])
+        if len(parts) >= 3:
+            born = date(year, int(parts[1]), int(parts[2]))
+            return (_years_between(born, as_of),) * 2  # type: ignore[return-value]
+        if len(parts) == 2:
+            month = int(parts[1])
+            first = date(year, month, 1)
+            nxt = date(year + (month == 12), month % 12 + 1, 1)
+            last = date.fromordinal(nxt.toordinal() - 1)
+        else:
+            first, last = date(year, 1, 1), date(year, 12, 31)
+    except (ValueError, IndexError):
+        return None
+    return _years_between(last, as_of), _years_between(first, as_of)
+
+
+def _resource_date(resource: dict[str, Any]) -> str | None:
+    for name in _DATE_FIELDS.get(resource.get("resourceType", ""), _GENERIC_DATE_FIELDS):
+        key = _date_key(resource.get(name))
+        if key:
+            return key
+    return None
+
+
+def _ref(resource: dict[str, Any]) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id', '?')}"
+
+
+def _code_of(cc: Any) -> str:
+    """A human label for a CodeableConcept (its text, or the first coding's display or code)."""
+    if not isinstance(cc, dict):
+        return "?"
+    if isinstance(cc.get("text"), str):
+        return cc["text"]
+    for coding in cc.get("coding") or []:
+        if isinstance(coding, dict):
+            return str(coding.get("display") or coding.get("code") or "?")
+    return "?"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _tail(url: str | None) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1] if url else "?"
+
+
+# --------------------------------------------------------------------------- the patient index
+
+
+def _codings(cc: Any) -> Iterator[tuple[str, str]]:
+    if isinstance(cc, dict):
+        for coding in cc.get("coding") or []:
+            if isinstance(coding, dict):
+                system, code = coding.get("system"), coding.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    yield system, code
+
+
+def _status_code(cc: Any) -> str | None:
+    for _system, code in _codings(cc):
+        return code
+    return None
+
+
+def _is_usable(resource: dict[str, Any]) -> bool:
+    """False for records that must be ignored everywhere (entered in error, cancelled ...)."""
+    rtype = resource.get("resourceType")
+    status = resource.get("status")
+    if status == "entered-in-error":
+        return False
+    if rtype == "Observation":
+        return status in OBSERVATION_OK
+    if rtype in ("Condition", "AllergyIntolerance"):
+        return _status_code(resource.get("verificationStatus")) not in _DROP_VERIFICATION
+    if rtype == "MedicationRequest" and resource.get("doNotPerform") is True:
+        return False
+    drop = _DROP_STATUS.get(rtype or "")
+    return not (drop and status in drop)
+
+
+class PatientIndex:
+    """One patient's usable resources, indexed by type and by ``(type, system, code)``.
+
+    Built once per patient and shared by every trial. ``known_codes`` (the codes any trial asks
+    for) and ``terminology`` let unrecognised (local) Observation codes be mapped through
+    ConceptMaps.
+    """
+
+    __slots__ = ("as_of", "by_code", "by_type", "patient", "problems")
+
+    def __init__(
+        self,
+        resources: Iterable[dict[str, Any]],
+        *,
+        as_of: date,
+        known_codes: frozenset[tuple[str, str]] = frozenset(),
+        terminology: Terminology | None = None,
+    ) -> None:
+        self.as_of = as_of
+        self.patient: dict[str, Any] | None = None
+        self.by_type: dict[str, list[dict[str, Any]]] = {}
+        self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self.problems: list[str] = []
+        resources = list(resources)
+        medications = {
+            r["id"]: r
+            for r in resources
+            if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)
+        }
+        as_of_key = as_of.isoformat()
+        for res in resources:
+            rtype = res.get("resourceType")
+            if not isinstance(rtype, str):
+                continue
+            if rtype == "Patient":
+                if self.patient is None:
+                    self.patient = res
+                continue
+            if rtype == "Medication" or not _is_usable(res):
+                continue
+            when = _resource_date(res)
+            if when is not None and when > as_of_key[: len(when)]:
+                continue  # recorded after the as-of date
+            self.by_type.setdefault(rtype, []).append(res)
+            if rtype in MEDICATION_TYPES:
+                codes = list(self._medication_codes(res, medications))
+            else:
+                codes = list(_codings(res.get("code")))
+                if (
+                    rtype == "Observation"
+                    and terminology is not None
+                    and codes
+                    and not any(c in known_codes for c in codes)
+                    and any(system != LOINC for system, _ in codes)
+                ):
+                    codes.extend(self._mapped_codes(res, terminology))
+            for system, code in codes:
+                self.by_code.setdefault((rtype, system, code), []).append(res)
+
+    def _medication_codes(
+        self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
+    ) -> Iterator[tuple[str, str]]:
+        if "medicationCodeableConcept" in res:
+            yield from _codings(res["medicationCodeableConcept"])
+            return
+        ref = res.get("medicationReference")
+        text = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(text, str):
+            mid = reference_id(text, "Medication") or (text[1:] if text.startswith("#") else None)
+            med = medications.get(mid or "")
+            if med is None and text.startswith("#"):
+                med = next((c for c in res.get("contained") or [] if c.get("id") == text[1:]), None)
+            if med is not None:
+                yield from _codings(med.get("code"))
+            else:
+                self.problems.append(f"{_ref(res)}: {text} not found in the record")
+
+    def _mapped_codes(self, res: dict[str, Any], terminology: Terminology) -> list[tuple[str, str]]:
+        try:
+            mapped = terminology.apply_concept_maps(res)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.problems.append(f"{_ref(res)}: concept map failed ({type(exc).__name__})")
+            return []
+        return list(_codings(mapped.get("code")))
+
+    def find(self, resource_type: str, codes: frozenset[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Usable resources of ``resource_type`` with any of ``codes``, in record order."""
+        if not codes:
+            return []
+        seen: dict[int, dict[str, Any]] = {}
+        by_code = self.by_code
+        for system, code in codes:
+            hits = by_code.get((resource_type, system, code))
+            if hits:
+                for r in hits:
+                    seen[id(r)] = r
+        if len(seen) > 1:
+            order = {id(r): n for n, r in enumerate(self.by_type.get(resource_type, ()))}
+            return sorted(seen.values(), key=lambda r: order.get(id(r), 0))
+        return list(seen.values())
+
+
+# --------------------------------------------------------------------------- resolved inputs
+
+
+@dataclass(frozen=True)
+class Binding:
+    """An input resolved for one patient.
+
+    ``variants`` holds the FHIRPath value(s) of ``%name``: one list normally, two when the value
+    is censored (the two ends of its interval). ``found`` is False when no record exists at all
+    (closed-world exclusions pass then); ``summary`` describes what was used, ``missing`` why the
+    value is empty.
+    """
+
+    variants: tuple[list[dict[str, Any]], ...]
+    evidence: tuple[str, ...]
+    summary: str
+    missing: str | None
+    found: bool
+
+    @property
+    def empty(self) -> bool:
+        return not self.variants[0]
+
+
+def _window_ok(resource: dict[str, Any], inp: DataInput, as_of: date) -> bool:
+    if inp.lookback_days is None:
+        return True
+    key = _resource_date(resource)
+    day = _to_date(key) if key else None
+    if day is None:
+        return False
+    return (as_of - day).days <= inp.lookback_days
+
+
+def _clinical_status_ok(resource: dict[str, Any], need: str) -> bool:
+    if need == "any" or resource.get("resourceType") != "Condition":
+        return True
+    status = _status_code(resource.get("clinicalStatus"))
+    if status is None:
+        return True
+    allowed = CURRENT_STATUSES if need == "current" else HISTORY_STATUSES
+    return status in allowed
+
+
+def _sort_key(resource: dict[str, Any]) -> tuple[str, str, str]:
+    return (
+        _resource_date(resource) or "",
+        str(resource.get("issued") or ""),
+        str(resource.get("id") or ""),
+    )
+
+
+def _is_score_unit(unit: str | None) -> bool:
+    return unit is not None and (
+        unit in _SCORE_UNITS or (unit.startswith("{") and unit.endswith("}"))
+    )
+
+
+class _Unusable(Exception):
+    """An Observation value that cannot be used; the message says why (no values in it)."""
+
+
+def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None, str | None]:
+    """(value, unit, comparator) of an Observation, before conversion."""
+    rid = _ref(obs)
+    if "valueQuantity" in obs:
+        q = obs["valueQuantity"]
+        value = q.get("value") if isinstance(q, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise _Unusable(f"{rid}: valueQuantity has no numeric value")
+        unit = q.get("code") if q.get("system") == UCUM and q.get("code") else q.get("unit")
+        return float(value), unit if isinstance(unit, str) else None, q.get("comparator")
+    if "valueInteger" in obs:
+        value = obs["valueInteger"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Unusable(f"{rid}: valueInteger is not an integer")
+        return float(value), None, None
+    if "valueCodeableConcept" in obs:
+        for system, code in _codings(obs["valueCodeableConcept"]):
+            if (system, code) == _DEAD_ANSWER:
+                karnofsky = any(c in _KARNOFSKY_CODES for _s, c in _codings(obs.get("code")))
+                return (0.0 if karnofsky else 5.0), None, None
+            score = ANSWER_SCORES.get((system, code))
+            if score is not None:
+                return float(score), None, None
+        raise _Unusable(f"{rid}: coded answer is not a known score")
+    if "valueString" in obs:
+        text = obs["valueString"]
+        parsed = units.parse_value_string(text) if isinstance(text, str) else None
+        if parsed is None:
+            raise _Unusable(f"{rid}: valueString is not a number")
+        return float(parsed.value), parsed.unit, parsed.comparator
+    raise _Unusable(f"{rid}: no value")
+
+
+def _convert(value: float, unit: str | None, inp: DataInput, rid: str) -> float:
+    target = inp.unit
+    if target is None:
+        return value
+    if _is_score_unit(target):
+        if unit in (None, "") or _is_score_unit(unit):
+            return value
+        raise _Unusable(f"{rid}: unit '{unit}' is not a score")
+    if not unit:
+        raise _Unusable(f"{rid}: value has no unit (expected {target})")
+    try:
+        return units.convert(value, unit, target, analyte=inp.analyte)
+    except UnitError:
+        raise _Unusable(f"{rid}: unit '{unit}' cannot be converted to {target}") from None
+
+
+def _uln(obs: dict[str, Any], inp: DataInput, value_unit: str | None) -> tuple[float, str] | None:
+    """(upper limit of normal in the target unit, where it came from), or None."""
+    rid = _ref(obs)
+    for rr in obs.get("referenceRange") or []:
+        high = rr.get("high") if isinstance(rr, dict) else None
+        if isinstance(high, dict) and isinstance(high.get("value"), int | float):
+            unit = high.get("code") if high.get("system") == UCUM and high.get("code") else None
+            unit = unit or high.get("unit") or value_unit
+            try:
+                return _convert(float(high["value"]), unit, inp, rid), "reference range"
+            except _Unusable:
+                break  # fall back to the default, and say so
+    if inp.analyte:
+        try:
+            default = units.default_uln(inp.analyte)
+            if default is not None:
+                value = _convert(float(default[0]), default[1], inp, rid)
+                return value, f"default ULN for {inp.analyte}"
+        except (_Unusable, UnitError):
+            return None
+    return None
+
+
+def _quantity(value: float, unit: str | None) -> dict[str, Any]:
+    q: dict[str, Any] = {"value": value}
+    if unit:
+        q.update(unit=unit, system=UCUM, code=unit)
+    return q
+
+
+def _censored(value: float, comparator: str) -> tuple[float, float]:
+    if comparator in ("<", "<="):
+        high = value if comparator == "<=" else math.nextafter(value, -math.inf)
+        return min(_CENSOR_LOW, high), high
+    low = value if comparator == ">=" else math.nextafter(value, math.inf)
+    return low, max(_CENSOR_HIGH, low)
+
+
+def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
+    """Resolve one data requirement against a patient's index."""
+    as_of = index.as_of
+    label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
+    window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
+    matches = [
+        r
+        for r in index.find(inp.resource_type, inp.codes)
+        if _window_ok(r, inp, as_of) and _clinical_status_ok(r, inp.clinical_status)
+    ]
+    if not matches:
+        status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
+        return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+    if inp.select != "latest":
+        parts = [
+            f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
+            f" ({_resource_date(r) or 'no date'})"
+            for r in matches[:5]
+        ]
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+        summary = f"{inp.name}: " + "; ".join(parts) + more
+        return Binding((matches,), tuple(_ref(r) for r in matches), summary, None, True)
+    obs = max(matches, key=_sort_key)
+    rid = _ref(obs)
+    when = _resource_date(obs) or "no date"
+    try:
+        value, unit, comparator = _read_value(obs, inp)
+        converted = _convert(value, unit, inp, rid)
+    except _Unusable as exc:
+        return Binding(([],), (rid,), "", f"latest {inp.name} result unusable: {exc}", True)
+    target = inp.unit if inp.unit is not None else unit
+    shown_unit = "" if target is None or _is_score_unit(target) else f" {target}"
+    uln = _uln(obs, inp, unit)
+    base: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": obs.get("id"),
+        "status": obs.get("status"),
+        "code": obs.get("code"),
+    }
+    if "effectiveDateTime" in obs:
+        base["effectiveDateTime"] = obs["effectiveDateTime"]
+    if uln is not None:
+        base["referenceRange"] = [{"high": _quantity(uln[0], target)}]
+    uln_text = f"; ULN {_fmt(uln[0])}{shown_unit} from {uln[1]}" if uln else ""
+    if comparator in ("<", "<=", ">", ">="):
+        ends = _censored(converted, comparator)
+        variants = tuple([{**base, "valueQuantity": _quantity(v, target)}] for v in ends)
+        text = f"{comparator}{_fmt(converted)}"
+    else:
+        variants = ([{**base, "valueQuantity": _quantity(converted, target)}],)
+        text = _fmt(converted)
+    summary = f"{inp.name} {text}{shown_unit} ({rid}, {when}{uln_text})"
+    return Binding(variants, (rid,), summary, None, True)
+
+
+# --------------------------------------------------------------------------- combining outcomes
+
+
+def combine_group(selection: str, outcomes: Sequence[Outcome]) -> Outcome:
+    """A group's outcome from its children's (manual children are ignored).
+
+    ``all``: fail if any child fails, else unknown if any is unknown, else pass.
+    ``any``: pass if any child passes, else unknown if any is unknown, else fail.
+    A group whose children are all manual is manual.
+    """
+    computable = [o for o in outcomes if o != "manual"]
+    if not computable:
+        return "manual"
+    if selection == "any":
+        if "pass" in computable:
+            return "pass"
+        return "unknown" if "unknown" in computable else "fail"
+    if "fail" in computable:
+        return "fail"
+    return "unknown" if "unknown" in computable else "pass"
+
+
+def trial_status(outcomes: Iterable[Outcome]) -> TrialStatus:
+    """``ineligible`` if any criterion fails, else ``insufficient-data`` if any computable one is
+    unknown, else ``eligible``; manual criteria never change the status."""
+    seen = set(outcomes)
+    if "fail" in seen:
+        return "ineligible"
+    if "unknown" in seen:
+        return "insufficient-data"
+    return "eligible"
+
+
+# --------------------------------------------------------------------------- compiled trials
+
+
+Evaluator = Callable[[dict[str, Any], dict[str, Any]], list[Any]]
+
+
+@dataclass(frozen=True)
+class _CompiledCriterion:
+    criterion: Criterion
+    evaluator: Evaluator | None
+    uses_age: bool
+    uses_patient: bool
+    uses_uln: frozenset[str]
+    children: tuple[_CompiledCriterion, ...]
+
+
+def _compile(criterion: Criterion, trial: Trial, problems: list[str]) -> _CompiledCriterion:
+    evaluator: Evaluator | None = None
+    expr = criterion.expression
+    if expr and not criterion.is_manual and not criterion.is_group:
+        try:
+            evaluator = fhirpathpy.compile(expr)
+        except Exception as exc:  # fhirpathpy raises many exception types
+            problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
+    elif not criterion.is_manual and not criterion.is_group:
+        problems.append(f"{criterion.id}: no condition and no manual-review reason")
+    children = tuple(_compile(c, trial, problems) for c in criterion.children)
+    text = expr or ""
+    return _CompiledCriterion(
+        criterion=criterion,
+        evaluator=evaluator,
+        uses_age="%age" in text,
+        uses_patient="%patient" in text,
+        uses_uln=frozenset(i.name for i in criterion.inputs if f"%{i.name}.referenceRange" in text),
+        children=children,
+    )
+
+
+def _truth(result: list[Any]) -> bool | None:
+    """FHIRPath result → True / False / None (empty), by singleton evaluation."""
+    if not result:
+        return None
+    if len(result) == 1:
+        value = result[0]
+        return value if isinstance(value, bool) else True
+    raise ValueError("condition returned several values")
+
+
+class _PatientContext:
+    """Per-patient state for one evaluation: the index and the inputs resolved so far."""
+
+    __slots__ = ("age", "age_text", "as_of", "bindings", "index", "patient", "patient_ref")
+
+    def __init__(self, index: PatientIndex, patient_ref: str, as_of: date) -> None:
+        self.index = index
+        self.as_of = as_of
+        self.patient = index.patient or {}
+        self.patient_ref = patient_ref
+        self.bindings: dict[DataInput, Binding] = {}
+        ages = age_range(self.patient.get("birthDate"), as_of)
+        if ages is None:
+            self.age: list[list[int]] = [[]]
+            self.age_text = "birth date unknown"
+        elif ages[1] < 0:
+            self.age = [[]]
+            self.age_text = "birth date is after the as-of date"
+        elif ages[0] == ages[1]:
+            self.age = [[ages[0]]]
+            self.age_text = f"age {ages[0]} at {as_of}"
+        else:
+            self.age = [[max(ages[0], 0)], [ages[1]]]
+            self.age_text = f"age {max(ages[0], 0)}-{ages[1]} at {as_of} (partial birth date)"
+
+    def binding(self, inp: DataInput) -> Binding:
+        b = self.bindings.get(inp)
+        if b is None:
+            b = self.bindings[inp] = resolve_input(self.index, inp)
+        return b
+
+
+class Engine:
+    """Evaluates patients against compiled trials. Immutable after construction; thread-safe.
+
+    Raises :class:`~fhirmatch.errors.TrialDefinitionError` when a trial's conditions do not
+    compile.
+    """
+
+    def __init__(self, trials: Sequence[Trial], terminology: Terminology | None = None) -> None:
+        self.trials: tuple[Trial, ...] = tuple(trials)
+        self.terminology = terminology
+        compiled: list[tuple[Trial, tuple[_CompiledCriterion, ...]]] = []
+        known: set[tuple[str, str]] = set()
+        for trial in self.trials:
+            problems: list[str] = []
+            crits = tuple(_compile(c, trial, problems) for c in trial.criteria)
+            if problems:
+                raise TrialDefinitionError(trial.source or trial.reference, problems)
+            compiled.append((trial, crits))
+            for inp in trial.all_inputs():
+                known.update(inp.codes)
+        self._compiled = tuple(compiled)
+        self._known_codes = frozenset(known)
+
+    # -- public API
+
+    def index(self, resources: Iterable[dict[str, Any]], *, as_of: date) -> PatientIndex:
+        """Index one patient's resources (done once per patient, shared by all trials)."""
+        return PatientIndex(
+            resources, as_of=as_of, known_codes=self._known_codes, terminology=self.terminology
+        )
+
+    def evaluate(
+        self,
+        resources: Iterable[dict[str, Any]],
+        *,
+        as_of: date,
+        patient_id: str | None = None,
+    ) -> list[TrialResult]:
+        """Evaluate one patient's record (the Patient and its resources) against every trial."""
+        index = self.index(resources, as_of=as_of)
+        pid = patient_id or (index.patient or {}).get("id") or "unknown"
+        ctx = _PatientContext(index, f"Patient/{pid}", as_of)
+        return [self._evaluate_trial(trial, crits, ctx) for trial, crits in self._compiled]
+
+    def evaluate_patient_record(self, record: PatientRecord, *, as_of: date) -> list[TrialResult]:
+        """:meth:`evaluate` for a :class:`~fhirmatch.records.PatientRecord`."""
+        return self.evaluate(record.resources, as_of=as_of, patient_id=record.patient_id)
+
+    def evaluate_many(
+        self, records: Iterable[PatientRecord], *, as_of: date
+    ) -> Iterator[list[TrialResult]]:
+        """Yield the results of each record in turn (one list per patient, trials in order)."""
+        for record in records:
+            yield self.evaluate_patient_record(record, as_of=as_of)
+
+    # -- internals
+
+    def _evaluate_trial(
+        self, trial: Trial, crits: tuple[_CompiledCriterion, ...], ctx: _PatientContext
+    ) -> TrialResult:
+        results = [self._evaluate_criterion(c, ctx) for c in crits]
+        deceased = self._deceased(ctx)
+        if deceased is not None:
+            results.insert(0, deceased)
+        return TrialResult.model_construct(
+            patient=ctx.patient_ref,
+            study=trial.reference,
+            status=trial_status(r.outcome for r in results),
+            criteria=results,
+            title=trial.title,
+        )
+
+    @staticmethod
+    def _deceased(ctx: _PatientContext) -> CriterionResult | None:
+        patient = ctx.patient
+        reason = None
+        if patient.get("deceasedBoolean") is True:
+            reason = "the patient is recorded as deceased"
+        else:
+            key = _date_key(patient.get("deceasedDateTime"))
+            if key is not None and key <= ctx.as_of.isoformat()[: len(key)]:
+                reason = f"the patient is recorded as deceased on {key}"
+        if reason is None:
+            return None
+        return CriterionResult.model_construct(
+            id=DECEASED_CRITERION_ID,
+            kind="exclusion",
+            text="Patient is alive at the as-of date",
+            outcome="fail",
+            evidence=[ctx.patient_ref],
+            reason=reason,
+            title="Deceased",
+            criteria=[],
+        )
+
+    def _evaluate_criterion(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
+        c = cc.criterion
+        if c.is_manual:
+            return self._result(c, "manual", [], f"manual review: {c.manual_reason}", [])
+        if c.is_group:
+            children = [self._evaluate_criterion(k, ctx) for k in cc.children]
+            outcome = combine_group(c.selection, [k.outcome for k in children])
+            evidence = list(dict.fromkeys(e for k in children for e in k.evidence))
+            return self._result(c, outcome, evidence, _group_reason(c, outcome, children), children)
+        return self._evaluate_condition(cc, ctx)
+
+    @staticmethod
+    def _result(
+        c: Criterion,
+        outcome: Outcome,
+        evidence: list[str],
+        reason: str,
+        children: list[CriterionResult],
+    ) -> CriterionResult:
+        return CriterionResult.model_construct(
+            id=c.id,
+            kind=c.kind,
+            text=c.text,
+            outcome=outcome,
+            evidence=evidence,
+            reason=reason,
+            title=None,
+            criteria=children,
+        )
+
+    def _evaluate_condition(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
+        c = cc.criterion
+        assert cc.evaluator is not None
+        bindings = [(inp, ctx.binding(inp)) for inp in c.inputs]
+        names: list[str] = []
+        choices: list[tuple[Any, ...]] = []
+        for inp, b in bindings:
+            names.append(inp.name)
+            choices.append(b.variants)
+        if cc.uses_age:
+            names.append("age")
+            choices.append(tuple(ctx.age))
+        base_env: dict[str, Any] = {"patient": ctx.patient, "asOf": ctx.as_of.isoformat()}
+        truths: set[bool | None] = set()
+        try:
+            for n, combo in enumerate(itertools.product(*choices)):
+                if n >= _MAX_VARIANTS:
+                    break
+                env = dict(base_env)
+                env.update(zip(names, combo, strict=True))
+                truths.add(_truth(cc.evaluator(ctx.patient, env)))
+        except Exception as exc:  # a condition error must not stop the run
+            log.warning("criterion %s: condition failed (%s)", c.id, type(exc).__name__)
+            return self._result(
+                c, "unknown", [], f"the condition could not be evaluated ({type(exc).__name__})", []
+            )
+        evidence = [e for _inp, b in bindings for e in b.evidence]
+        if cc.uses_age or cc.uses_patient:
+            evidence.insert(0, ctx.patient_ref)
+        used = [b.summary for _inp, b in bindings if b.summary]
+        if cc.uses_age:
+            used.insert(0, ctx.age_text)
+        missing = [b.missing for _inp, b in bindings if b.missing]
+        if len(truths) > 1:
+            why = "the answer depends on "
+            why += (
+                "the exact birth date" if cc.uses_age and len(ctx.age) > 1 else "a censored value"
+            )
+            return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
+        truth = truths.pop() if truths else None
+        if truth is None:
+            closed_world = (
+                c.kind == "exclusion"
+                and bindings
+                and all(not b.found and not inp.required for inp, b in bindings)
+            )
+            if closed_world:
+                return self._result(c, "pass", [], "; ".join(missing), [])
+            detail = missing + ([ctx.age_text] if cc.uses_age and not ctx.age[0] else [])
+            if not detail:
+                detail = ["the condition gave no answer for the data found", *used]
+            return self._result(c, "unknown", evidence, "; ".join(detail), [])
+        met = "met" if truth else "not met"
+        outcome: Outcome
+        if c.kind == "inclusion":
+            outcome = "pass" if truth else "fail"
+        else:
+            outcome = "fail" if truth else "pass"
+        if used:
+            reason = f"{met}: " + "; ".join(used)
+            if missing:
+                reason += " (" + "; ".join(missing) + ")"
+        else:
+            reason = "; ".join(missing) if missing else f"{met} by the data found"
+        return self._result(c, outcome, evidence, reason, [])
+
+
+def _group_reason(c: Criterion, outcome: Outcome, children: list[CriterionResult]) -> str:
+    def ids(which: str) -> str:
+        return ", ".join(k.id for k in children if k.outcome == which)
+
+    rule = "all of" if c.selection == "all" else "any of"
+    if outcome == "manual":
+        return f"{rule} {len(children)} sub-criteria, all needing manual review"
+    if outcome == "pass":
+        return f"{rule}: passed ({ids('pass')})"
+    if outcome == "fail":
+        return f"{rule}: failed ({ids('fail')})"
+    return f"{rule}: undecided ({ids('unknown')} unknown)"
