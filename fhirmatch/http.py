@@ -317,6 +317,8 @@ class HttpTransport:
         """Absolute URL for a path relative to the base (or an absolute URL, unchanged)."""
         if "://" in path_or_url:
             return path_or_url
+        if not path_or_url.strip("/"):
+            return self.base_url  # transactions and batches go to [base] itself
         return f"{self.base_url}/{path_or_url.lstrip('/')}"
 
     def request(
