@@ -60,6 +60,7 @@ from .errors import TrialDefinitionError, UnitError
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
+from .trials import fhirpath_problems
 
 if TYPE_CHECKING:
     from .terminology import Terminology
@@ -239,8 +240,11 @@ def _codings(cc: Any) -> Iterator[tuple[str, str]]:
 
 
 def _status_code(cc: Any) -> str | None:
-    for _system, code in _codings(cc):
-        return code
+    """The first code of a status CodeableConcept (the system may be omitted)."""
+    if isinstance(cc, dict):
+        for coding in cc.get("coding") or []:
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                return str(coding["code"])
     return None
 
 
@@ -619,10 +623,14 @@ def _compile(criterion: Criterion, trial: Trial, problems: list[str]) -> _Compil
     evaluator: Evaluator | None = None
     expr = criterion.expression
     if expr and not criterion.is_manual and not criterion.is_group:
-        try:
-            evaluator = fhirpathpy.compile(expr)
-        except Exception as exc:  # fhirpathpy raises many exception types
-            problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
+        syntax = fhirpath_problems(expr)
+        if syntax:
+            problems.extend(f"{criterion.id}: FHIRPath condition: {p}" for p in syntax)
+        else:
+            try:
+                evaluator = fhirpathpy.compile(expr)
+            except Exception as exc:  # fhirpathpy raises many exception types
+                problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
     elif not criterion.is_manual and not criterion.is_group:
         problems.append(f"{criterion.id}: no condition and no manual-review reason")
     children = tuple(_compile(c, trial, problems) for c in criterion.children)

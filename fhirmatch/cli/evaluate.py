@@ -78,23 +78,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         nargs="+",
         default=None,
         metavar="PATH",
-        help="ValueSet/ConceptMap files or folders (default: mappings/valuesets and "
-        "mappings/conceptmaps when they exist)",
+        help="ValueSet/ConceptMap files or folders (default: the repository's mappings/)",
     )
     p.set_defaults(func=run)
 
 
 def _load(args: argparse.Namespace) -> tuple[list[Trial], Terminology | None]:
-    from pathlib import Path
-
     from ..terminology import Terminology
-    from ..trials import load_trials
+    from ..trials import default_mappings_dir, load_trials
 
-    if args.valuesets is not None:
-        term_paths = list(args.valuesets)
-    else:
-        term_paths = [p for p in ("mappings/valuesets", "mappings/conceptmaps") if Path(p).exists()]
-    terminology = Terminology.load(term_paths) if term_paths else None
+    term_paths = list(args.valuesets) if args.valuesets is not None else [default_mappings_dir()]
+    terminology = Terminology.load(term_paths)
     trials = load_trials(args.trials, terminology=terminology)
     if args.trial:
         wanted = set(args.trial)
