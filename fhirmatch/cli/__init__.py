@@ -60,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None) is not None:
+            from .common import load_config
+
+            # the config file's keys become defaults: flags on the command line still win
+            args._parser.set_defaults(**load_config(args.config, args._parser))
+            args = parser.parse_args(argv)
         return int(args.func(args))
     except exitcodes.CliExit as exc:
         if exc.message:

@@ -1,0 +1,466 @@
+"""The match job: pull patients from a FHIR server, evaluate them, write back candidates.
+
+:func:`run_match` is the whole job as a library call; ``fhirmatch match`` and ``fhirmatch demo``
+are thin layers over it. The steps:
+
+1. trials are published to the server when they come from files (so every ResearchSubject
+   references a ResearchStudy the server holds), or loaded from it;
+2. the patients to screen are chosen: a list, a FHIR query, everyone — or, for an incremental
+   run with a state file, only those whose relevant data changed since the last successful run
+   (``_lastUpdated`` on the resource types the criteria use), everyone when the trials changed;
+3. patients are fetched in chunks with :func:`fhirmatch.fetch.fetch_patient_data` (only the data
+   the criteria need), evaluated, and written back one transaction per patient
+   (:mod:`fhirmatch.writeback`); each finished patient is journalled so a killed run resumes.
+
+A patient whose data could not be fetched, or whose write-back failed, is *skipped* with the
+reason and the run goes on; the summary and the exit code say so. Logs name resource ids only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from .client import FhirClient
+from .engine import Engine
+from .errors import ConfigurationError, FatalNetworkError, NetworkError
+from .fetch import fetch_patient_data
+from .model import DataInput, Trial
+from .results import TrialResult
+from .state import StateStore
+from .writeback import (
+    DEFAULT_WRITE,
+    SUBJECT_IDENTIFIER_SYSTEM,
+    FhirVersion,
+    PlannedWrite,
+    plan_subject,
+    subject_identifier,
+    transaction_for,
+)
+
+log = logging.getLogger(__name__)
+
+#: a margin for clock differences between this machine and the server, applied to ``since``
+CLOCK_SKEW = dt.timedelta(minutes=5)
+WRITE_CHOICES = frozenset({"candidate", "potential-candidate"})
+
+
+@dataclass
+class TrialSummary:
+    """Counts for one trial in one run."""
+
+    study: str
+    title: str
+    screened: int = 0
+    eligible: int = 0
+    insufficient_data: int = 0
+    ineligible: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    advanced: int = 0
+
+    @property
+    def written(self) -> int:
+        return self.created + self.updated
+
+
+@dataclass
+class MatchOutcome:
+    """What a run did."""
+
+    as_of: dt.date
+    started: str
+    results: list[TrialResult] = field(default_factory=list)
+    summaries: dict[str, TrialSummary] = field(default_factory=dict)
+    planned: list[PlannedWrite] = field(default_factory=list)
+    #: patient reference -> why it was not screened or not written
+    skipped: dict[str, str] = field(default_factory=dict)
+    resumed: int = 0
+    incremental: bool = False
+    requests: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def screened(self) -> int:
+        return len({r.patient for r in self.results})
+
+
+@dataclass
+class MatchOptions:
+    """The job's parameters (the CLI's flags)."""
+
+    as_of: dt.date | None = None
+    patients: Sequence[str] = ()
+    patients_query: str | None = None
+    dry_run: bool = False
+    write: frozenset[str] = DEFAULT_WRITE
+    publish: bool = True
+    chunk_size: int = 50
+    restart: bool = False
+    keep_results: bool = True
+
+    def __post_init__(self) -> None:
+        bad = set(self.write) - WRITE_CHOICES
+        if bad:
+            raise ConfigurationError(
+                f"--write takes {', '.join(sorted(WRITE_CHOICES))}; not {', '.join(sorted(bad))}"
+            )
+        if self.patients and self.patients_query:
+            raise ConfigurationError("give --patient or --patients-query, not both")
+        if self.chunk_size < 1:
+            raise ConfigurationError("the chunk size must be positive")
+
+
+def trials_digest(trials: Sequence[Trial]) -> str:
+    """A digest of the trial definitions (their FHIR resources): a change re-screens everyone."""
+    blob = json.dumps(
+        sorted((json.dumps(r, sort_keys=True) for t in trials for r in t.resources)),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _id_of(ref: str) -> str:
+    return ref.rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str]:
+    """Upload each trial's ResearchStudy, PlanDefinition (and ValueSets) idempotently.
+
+    Each resource is written with a conditional update on its identifier (ResearchStudy) or
+    canonical URL (PlanDefinition, ValueSet), keeping the trial's own ids. Returns the study
+    reference -> PlanDefinition reference map write-back cites.
+    """
+    plan_refs: dict[str, str] = {}
+    for trial in trials:
+        for res in trial.resources:
+            rtype = res.get("resourceType")
+            if rtype == "ResearchStudy" and res.get("identifier"):
+                ident = res["identifier"][0]
+                criteria = {"identifier": f"{ident.get('system', '')}|{ident['value']}"}
+            elif rtype in ("PlanDefinition", "ValueSet") and res.get("url"):
+                criteria = {"url": res["url"]}
+            elif res.get("id"):
+                client.update(res)
+                continue
+            else:
+                continue
+            client.conditional_update(res, criteria)
+        plan_refs[trial.reference] = f"PlanDefinition/{trial.plan_definition_id}"
+        log.info("published %s", trial.reference)
+    return plan_refs
+
+
+def missing_studies(client: FhirClient, trials: Sequence[Trial]) -> list[str]:
+    """The trials whose ResearchStudy the server does not hold (for ``--dry-run`` reports)."""
+    ids = ",".join(t.id for t in trials)
+    found = {r.get("id") for r in client.iter_resources("ResearchStudy", {"_id": ids})}
+    return [t.reference for t in trials if t.id not in found]
+
+
+# --------------------------------------------------------------------------- patients
+
+
+def _query_params(query: str) -> tuple[str, list[tuple[str, str]]]:
+    """``Patient?name=x`` (or ``?name=x``) -> ("Patient", [("name", "x")])."""
+    parts = urlsplit(query)
+    path = parts.path.strip("/") or "Patient"
+    if path != "Patient":
+        raise ConfigurationError(f"--patients-query must search Patient, not {path!r}")
+    return path, parse_qsl(parts.query, keep_blank_values=True)
+
+
+def select_patients(
+    client: FhirClient,
+    options: MatchOptions,
+    requirements: Sequence[DataInput],
+    since: str | None,
+) -> list[str]:
+    """Patient ids to screen, in a stable order."""
+    if options.patients:
+        return list(dict.fromkeys(_id_of(p) for p in options.patients))
+    if options.patients_query:
+        _, params = _query_params(options.patients_query)
+        base = [p for p in params if p[0] != "_elements"]
+    else:
+        base = []
+    ids: dict[str, None] = {}
+    if since is None:
+        for res in client.iter_resources("Patient", [*base, ("_elements", "id")]):
+            if res.get("id"):
+                ids.setdefault(str(res["id"]), None)
+        return list(ids)
+    # incremental: patients whose relevant data changed, or who are new/changed themselves
+    changed: dict[str, None] = {}
+    for res in client.iter_resources("Patient", [*base, ("_lastUpdated", f"ge{since}")]):
+        if res.get("id"):
+            changed.setdefault(str(res["id"]), None)
+    for rtype in sorted({r.resource_type for r in requirements} - {"Patient"}):
+        params = [("_lastUpdated", f"ge{since}"), ("_count", "500")]
+        for res in client.iter_resources(rtype, params):
+            ref = (res.get("subject") or res.get("patient") or {}).get("reference", "")
+            if ref.startswith("Patient/") or "/Patient/" in ref:
+                changed.setdefault(_id_of(ref), None)
+    if base:  # keep only the ones the query selects
+        allowed = {
+            str(r["id"]) for r in client.iter_resources("Patient", [*base, ("_elements", "id")])
+        }
+        return [p for p in changed if p in allowed]
+    return list(changed)
+
+
+# --------------------------------------------------------------------------- write-back
+
+
+def existing_subjects(
+    client: FhirClient, pairs: Iterable[tuple[str, str]], chunk: int = 50
+) -> dict[str, dict[str, Any]]:
+    """ResearchSubjects fhirmatch wrote for these (study, patient) pairs, by identifier value."""
+    values = [subject_identifier(s, p) for s, p in pairs]
+    found: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(values), chunk):
+        tokens = ",".join(f"{SUBJECT_IDENTIFIER_SYSTEM}|{v}" for v in values[i : i + chunk])
+        for res in client.iter_resources("ResearchSubject", {"identifier": tokens}):
+            for ident in res.get("identifier", []):
+                if ident.get("system") == SUBJECT_IDENTIFIER_SYSTEM:
+                    found[str(ident.get("value"))] = res
+    return found
+
+
+def _fhir_version(client: FhirClient) -> FhirVersion:
+    return "R5" if client.fhir_version == "R5" else "R4"
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_match(
+    client: FhirClient,
+    trials: Sequence[Trial],
+    options: MatchOptions,
+    *,
+    engine: Engine | None = None,
+    state: StateStore | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MatchOutcome:
+    """Run the match job. ``state`` must already be acquired (locked) by the caller."""
+    t0 = time.monotonic()
+    requests_before = client.stats.requests
+    as_of = options.as_of or dt.date.today()
+    started = (dt.datetime.now(dt.UTC) - CLOCK_SKEW).isoformat(timespec="seconds")
+    started = started.replace("+00:00", "Z")
+    outcome = MatchOutcome(as_of=as_of, started=started, dry_run=options.dry_run)
+    engine = engine or Engine(trials)
+    version = _fhir_version(client)
+    digest = trials_digest(trials)
+
+    if options.publish and not options.dry_run:
+        plan_refs = publish_trials(client, trials)
+    else:
+        plan_refs = {t.reference: f"PlanDefinition/{t.plan_definition_id}" for t in trials}
+    for t in trials:
+        outcome.summaries[t.reference] = TrialSummary(study=t.reference, title=t.title)
+
+    requirements = [i for t in trials for i in t.all_inputs()]
+    since: str | None = None
+    done: set[str] = set()
+    if state is not None and not options.dry_run:
+        st = state.state
+        params = {
+            "server": client.base_url,
+            "trials": digest,
+            "patients": list(options.patients),
+            "query": options.patients_query,
+            "as_of": options.as_of.isoformat() if options.as_of else None,
+            "write": sorted(options.write),
+        }
+        resuming = st.in_progress is not None and not options.restart
+        if resuming and st.in_progress:
+            since = st.in_progress.get("since")
+            started = st.in_progress.get("started", started)
+            outcome.started = started
+        elif st.last_success and st.trials_digest == digest and st.server == client.base_url:
+            since = st.last_success
+        done = state.begin_run(params, restart=options.restart)
+        if not resuming or options.restart:
+            assert state.state.in_progress is not None
+            state.state.in_progress.update({"since": since, "started": started})
+            state.save()
+        outcome.resumed = len(done)
+        outcome.incremental = since is not None
+        if since:
+            log.info("incremental run: data changed since %s", since)
+
+    patient_ids = select_patients(client, options, requirements, since)
+    todo = [p for p in patient_ids if f"Patient/{p}" not in done]
+    log.info(
+        "screening %d patients against %d trials (%d already done by an interrupted run)",
+        len(todo),
+        len(trials),
+        len(patient_ids) - len(todo),
+    )
+    finished = 0
+    for chunk in _chunks(todo, options.chunk_size):
+        _screen_chunk(client, engine, chunk, requirements, options, outcome, plan_refs, version,
+                      state)
+        finished += len(chunk)
+        if progress:
+            progress(finished, len(todo))
+
+    if state is not None and not options.dry_run:
+        if outcome.skipped:
+            log.warning(
+                "%d patients skipped; the state keeps the previous window so they are retried",
+                len(outcome.skipped),
+            )
+            # keep the journal: a re-run resumes and retries only the skipped patients
+        else:
+            state.finish_run(server=client.base_url, trials_digest=digest, started=started)
+    outcome.requests = client.stats.requests - requests_before
+    outcome.seconds = time.monotonic() - t0
+    return outcome
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _screen_chunk(
+    client: FhirClient,
+    engine: Engine,
+    chunk: list[str],
+    requirements: Sequence[DataInput],
+    options: MatchOptions,
+    outcome: MatchOutcome,
+    plan_refs: dict[str, str],
+    version: FhirVersion,
+    state: StateStore | None,
+) -> None:
+    as_of = outcome.as_of
+    try:
+        fetched = fetch_patient_data(client, chunk, requirements, as_of=as_of)
+    except FatalNetworkError:
+        raise
+    except NetworkError as exc:
+        for pid in chunk:
+            outcome.skipped[f"Patient/{pid}"] = f"fetch failed: {exc.message}"
+        log.warning("could not fetch a chunk of %d patients: %s", len(chunk), exc.message)
+        return
+    evaluated: dict[str, list[TrialResult]] = {}
+    for pid in chunk:
+        ref = f"Patient/{pid}"
+        if pid in fetched.errors:
+            outcome.skipped[ref] = "; ".join(fetched.errors[pid])
+            log.warning("skipped %s: data could not be fetched completely", ref)
+            continue
+        resources = fetched.resources.get(pid) or []
+        if not any(r.get("resourceType") == "Patient" for r in resources):
+            outcome.skipped[ref] = "the server has no such Patient"
+            continue
+        evaluated[pid] = engine.evaluate(resources, as_of=as_of)
+    pairs = [(r.study, r.patient) for results in evaluated.values() for r in results]
+    try:
+        existing = existing_subjects(client, pairs)
+    except NetworkError as exc:
+        if isinstance(exc, FatalNetworkError):
+            raise
+        for pid in evaluated:
+            outcome.skipped[f"Patient/{pid}"] = f"reading ResearchSubjects failed: {exc.message}"
+        return
+    for pid, results in evaluated.items():
+        ref = f"Patient/{pid}"
+        plans = [
+            plan_subject(
+                r,
+                existing.get(subject_identifier(r.study, r.patient)),
+                as_of=as_of,
+                plan_definition=plan_refs.get(r.study),
+                write=options.write,
+                version=version,
+            )
+            for r in results
+        ]
+        bundle = transaction_for(plans, dict(plan_refs))
+        if bundle is not None and not options.dry_run:
+            try:
+                entries = client.transaction(bundle)
+            except NetworkError as exc:
+                if isinstance(exc, FatalNetworkError) and exc.status in (401, 403):
+                    raise
+                outcome.skipped[ref] = f"write-back failed: {exc.message}"
+                log.warning("write-back for %s failed; nothing was written for it", ref)
+                continue
+            bad = [e for e in entries if not e.ok]
+            if bad:
+                outcome.skipped[ref] = f"write-back entry failed: HTTP {bad[0].status}"
+                continue
+        _count(outcome, results, plans)
+        if options.keep_results:
+            outcome.results.extend(results)
+        outcome.planned.extend(plans)
+        if state is not None and not options.dry_run:
+            state.mark_done(ref)
+
+
+def _count(outcome: MatchOutcome, results: list[TrialResult], plans: list[PlannedWrite]) -> None:
+    for r, p in zip(results, plans, strict=True):
+        s = outcome.summaries.get(r.study)
+        if s is None:
+            continue
+        s.screened += 1
+        if r.status == "eligible":
+            s.eligible += 1
+        elif r.status == "insufficient-data":
+            s.insufficient_data += 1
+        else:
+            s.ineligible += 1
+        if p.action == "create":
+            s.created += 1
+        elif p.action == "update":
+            s.updated += 1
+        elif p.action == "unchanged":
+            s.unchanged += 1
+        elif p.action == "advanced":
+            s.advanced += 1
+
+
+def load_trials_from_server(client: FhirClient, terminology: Any = None) -> list[Trial]:
+    """Trials the server holds: ResearchStudies with an active recruitment status and their
+    PlanDefinitions (``ResearchStudy.protocol``), compiled with the local terminology tables."""
+    from .trials import compile_trial
+
+    active = "active" if _fhir_version(client) == "R4" else "active,recruiting"
+    result = client.search_all(
+        "ResearchStudy", [("status", active), ("_include", "ResearchStudy:protocol")]
+    )
+    plans = {
+        f"PlanDefinition/{r.get('id')}": r
+        for r in result.included
+        if r.get("resourceType") == "PlanDefinition"
+    }
+    trials: list[Trial] = []
+    for study in result.matches:
+        for proto in study.get("protocol") or []:
+            ref = str(proto.get("reference", ""))
+            plan = plans.get(ref)
+            if plan is None and ref.startswith("PlanDefinition/"):
+                plan = client.read("PlanDefinition", _id_of(ref))
+            if plan is not None:
+                src = f"{client.base_url}/ResearchStudy/{study.get('id')}"
+                trials.append(compile_trial(study, plan, terminology, source=src))
+                break
+        else:
+            log.warning("ResearchStudy/%s has no PlanDefinition protocol; ignored", study.get("id"))
+    return trials
