@@ -123,7 +123,7 @@ class MatchOptions:
 def trials_digest(trials: Sequence[Trial]) -> str:
     """A digest of the trial definitions (their FHIR resources): a change re-screens everyone."""
     blob = json.dumps(
-        sorted((json.dumps(r, sort_keys=True) for t in trials for r in t.resources)),
+        sorted(json.dumps(r, sort_keys=True) for t in trials for r in t.resources),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -312,8 +312,9 @@ def run_match(
     )
     finished = 0
     for chunk in _chunks(todo, options.chunk_size):
-        _screen_chunk(client, engine, chunk, requirements, options, outcome, plan_refs, version,
-                      state)
+        _screen_chunk(
+            client, engine, chunk, requirements, options, outcome, plan_refs, version, state
+        )
         finished += len(chunk)
         if progress:
             progress(finished, len(todo))

@@ -139,7 +139,5 @@ def write_report(
 ) -> None:
     """Render and write the report, owner-only."""
     params = dict(parameters or {})
-    html = render_report(
-        outcome, trials, server=server or params.get("server"), parameters=params
-    )
+    html = render_report(outcome, trials, server=server or params.get("server"), parameters=params)
     write_private_file(Path(path), html.encode("utf-8"))

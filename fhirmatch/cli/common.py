@@ -80,9 +80,7 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
 def add_logging_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--log-format", choices=("text", "json"), default="text")
-    g.add_argument(
-        "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO"
-    )
+    g.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
     g.add_argument(
         "--progress-interval",
         type=float,

@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
             stored = sum(
                 1
                 for r in subjects
-                if any(i.get("system") == SUBJECT_IDENTIFIER_SYSTEM for i in r.get("identifier", []))
+                if any(
+                    i.get("system") == SUBJECT_IDENTIFIER_SYSTEM for i in r.get("identifier", [])
+                )
             )
         print(f"\nScreening as of {as_of} ({sandbox.base_url})\n")
         print(summary_table(outcome))

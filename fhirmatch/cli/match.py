@@ -209,11 +209,7 @@ def summary_line(outcome: MatchOutcome) -> str:
 
 
 def emit(outcome: MatchOutcome, fmt: str, output: Path | None) -> None:
-    text = (
-        json.dumps(outcome_json(outcome), indent=2)
-        if fmt == "json"
-        else summary_table(outcome)
-    )
+    text = json.dumps(outcome_json(outcome), indent=2) if fmt == "json" else summary_table(outcome)
     if output:
         output.write_text(text + "\n", encoding="utf-8")
     else:
