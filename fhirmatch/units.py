@@ -36,7 +36,6 @@ import csv
 import functools
 import json
 import math
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from typing import Any, Literal
 import pint
 
 from fhirmatch.errors import UnitError
+from fhirmatch.terminology import default_mappings_dir
 
 __all__ = [
     "AnalyteInfo",
@@ -71,12 +71,9 @@ def mappings_dir() -> Path:
 
     ``$FHIRMATCH_MAPPINGS`` overrides the default, which is the repository's top-level
     ``mappings/`` next to the ``fhirmatch`` package (fhirmatch is installed editable, or run
-    from a checkout).
+    from a checkout). Same as :func:`fhirmatch.terminology.default_mappings_dir`.
     """
-    override = os.environ.get("FHIRMATCH_MAPPINGS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "mappings"
+    return default_mappings_dir()
 
 
 # --------------------------------------------------------------------------------------------

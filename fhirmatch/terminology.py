@@ -1,0 +1,580 @@
+"""Offline terminology: FHIR ValueSets and ConceptMaps loaded from JSON files.
+
+:class:`Terminology` loads ValueSet and ConceptMap resources (single resources, Bundles of them,
+or directories searched recursively for ``*.json``; other JSON files are skipped) and answers
+"is this code in that value set?" without a terminology server.
+
+ValueSet support (``compose``):
+
+* ``include``/``exclude`` with an explicit ``concept`` list, with ``valueSet`` (other value sets,
+  resolved by canonical URL, ``|version`` ignored), or both (their intersection, as FHIR says);
+  an ``include`` with only a ``system`` means every code of that system;
+* ``filter`` with ``op`` ``is-a`` or ``descendent-of`` on ICD-10-CM and ICD-10 only. These code
+  systems are hierarchical by code prefix, so ``C15`` is-a covers ``C15``, ``C15.0`` ... ``C15.9``
+  (and ``descendent-of`` the same without ``C15`` itself). No other system has an offline
+  hierarchy: an ``is-a`` filter on SNOMED CT, LOINC, RxNorm ... makes that value set an error
+  (see :attr:`Terminology.problems`), so SNOMED value sets must list their codes;
+* a ValueSet that already carries ``expansion.contains`` is used as that expansion.
+
+Codes are compared after normalisation: system URLs are mapped to one canonical URL (OIDs,
+``urn:oid:`` forms and a trailing slash are accepted); codes are stripped of whitespace; ICD-10-CM
+and ICD-10 codes are compared upper-case without the dot (``C15.9`` == ``C159``).
+
+ConceptMaps map local codes (typically laboratory codes) to standard ones; see
+:meth:`Terminology.translate` and :meth:`Terminology.apply_concept_maps`.
+
+The default search path is the repository's ``mappings/`` directory (``$FHIRMATCH_MAPPINGS``
+overrides it); fhirmatch must then run from a checkout or an editable install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fhirmatch.errors import TerminologyError
+
+__all__ = ["Terminology", "default_mappings_dir", "normalise_code", "normalise_system"]
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+# Other names for the same code systems -> canonical FHIR URL (HL7 terminology, "Using ... with
+# FHIR" pages, and the HL7 OID registry).
+_SYSTEM_ALIASES: dict[str, str] = {
+    "urn:oid:2.16.840.1.113883.6.96": SNOMED,
+    "2.16.840.1.113883.6.96": SNOMED,
+    "https://snomed.info/sct": SNOMED,
+    "http://snomed.info/id": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.1": LOINC,
+    "2.16.840.1.113883.6.1": LOINC,
+    "https://loinc.org": LOINC,
+    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+    "2.16.840.1.113883.6.90": ICD10CM,
+    "http://hl7.org/fhir/sid/icd-10-cm/": ICD10CM,
+    "urn:oid:2.16.840.1.113883.6.3": ICD10,
+    "2.16.840.1.113883.6.3": ICD10,
+    "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+    "2.16.840.1.113883.6.88": RXNORM,
+    "urn:oid:2.16.840.1.113883.6.73": "http://www.whocc.no/atc",
+    "urn:oid:2.16.840.1.113883.6.8": "http://unitsofmeasure.org",
+    "urn:oid:2.16.840.1.113883.6.43.1": "http://terminology.hl7.org/CodeSystem/icd-o-3",
+    "urn:oid:2.16.840.1.113883.12.292": "http://hl7.org/fhir/sid/cvx",
+    "urn:oid:2.16.840.1.113883.3.26.1.1": "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl",
+}
+
+# Systems whose hierarchy is the code prefix (is-a / descendent-of filters work offline).
+_PREFIX_HIERARCHY = frozenset({ICD10CM, ICD10})
+
+# ConceptMap equivalences (R4 ``equivalence``, R5 ``relationship``) under which a source code
+# may be treated as its target: the target means the same, or is broader than the source.
+_USABLE_EQUIVALENCE = frozenset(
+    {"equivalent", "equal", "wider", "subsumes", "source-is-narrower-than-target"}
+)
+
+Key = tuple[str, str]
+
+
+def default_mappings_dir() -> Path:
+    """Return the mapping-table directory: ``$FHIRMATCH_MAPPINGS``, else ``<repo>/mappings``."""
+    override = os.environ.get("FHIRMATCH_MAPPINGS")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "mappings"
+
+
+def normalise_system(system: str | None) -> str:
+    """Return the canonical URL of a code system (OID and ``urn:oid:`` aliases accepted)."""
+    if not system:
+        return ""
+    text = system.strip()
+    canonical = _SYSTEM_ALIASES.get(text)
+    if canonical is not None:
+        return canonical
+    stripped = text.rstrip("/")
+    return _SYSTEM_ALIASES.get(stripped, stripped)
+
+
+def normalise_code(system: str, code: str) -> str:
+    """Normalise a code of (canonical) ``system`` for comparison.
+
+    Whitespace is removed; ICD-10-CM and ICD-10 codes are upper-cased and lose their dot.
+    """
+    text = "".join(code.split())
+    if system in _PREFIX_HIERARCHY:
+        return text.replace(".", "").upper()
+    return text
+
+
+def _key(system: str | None, code: str | None) -> Key | None:
+    if not isinstance(code, str) or not code.strip():
+        return None
+    canonical = normalise_system(system if isinstance(system, str) else None)
+    return canonical, normalise_code(canonical, code)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled value-set nodes
+# --------------------------------------------------------------------------------------------
+
+
+class _Node:
+    """A compiled value-set expression; ``contains`` decides membership of a normalised key."""
+
+    has_prefixes: bool = False
+
+    def contains(self, key: Key) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def candidates(self) -> set[Key]:  # pragma: no cover - overridden
+        """Explicit codes that may be members (filtered by ``contains`` to enumerate)."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class _Leaf(_Node):
+    codes: frozenset[Key]
+    prefixes: frozenset[Key]  # (system, prefix): the prefix itself and all codes below it
+    strict_prefixes: frozenset[Key]  # codes strictly below the prefix (descendent-of)
+    systems: frozenset[str]  # whole code systems
+
+    def __post_init__(self) -> None:
+        self.has_prefixes = bool(self.prefixes or self.strict_prefixes or self.systems)
+
+    def contains(self, key: Key) -> bool:
+        if key in self.codes:
+            return True
+        if not self.has_prefixes:
+            return False
+        system, code = key
+        if system in self.systems:
+            return True
+        for end in range(1, len(code) + 1):
+            head = (system, code[:end])
+            if head in self.prefixes:
+                return True
+            if end < len(code) and head in self.strict_prefixes:
+                return True
+        return False
+
+    def candidates(self) -> set[Key]:
+        return set(self.codes) | set(self.prefixes)
+
+
+@dataclass(eq=False)
+class _Union(_Node):
+    children: tuple[_Node, ...]
+
+    def __post_init__(self) -> None:
+        self.has_prefixes = any(c.has_prefixes for c in self.children)
+
+    def contains(self, key: Key) -> bool:
+        return any(c.contains(key) for c in self.children)
+
+    def candidates(self) -> set[Key]:
+        out: set[Key] = set()
+        for child in self.children:
+            out |= child.candidates()
+        return out
+
+
+@dataclass(eq=False)
+class _Intersection(_Node):
+    children: tuple[_Node, ...]
+
+    def __post_init__(self) -> None:
+        self.has_prefixes = all(c.has_prefixes for c in self.children)
+
+    def contains(self, key: Key) -> bool:
+        return all(c.contains(key) for c in self.children)
+
+    def candidates(self) -> set[Key]:
+        out: set[Key] = set()
+        for child in self.children:
+            out |= child.candidates()
+        return out
+
+
+@dataclass(eq=False)
+class _Difference(_Node):
+    base: _Node
+    excluded: _Node
+
+    def __post_init__(self) -> None:
+        self.has_prefixes = self.base.has_prefixes
+
+    def contains(self, key: Key) -> bool:
+        return self.base.contains(key) and not self.excluded.contains(key)
+
+    def candidates(self) -> set[Key]:
+        return self.base.candidates()
+
+
+@dataclass
+class _CompiledValueSet:
+    url: str
+    node: _Node
+    members: frozenset[Key]  # enumerable members (prefix roots included)
+    memo: dict[Key, bool]
+
+
+# --------------------------------------------------------------------------------------------
+# Terminology
+# --------------------------------------------------------------------------------------------
+
+
+class Terminology:
+    """ValueSets and ConceptMaps loaded from files, with precomputed expansions.
+
+    Build with :meth:`load`. Value sets that cannot be compiled (unknown nested value set, an
+    is-a filter on a system without offline hierarchy, a reference cycle) do not stop loading:
+    they are listed in :attr:`problems`, and using them raises :class:`TerminologyError`.
+    """
+
+    def __init__(
+        self,
+        value_sets: Mapping[str, dict[str, Any]],
+        concept_maps: Iterable[dict[str, Any]] = (),
+        *,
+        sources: Mapping[str, str] | None = None,
+    ) -> None:
+        self._resources = dict(value_sets)
+        self._sources = dict(sources or {})
+        self._compiled: dict[str, _CompiledValueSet] = {}
+        self._problems: dict[str, str] = {}
+        self._display_code: dict[Key, str] = {}
+        for url in self._resources:
+            try:
+                self._compile(url, ())
+            except TerminologyError as exc:
+                self._problems[url] = str(exc)
+        self._translations: dict[Key, list[tuple[str, str, str | None]]] = {}
+        for concept_map in concept_maps:
+            self._add_concept_map(concept_map)
+        self._mapped_systems = frozenset(system for system, _ in self._translations)
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, paths: Iterable[Path | str] | None = None) -> Terminology:
+        """Load ValueSets and ConceptMaps from files and directories (recursively, ``*.json``).
+
+        ``paths`` defaults to :func:`default_mappings_dir`. JSON files that are neither a
+        ValueSet, a ConceptMap nor a Bundle are skipped. Raises :class:`TerminologyError` for a
+        missing path, unreadable JSON, or two different ValueSets with the same URL.
+        """
+        value_sets: dict[str, dict[str, Any]] = {}
+        sources: dict[str, str] = {}
+        concept_maps: list[dict[str, Any]] = []
+        for file in _json_files([default_mappings_dir()] if paths is None else paths):
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise TerminologyError(f"{file}: cannot read JSON ({exc})") from exc
+            for resource in _resources_in(data):
+                kind = resource.get("resourceType")
+                if kind == "ConceptMap":
+                    concept_maps.append(resource)
+                elif kind == "ValueSet":
+                    url = resource.get("url")
+                    if not isinstance(url, str) or not url:
+                        raise TerminologyError(f"{file}: ValueSet without a url")
+                    url = url.split("|", 1)[0]
+                    if url in value_sets and value_sets[url] != resource:
+                        raise TerminologyError(
+                            f"ValueSet {url} is defined twice: in {sources[url]} and in {file}"
+                        )
+                    value_sets[url] = resource
+                    sources[url] = str(file)
+        return cls(value_sets, concept_maps, sources=sources)
+
+    # ---- value sets --------------------------------------------------------------------------
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """ValueSet URL -> why it cannot be used (empty when every value set compiled)."""
+        return dict(self._problems)
+
+    @property
+    def value_set_urls(self) -> frozenset[str]:
+        """Canonical URLs of every loaded ValueSet (including ones listed in :attr:`problems`)."""
+        return frozenset(self._resources)
+
+    def __contains__(self, url: object) -> bool:
+        return isinstance(url, str) and url.split("|", 1)[0] in self._resources
+
+    def source_of(self, url: str) -> str | None:
+        """The file a ValueSet was loaded from, if it came from a file."""
+        return self._sources.get(url.split("|", 1)[0])
+
+    def _get(self, url: str) -> _CompiledValueSet:
+        bare = url.split("|", 1)[0]
+        compiled = self._compiled.get(bare)
+        if compiled is not None:
+            return compiled
+        if bare in self._problems:
+            raise TerminologyError(self._problems[bare])
+        raise TerminologyError(f"unknown ValueSet {bare}")
+
+    def expand(self, url: str) -> frozenset[tuple[str, str]]:
+        """Return the codes of a value set as ``(canonical system, code)`` pairs.
+
+        Codes are given as first written in the definitions (``C15.9`` keeps its dot). For an
+        ICD ``is-a`` filter the expansion lists the filter's root code; its descendants are not
+        enumerable offline but :meth:`contains` matches them by prefix. Raises
+        :class:`TerminologyError` for unknown or unusable value sets.
+        """
+        compiled = self._get(url)
+        return frozenset((s, self._display_code.get((s, c), c)) for s, c in compiled.members)
+
+    def contains(self, url: str, system: str | None, code: str | None) -> bool:
+        """Is ``system|code`` in the value set ``url``? Raises TerminologyError for bad URLs."""
+        compiled = self._get(url)
+        key = _key(system, code)
+        if key is None:
+            return False
+        if not compiled.node.has_prefixes:
+            return key in compiled.members
+        cached = compiled.memo.get(key)
+        if cached is None:
+            cached = compiled.node.contains(key)
+            if len(compiled.memo) > 100_000:
+                compiled.memo.clear()
+            compiled.memo[key] = cached
+        return cached
+
+    def matches(self, url: str, codeable_concept: Mapping[str, Any] | None) -> bool:
+        """Does any coding of ``codeable_concept`` lie in the value set ``url``?"""
+        compiled = self._get(url)
+        if not isinstance(codeable_concept, Mapping):
+            return False
+        codings = codeable_concept.get("coding")
+        if not isinstance(codings, list):
+            return False
+        for coding in codings:
+            if isinstance(coding, Mapping) and self.contains(
+                compiled.url, coding.get("system"), coding.get("code")
+            ):
+                return True
+        return False
+
+    def _compile(self, url: str, stack: tuple[str, ...]) -> _CompiledValueSet:
+        bare = url.split("|", 1)[0]
+        done = self._compiled.get(bare)
+        if done is not None:
+            return done
+        if bare in self._problems:
+            raise TerminologyError(self._problems[bare])
+        if bare in stack:
+            raise TerminologyError(f"ValueSet {bare}: cycle through {' -> '.join(stack)}")
+        resource = self._resources.get(bare)
+        if resource is None:
+            raise TerminologyError(f"unknown ValueSet {bare}")
+        try:
+            node = self._compile_resource(bare, resource, (*stack, bare))
+        except TerminologyError as exc:
+            self._problems[bare] = str(exc)
+            raise
+        members = frozenset(k for k in node.candidates() if node.contains(k))
+        compiled = _CompiledValueSet(bare, node, members, {})
+        self._compiled[bare] = compiled
+        return compiled
+
+    def _compile_resource(
+        self, url: str, resource: Mapping[str, Any], stack: tuple[str, ...]
+    ) -> _Node:
+        expansion = resource.get("expansion")
+        if isinstance(expansion, Mapping) and isinstance(expansion.get("contains"), list):
+            codes = set()
+            for system, code in _walk_contains(expansion["contains"]):
+                key = self._remember(system, code)
+                if key is not None:
+                    codes.add(key)
+            return _Leaf(frozenset(codes), frozenset(), frozenset(), frozenset())
+        compose = resource.get("compose")
+        if not isinstance(compose, Mapping) or not isinstance(compose.get("include"), list):
+            raise TerminologyError(f"ValueSet {url}: no compose.include and no expansion")
+        include = _Union(tuple(self._compile_part(url, part, stack) for part in compose["include"]))
+        excludes = compose.get("exclude") or []
+        if not excludes:
+            return include
+        exclude = _Union(tuple(self._compile_part(url, part, stack) for part in excludes))
+        return _Difference(include, exclude)
+
+    def _compile_part(self, url: str, part: Mapping[str, Any], stack: tuple[str, ...]) -> _Node:
+        operands: list[_Node] = []
+        system = normalise_system(part.get("system"))
+        if system:
+            operands.append(self._compile_system_part(url, system, part))
+        elif part.get("concept") or part.get("filter"):
+            raise TerminologyError(f"ValueSet {url}: concept or filter without a system")
+        for ref in part.get("valueSet") or []:
+            try:
+                operands.append(self._compile(ref, stack).node)
+            except TerminologyError as exc:
+                raise TerminologyError(f"ValueSet {url}: includes {ref}: {exc}") from exc
+        if not operands:
+            raise TerminologyError(f"ValueSet {url}: an include/exclude needs system or valueSet")
+        return operands[0] if len(operands) == 1 else _Intersection(tuple(operands))
+
+    def _compile_system_part(self, url: str, system: str, part: Mapping[str, Any]) -> _Node:
+        codes: set[Key] = set()
+        prefixes: set[Key] = set()
+        strict: set[Key] = set()
+        for concept in part.get("concept") or []:
+            key = self._remember(system, concept.get("code"))
+            if key is None:
+                raise TerminologyError(f"ValueSet {url}: a concept in {system} has no code")
+            codes.add(key)
+        filters = part.get("filter") or []
+        for flt in filters:
+            op = flt.get("op")
+            value = flt.get("value")
+            if op not in ("is-a", "descendent-of"):
+                raise TerminologyError(f"ValueSet {url}: filter op {op!r} is not supported")
+            if flt.get("property") not in ("concept", "code"):
+                raise TerminologyError(
+                    f"ValueSet {url}: filter on property {flt.get('property')!r} is not supported"
+                )
+            if system not in _PREFIX_HIERARCHY:
+                raise TerminologyError(
+                    f"ValueSet {url}: {op} filter on {system} needs that system's hierarchy, "
+                    "which is not available offline; list the codes explicitly"
+                )
+            key = self._remember(system, value)
+            if key is None:
+                raise TerminologyError(f"ValueSet {url}: {op} filter without a value")
+            (prefixes if op == "is-a" else strict).add(key)
+        if filters and codes:
+            # FHIR: concept and filter in one include are intersected; explicit codes must also
+            # satisfy every filter.
+            probe = _Leaf(frozenset(), frozenset(prefixes), frozenset(strict), frozenset())
+            codes = {k for k in codes if probe.contains(k)}
+            prefixes, strict = set(), set()
+        if len(filters) > 1 and not codes:
+            raise TerminologyError(f"ValueSet {url}: several filters in one include")
+        whole = frozenset({system}) if not part.get("concept") and not filters else frozenset()
+        return _Leaf(frozenset(codes), frozenset(prefixes), frozenset(strict), whole)
+
+    def _remember(self, system: str | None, code: Any) -> Key | None:
+        key = _key(system, code)
+        if key is not None:
+            self._display_code.setdefault(key, code.strip())
+        return key
+
+    # ---- concept maps ------------------------------------------------------------------------
+
+    def _add_concept_map(self, concept_map: Mapping[str, Any]) -> None:
+        for group in concept_map.get("group") or []:
+            source = normalise_system(group.get("source"))
+            target = normalise_system(group.get("target"))
+            for element in group.get("element") or []:
+                key = _key(source, element.get("code"))
+                if key is None:
+                    continue
+                for tgt in element.get("target") or []:
+                    relation = tgt.get("equivalence") or tgt.get("relationship") or "equivalent"
+                    code = tgt.get("code")
+                    if relation not in _USABLE_EQUIVALENCE or not isinstance(code, str):
+                        continue
+                    entry = (target, code.strip(), tgt.get("display"))
+                    targets = self._translations.setdefault(key, [])
+                    if all(e[:2] != entry[:2] for e in targets):
+                        targets.append(entry)
+
+    def translate(self, system: str | None, code: str | None) -> list[tuple[str, str]]:
+        """Return the ``(system, code)`` targets a loaded ConceptMap gives for a source code.
+
+        Only targets whose equivalence means "same or broader" are returned (``equivalent``,
+        ``equal``, ``wider``, ``subsumes``; R5 ``source-is-narrower-than-target``). Empty when
+        nothing maps.
+        """
+        key = _key(system, code)
+        if key is None:
+            return []
+        return [(s, c) for s, c, _ in self._translations.get(key, ())]
+
+    def apply_concept_maps(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Return ``resource`` with standard codings added to ``code.coding`` for mapped codes.
+
+        The input is never modified. When a coding maps, a new resource dict is returned whose
+        ``code`` and ``code.coding`` are new objects (other values are shared with the input,
+        so treat the result as read-only too). When nothing maps, the input object itself is
+        returned, which keeps the common case free.
+        """
+        if not self._mapped_systems:
+            return resource
+        code = resource.get("code")
+        if not isinstance(code, Mapping):
+            return resource
+        codings = code.get("coding")
+        if not isinstance(codings, list):
+            return resource
+        present = set()
+        added: list[dict[str, Any]] = []
+        for coding in codings:
+            if isinstance(coding, Mapping):
+                key = _key(coding.get("system"), coding.get("code"))
+                if key is not None:
+                    present.add(key)
+        for coding in codings:
+            if not isinstance(coding, Mapping):
+                continue
+            if normalise_system(coding.get("system")) not in self._mapped_systems:
+                continue
+            key = _key(coding.get("system"), coding.get("code"))
+            for system, target_code, display in self._translations.get(key, ()) if key else ():
+                target_key = (system, normalise_code(system, target_code))
+                if target_key in present:
+                    continue
+                present.add(target_key)
+                new: dict[str, Any] = {"system": system, "code": target_code}
+                if display:
+                    new["display"] = display
+                added.append(new)
+        if not added:
+            return resource
+        new_code = dict(code)
+        new_code["coding"] = [*codings, *added]
+        new_resource = dict(resource)
+        new_resource["code"] = new_code
+        return new_resource
+
+
+def _json_files(paths: Iterable[Path | str]) -> Iterator[Path]:
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*.json") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise TerminologyError(f"{path}: no such file or directory")
+
+
+def _resources_in(data: Any) -> Iterator[dict[str, Any]]:
+    if not isinstance(data, dict):
+        return
+    if data.get("resourceType") == "Bundle":
+        for entry in data.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                yield from _resources_in(resource)
+    elif data.get("resourceType") in ("ValueSet", "ConceptMap"):
+        yield data
+
+
+def _walk_contains(items: list[Any]) -> Iterator[tuple[str | None, Any]]:
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if not item.get("abstract") and item.get("code") is not None:
+            yield item.get("system"), item.get("code")
+        yield from _walk_contains(item.get("contains") or [])
