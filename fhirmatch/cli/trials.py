@@ -1,0 +1,187 @@
+"""``fhirmatch trials``: work with trial definitions.
+
+Sub-subcommands (each registered by a ``_register_<name>`` function on the ``trials`` parser):
+
+* ``check PATH...``: load and check definitions; print each trial's criteria; exit 0 when all are
+  valid, 2 (configuration error) with every problem listed otherwise;
+* ``show ID [--trials PATH...]``: one trial's criteria in plain language.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from ..model import Criterion, DataInput, Trial
+from ..trials import check_trials, default_trials_paths, load_trials
+from . import exitcodes
+
+_WIDTH = 100
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``trials`` parser and its sub-subcommands."""
+    p = sub.add_parser(
+        "trials",
+        help="check and inspect trial definitions",
+        description="Check and inspect computable trial definitions (ResearchStudy + "
+        "PlanDefinition bundles, see docs/trial-format.md).",
+    )
+    trials_sub = p.add_subparsers(dest="trials_command", metavar="ACTION")
+    trials_sub.required = True
+    _register_check(trials_sub)
+    _register_show(trials_sub)
+
+
+def _register_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate trial definitions and list their criteria",
+        description="Validate trial definition files or directories: FHIR R4 validity, "
+        "ValueSets, FHIRPath, UCUM units, analytes, manual reasons, unique ids. Exit 0 when all "
+        "are valid, 2 otherwise.",
+    )
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or directories")
+    p.set_defaults(func=run_check)
+
+
+def _register_show(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "show",
+        help="print one trial's criteria in plain language",
+        description="Print a trial's criteria: kind, wording, and how each is computed (inputs, "
+        "value sets, look-back, unit, condition) or why it needs manual review.",
+    )
+    p.add_argument("trial_id", metavar="ID", help="ResearchStudy id, e.g. NCT06767007")
+    p.add_argument(
+        "--trials",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="trial files or directories (default: $FHIRMATCH_TRIALS or fixtures/trials)",
+    )
+    p.set_defaults(func=run_show)
+
+
+def _walk(criteria: Sequence[Criterion], depth: int = 0) -> Iterator[tuple[int, Criterion]]:
+    for c in criteria:
+        yield depth, c
+        yield from _walk(c.children, depth + 1)
+
+
+def _how(c: Criterion) -> str:
+    if c.is_group:
+        return f"group:{c.selection}"
+    return "manual" if c.is_manual else "computable"
+
+
+def print_table(trial: Trial, out: TextIO) -> None:
+    """Print one trial's criteria as a table: id, kind, computable/manual/group, title."""
+    rows = [(("  " * d) + c.id, c.kind, _how(c), c.text) for d, c in _walk(trial.criteria)]
+    wid = max(len(r[0]) for r in rows)
+    print(f"{trial.id}: {trial.title}", file=out)
+    print(f"  {'criterion':<{wid}}  {'kind':<9}  {'how':<12}  wording", file=out)
+    for cid, kind, how, text in rows:
+        line = " ".join(text.split())
+        room = max(20, _WIDTH - wid - 30)
+        if len(line) > room:
+            line = line[: room - 1] + "…"
+        print(f"  {cid:<{wid}}  {kind:<9}  {how:<12}  {line}", file=out)
+    counts = {"computable": 0, "manual": 0}
+    for _, c in _walk(trial.criteria):
+        if not c.is_group:
+            counts["manual" if c.is_manual else "computable"] += 1
+    print(
+        f"  {counts['computable']} computable, {counts['manual']} manual "
+        f"({len(trial.criteria)} top-level criteria)",
+        file=out,
+    )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    paths = list(args.paths) or default_trials_paths()
+    report = check_trials(paths)
+    for trial in report.trials:
+        print_table(trial, sys.stdout)
+        print(file=sys.stdout)
+    if report.ok:
+        print(f"{len(report.trials)} trial(s) valid.")
+        return exitcodes.OK
+    for source, problems in report.problems.items():
+        print(f"{source}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+    n = sum(len(p) for p in report.problems.values())
+    print(f"fhirmatch: {n} problem(s) in trial definitions", file=sys.stderr)
+    return exitcodes.CONFIG_ERROR
+
+
+def _describe_input(di: DataInput) -> str:
+    parts = [f"%{di.name}: {di.resource_type}"]
+    if di.value_set:
+        parts.append(f"coded in {di.value_set} ({len(di.codes)} codes)")
+    if di.lookback_days is not None:
+        parts.append(f"within the last {di.lookback_days} days")
+    if di.select == "latest":
+        parts.append("latest result")
+    if di.unit:
+        parts.append(f"in {di.unit}")
+    if di.analyte:
+        parts.append(f"analyte {di.analyte}")
+    if di.clinical_status != "any":
+        parts.append(f"clinical status {di.clinical_status}")
+    if di.required:
+        parts.append("required (missing = unknown)")
+    return ", ".join(parts)
+
+
+def print_criterion(c: Criterion, out: TextIO, depth: int = 0) -> None:
+    """Print one criterion (and its sub-criteria) in plain language."""
+    pad = "  " * depth
+    wrap = textwrap.TextWrapper(
+        width=_WIDTH, initial_indent=pad + "    ", subsequent_indent=pad + "    "
+    )
+    print(f"{pad}[{c.kind}] {c.id}", file=out)
+    print(wrap.fill(" ".join(c.text.split())), file=out)
+    if c.is_group:
+        need = "every one" if c.selection == "all" else "at least one"
+        print(f"{pad}    group: {need} of these must pass", file=out)
+        for child in c.children:
+            print_criterion(child, out, depth + 1)
+        return
+    if c.is_manual:
+        print(wrap.fill(f"manual review: {c.manual_reason}"), file=out)
+    else:
+        for di in c.inputs:
+            print(wrap.fill("input " + _describe_input(di)), file=out)
+        print(wrap.fill(f"condition: {c.expression}"), file=out)
+    if c.note:
+        for para in c.note.splitlines():
+            print(wrap.fill(f"note: {para}"), file=out)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    paths = list(args.trials) if args.trials else default_trials_paths()
+    trials = load_trials(paths)
+    matches = [t for t in trials if t.id == args.trial_id]
+    if not matches:
+        known = ", ".join(sorted(t.id for t in trials)) or "none"
+        raise exitcodes.CliExit(
+            exitcodes.CONFIG_ERROR, f"no trial {args.trial_id!r} (known: {known})"
+        )
+    trial = matches[0]
+    out = sys.stdout
+    print(f"{trial.id}: {trial.title}", file=out)
+    for system, value in trial.identifiers:
+        print(f"  identifier {system} | {value}", file=out)
+    print(f"  criteria: {trial.plan_definition_url or trial.plan_definition_id}", file=out)
+    print(file=out)
+    for c in trial.criteria:
+        print_criterion(c, out)
+        print(file=out)
+    return exitcodes.OK

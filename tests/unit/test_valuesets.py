@@ -1,0 +1,127 @@
+"""Every ValueSet in mappings/valuesets: a code inside, a code outside, a descendant where the
+value set is hierarchical (ICD-10-CM is-a), and the metadata every file must carry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fhirmatch.terminology import Terminology
+
+VS_DIR = Path(__file__).resolve().parents[2] / "mappings" / "valuesets"
+BASE = "https://fhirmatch.dev/fhir/ValueSet/"
+LOINC = "http://loinc.org"
+SCT = "http://snomed.info/sct"
+ICD = "http://hl7.org/fhir/sid/icd-10-cm"
+RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ATC = "http://www.whocc.no/atc"
+AJCC = "http://cancerstaging.org"
+
+# (value set, (system, code) inside, (system, code) outside, descendant inside or None)
+CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]] = [
+    ("wbc", (LOINC, "26464-8"), (LOINC, "751-8"), None),
+    ("anc", (LOINC, "751-8"), (LOINC, "6690-2"), None),
+    ("platelets", (LOINC, "777-3"), (LOINC, "32623-1"), None),
+    ("hemoglobin", (LOINC, "718-7"), (LOINC, "5794-3"), None),
+    ("albumin", (LOINC, "1751-7"), (LOINC, "14959-1"), None),
+    ("bilirubin-total", (LOINC, "1975-2"), (LOINC, "20505-4"), None),
+    ("alt", (LOINC, "1742-6"), (LOINC, "1920-8"), None),
+    ("ast", (LOINC, "1920-8"), (LOINC, "1742-6"), None),
+    ("alp", (LOINC, "6768-6"), (LOINC, "1742-6"), None),
+    ("creatinine", (LOINC, "2160-0"), (LOINC, "2164-2"), None),
+    ("creatinine-clearance", (LOINC, "2164-2"), (LOINC, "33914-3"), None),
+    ("hbv-dna-iu", (LOINC, "42595-9"), (LOINC, "29615-2"), None),
+    ("hbv-dna-copies", (LOINC, "29615-2"), (LOINC, "42595-9"), None),
+    ("hcv-antibody", (LOINC, "16128-1"), (LOINC, "11011-4"), None),
+    ("hcv-rna", (LOINC, "11011-4"), (LOINC, "16128-1"), None),
+    ("hcg", (LOINC, "2106-3"), (LOINC, "718-7"), None),
+    ("positive-result", (SCT, "10828004"), (SCT, "260385009"), None),
+    ("ecog", (LOINC, "89247-1"), (LOINC, "89243-0"), None),
+    ("ecog-answers", (LOINC, "LA9622-7"), (LOINC, "LA6576-8"), None),
+    ("karnofsky", (LOINC, "89243-0"), (LOINC, "89247-1"), None),
+    ("tnm-stage-group", (SCT, "399537006"), (SCT, "399387003"), None),
+    ("tnm-distant-metastases", (SCT, "399387003"), (SCT, "399537006"), None),
+    ("stage-ivb", (SCT, "1352836005"), (SCT, "1222806003"), None),
+    ("m1", (SCT, "1229903009"), (SCT, "1229901006"), None),
+    ("esophageal-cancer", (ICD, "C15"), (ICD, "C16.9"), (ICD, "C15.5")),
+    ("squamous-cell-carcinoma-morphology", (SCT, "28899001"), (SCT, "1187332001"), None),
+    ("rectal-cancer", (ICD, "C20"), (ICD, "C18.7"), (ICD, "C19")),
+    ("colorectal-cancer", (ICD, "C18"), (ICD, "C15.9"), (ICD, "C18.7")),
+    ("brain-metastasis", (SCT, "94225005"), (SCT, "94222008"), (ICD, "C79.31")),
+    ("bone-metastasis", (SCT, "94222008"), (SCT, "94225005"), (ICD, "C79.51")),
+    ("secondary-malignant-neoplasm", (ICD, "C78"), (ICD, "C15.9"), (ICD, "C78.7")),
+    ("spinal-cord-compression", (SCT, "71286001"), (ICD, "G95.0"), (ICD, "G95.20")),
+    ("interstitial-lung-disease", (ICD, "J84"), (ICD, "J18.9"), (ICD, "J84.10")),
+    ("autoimmune-disease", (SCT, "64766004"), (SCT, "38341003"), (ICD, "K51.90")),
+    ("immunodeficiency", (ICD, "B20"), (ICD, "B18.2"), (ICD, "D84.9")),
+    ("organ-transplant", (ICD, "Z94"), (ICD, "Z95.0"), (ICD, "Z94.84")),
+    ("hepatitis-b", (SCT, "61977001"), (SCT, "128302006"), (ICD, "B16.9")),
+    ("hepatitis-c", (SCT, "128302006"), (SCT, "61977001"), (ICD, "B18.2")),
+    ("pregnancy", (SCT, "77386006"), (SCT, "38341003"), (ICD, "Z34.00")),
+    ("lactation", (ICD, "Z39.1"), (ICD, "Z39.2"), None),
+    ("malignant-neoplasm", (ICD, "C34"), (ICD, "C79.31"), (ICD, "C34.90")),
+    ("non-melanoma-skin-cancer", (ICD, "C44"), (ICD, "C43.9"), (ICD, "C44.91")),
+    ("prostate-cancer", (ICD, "C61"), (ICD, "C67.9"), None),
+    ("malignancy-other-than-esophageal", (ICD, "C34"), (ICD, "C15.9"), (ICD, "C43.9")),
+    ("malignancy-other-than-rectal", (ICD, "C15"), (ICD, "C20"), (ICD, "C15.9")),
+    ("cervical-carcinoma-in-situ", (ICD, "D06"), (ICD, "C53.9"), (ICD, "D06.9")),
+    ("radiotherapy", (SCT, "1217123003"), (SCT, "180256009"), None),
+    ("thoracic-body-site", (SCT, "78904004"), (SCT, "12921003"), None),
+    ("pelvic-body-site", (SCT, "12921003"), (SCT, "78904004"), None),
+    ("platinum", (RX, "2555"), (RX, "56946"), None),
+    ("taxane", (RX, "56946"), (RX, "2555"), None),
+    ("fluoropyrimidine", (RX, "194000"), (RX, "2555"), None),
+    ("doublet-partner", (RX, "4492"), (RX, "2555"), None),
+    ("chemotherapy-doublet", (RX, "1736854"), (RX, "3002"), None),
+    ("anti-pd1", (ATC, "L01FF"), (RX, "2555"), None),
+    ("allergy-mab-chemo", (RX, "194000"), (RX, "723"), None),
+    ("drug-allergy", (SCT, "416098002"), (SCT, "91935009"), None),
+]
+
+
+@pytest.fixture(scope="module")
+def terminology() -> Terminology:
+    return Terminology.load()
+
+
+def test_every_value_set_file_is_covered_by_a_case() -> None:
+    names = {p.stem for p in VS_DIR.glob("*.json")}
+    assert names == {c[0] for c in CASES}
+
+
+@pytest.mark.parametrize(
+    ("name", "inside", "outside", "descendant"), CASES, ids=[c[0] for c in CASES]
+)
+def test_membership(
+    terminology: Terminology,
+    name: str,
+    inside: tuple[str, str],
+    outside: tuple[str, str],
+    descendant: tuple[str, str] | None,
+) -> None:
+    url = BASE + name
+    assert terminology.contains(url, *inside)
+    assert not terminology.contains(url, *outside)
+    if descendant is not None:
+        assert terminology.contains(url, *descendant)
+
+
+def test_malignancy_exclusions(terminology: Terminology) -> None:
+    url = BASE + "malignancy-other-than-esophageal"
+    assert not terminology.contains(url, ICD, "C44.91")  # non-melanoma skin cancer excepted
+    assert not terminology.contains(url, ICD, "D06.9")  # cervical CIS is not a malignancy code
+    assert not terminology.contains(url, ICD, "C78.7")  # metastasis of the trial's own cancer
+    assert terminology.contains(url, ICD, "C61")  # prostate stays; its 'cured' test is FHIRPath
+
+
+@pytest.mark.parametrize("path", sorted(VS_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_metadata(path: Path) -> None:
+    vs = json.loads(path.read_text(encoding="utf-8"))
+    assert vs["resourceType"] == "ValueSet"
+    assert vs["url"] == BASE + path.stem
+    assert vs["id"] == path.stem
+    assert vs["status"] == "active"
+    assert vs["description"].strip()
+    assert "license" in vs["copyright"].lower() or "public domain" in vs["copyright"].lower()
