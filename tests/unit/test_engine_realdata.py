@@ -1,0 +1,85 @@
+"""The evaluator over real-world shaped data: every Synthea, mCODE and MITRE patient gets a status
+for every seed trial, and nothing crashes (including deliberately invalid MITRE files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fhirmatch.cli import main
+
+DATA = Path("/work/shared/data")
+TRIALS = Path(__file__).resolve().parents[2] / "fixtures" / "trials"
+
+pytestmark = pytest.mark.skipif(
+    not DATA.exists() or not any(TRIALS.glob("*.json")), reason="shared data or trials missing"
+)
+
+
+def test_every_patient_gets_a_status_for_every_trial(capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [str(DATA / "synthea-r4"), str(DATA / "mcode-stu4"), str(DATA / "ctm-mitre")]
+    code = main(
+        [
+            "evaluate",
+            "--trials",
+            str(TRIALS),
+            "--patients",
+            *paths,
+            "--as-of",
+            "2026-11-01",
+            "--format",
+            "ndjson",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    n_trials = len({r["study"] for r in rows})
+    assert n_trials == len(list(TRIALS.glob("*.json")))
+    by_patient: dict[str, set[str]] = {}
+    for r in rows:
+        assert r["status"] in ("eligible", "insufficient-data", "ineligible")
+        by_patient.setdefault(r["patient"], set()).add(r["study"])
+    assert len(by_patient) >= 119 + 2  # 119 Synthea patients plus the mCODE/MITRE ones
+    assert all(len(studies) == n_trials for studies in by_patient.values())
+
+
+def test_cli_json_shape_and_bad_patient_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops", encoding="utf-8")
+    good = DATA / "mcode-stu4" / "Bundle-mcode-patient-bundle-jenny-m.json"
+    code = main(
+        [
+            "evaluate",
+            "--trials",
+            str(TRIALS),
+            "--patients",
+            str(bad),
+            str(good),
+            "--as-of",
+            "2026-11-01",
+            "--format",
+            "json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "bad.json: not valid JSON" in captured.err
+    report = json.loads(captured.out)
+    assert report["as_of"] == "2026-11-01"
+    first = report["results"][0]
+    assert first["patient"] == "Patient/cancer-patient-jenny-m"
+    assert first["study"].startswith("ResearchStudy/")
+    assert {"id", "kind", "text", "outcome", "evidence", "reason"} <= set(first["criteria"][0])
+
+
+def test_cli_unreadable_trials_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "trial.json"
+    bad.write_text("[]", encoding="utf-8")
+    code = main(["evaluate", "--trials", str(bad), "--patients", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("fhirmatch:")
