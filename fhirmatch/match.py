@@ -18,7 +18,9 @@ reason and the run goes on; the summary and the exit code say so. Logs name reso
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import email.utils
 import hashlib
 import json
 import logging
@@ -47,8 +49,9 @@ from .writeback import (
 
 log = logging.getLogger(__name__)
 
-#: a margin for clock differences between this machine and the server, applied to ``since``
-CLOCK_SKEW = dt.timedelta(minutes=5)
+#: subtracted from the server's clock reading at run start (its ``Date`` header has whole
+#: seconds), so a resource written in the same second is seen by the next incremental run
+CLOCK_MARGIN = dt.timedelta(seconds=2)
 WRITE_CHOICES = frozenset({"candidate", "potential-candidate"})
 
 
@@ -126,6 +129,22 @@ def trials_digest(trials: Sequence[Trial]) -> str:
         sorted(json.dumps(r, sort_keys=True) for t in trials for r in t.resources),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def server_now(client: FhirClient) -> str:
+    """The server's current time (its ``Date`` header) less :data:`CLOCK_MARGIN`, as the
+    ``_lastUpdated`` bound of the next incremental run. Reading the server's clock rather than
+    ours keeps clock skew between the two machines out of the window."""
+    when = None
+    with contextlib.suppress(NetworkError):
+        resp = client.transport.request("GET", "metadata", params=[("_summary", "true")])
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            when = email.utils.parsedate_to_datetime(resp.headers.get("Date", ""))
+    if when is None or when.tzinfo is None:
+        log.warning("the server sent no usable Date header; using this machine's clock")
+        when = dt.datetime.now(dt.UTC)
+    start = (when - CLOCK_MARGIN).astimezone(dt.UTC)
+    return start.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _id_of(ref: str) -> str:
@@ -258,8 +277,7 @@ def run_match(
     t0 = time.monotonic()
     requests_before = client.stats.requests
     as_of = options.as_of or dt.date.today()
-    started = (dt.datetime.now(dt.UTC) - CLOCK_SKEW).isoformat(timespec="seconds")
-    started = started.replace("+00:00", "Z")
+    started = server_now(client)
     outcome = MatchOutcome(as_of=as_of, started=started, dry_run=options.dry_run)
     engine = engine or Engine(trials)
     version = _fhir_version(client)

@@ -55,10 +55,7 @@ def _trial() -> Trial:
 @responses.activate
 def test_r5_server_gets_active_subject_with_progress_state() -> None:
     posted: list[dict[str, Any]] = []
-    responses.get(
-        f"{BASE}/metadata",
-        json={"resourceType": "CapabilityStatement", "fhirVersion": "5.0.0", "rest": []},
-    )
+    capability = {"resourceType": "CapabilityStatement", "fhirVersion": "5.0.0", "rest": []}
     patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"}
     ecog = {
         "resourceType": "Observation",
@@ -72,6 +69,8 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
 
     def search(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         path = request.path_url.split("?")[0].rstrip("/").split("/")[-1]
+        if path == "metadata":
+            return 200, {"Date": "Sun, 01 Nov 2026 10:00:00 GMT"}, json.dumps(capability)
         body = {"Patient": [patient], "Observation": [ecog]}.get(path, [])
         return 200, {"Content-Type": "application/fhir+json"}, json.dumps(_bundle(body))
 
@@ -109,3 +108,4 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
     assert subject["subject"] == {"reference": "Patient/p1"}
     assert subject["progress"][0]["subjectState"]["coding"][0]["code"] == "candidate"
     assert "individual" not in subject
+    assert outcome.started == "2026-11-01T09:59:58Z"  # the server's clock, less the margin
