@@ -49,8 +49,8 @@ from .writeback import (
 
 log = logging.getLogger(__name__)
 
-#: subtracted from the server's clock reading at run start (its ``Date`` header has whole
-#: seconds), so a resource written in the same second is seen by the next incremental run
+#: subtracted from the server's clock reading at run start, so a resource committed while the
+#: run starts is seen by the next incremental run (a wider window only re-screens more)
 CLOCK_MARGIN = dt.timedelta(seconds=2)
 WRITE_CHOICES = frozenset({"candidate", "potential-candidate"})
 
@@ -132,19 +132,27 @@ def trials_digest(trials: Sequence[Trial]) -> str:
 
 
 def server_now(client: FhirClient) -> str:
-    """The server's current time (its ``Date`` header) less :data:`CLOCK_MARGIN`, as the
-    ``_lastUpdated`` bound of the next incremental run. Reading the server's clock rather than
-    ours keeps clock skew between the two machines out of the window."""
-    when = None
+    """The server's current time less :data:`CLOCK_MARGIN`: the ``_lastUpdated`` bound of the
+    next incremental run. The server's clock, not ours, so skew between the machines stays out
+    of the window: a searchset Bundle's ``meta.lastUpdated`` (millisecond precision on most
+    servers), else the ``Date`` header (whole seconds, sometimes cached), else our clock."""
+    when: dt.datetime | None = None
     with contextlib.suppress(NetworkError):
-        resp = client.transport.request("GET", "metadata", params=[("_summary", "true")])
-        with contextlib.suppress(TypeError, ValueError, IndexError):
-            when = email.utils.parsedate_to_datetime(resp.headers.get("Date", ""))
+        resp = client.transport.request(
+            "GET", "Patient", params=[("_count", "0"), ("_summary", "count")]
+        )
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            stamp = (resp.json().get("meta") or {}).get("lastUpdated")
+            if isinstance(stamp, str):
+                when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        if when is None:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                when = email.utils.parsedate_to_datetime(resp.headers.get("Date", ""))
     if when is None or when.tzinfo is None:
-        log.warning("the server sent no usable Date header; using this machine's clock")
+        log.warning("the server told no time; the incremental window uses this machine's clock")
         when = dt.datetime.now(dt.UTC)
     start = (when - CLOCK_MARGIN).astimezone(dt.UTC)
-    return start.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _id_of(ref: str) -> str:

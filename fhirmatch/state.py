@@ -8,7 +8,7 @@ Three files, all created owner-only (0600):
 - ``FILE.lock`` — held with ``flock`` for the whole run, so a second run refuses to start (the
   kernel releases it when a run dies, even by SIGKILL);
 - ``FILE.journal`` — append-only NDJSON, one line per patient finished by the current run
-  (evaluated and written back), fsynced in small batches. A run that dies leaves it behind; the
+  (evaluated and written back), flushed at once and fsynced in small batches. A run that dies leaves it behind; the
   next run with the same parameters resumes: it skips the patients listed there and keeps the
   dead run's ``_lastUpdated`` window, so nothing is missed and nothing is done twice.
 
@@ -207,6 +207,7 @@ class StateStore:
     def mark_done(self, patient: str) -> None:
         assert self._journal_fh is not None, "begin_run() first"
         self._journal_fh.write(json.dumps({"patient": patient}) + "\n")
+        self._journal_fh.flush()  # in the kernel now: survives SIGKILL; fsync (power loss) batched
         self._unsynced += 1
         if self._unsynced >= _JOURNAL_SYNC_EVERY:
             self._sync_journal()

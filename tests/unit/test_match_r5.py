@@ -69,6 +69,8 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
 
     def search(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         path = request.path_url.split("?")[0].rstrip("/").split("/")[-1]
+        if path == "Patient" and "_summary=count" in request.path_url:
+            return 200, {"Date": "Sun, 01 Nov 2026 10:00:00 GMT"}, json.dumps(_bundle([]))
         if path == "metadata":
             return 200, {"Date": "Sun, 01 Nov 2026 10:00:00 GMT"}, json.dumps(capability)
         body = {"Patient": [patient], "Observation": [ecog]}.get(path, [])
@@ -108,4 +110,4 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
     assert subject["subject"] == {"reference": "Patient/p1"}
     assert subject["progress"][0]["subjectState"]["coding"][0]["code"] == "candidate"
     assert "individual" not in subject
-    assert outcome.started == "2026-11-01T09:59:58Z"  # the server's clock, less the margin
+    assert outcome.started == "2026-11-01T09:59:58.000Z"  # server clock less the margin
