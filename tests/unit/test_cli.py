@@ -1,0 +1,138 @@
+"""The command line: every subcommand exists and explains itself; bad input exits 2 in one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fhirmatch.cli import SUBCOMMANDS, build_parser, main
+from fhirmatch.cli.common import JsonFormatter, load_config
+
+
+def test_every_subcommand_is_installed() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(SUBCOMMANDS) <= set(sub.choices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fhirmatch {command}")
+    assert len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fhirmatch", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["no-such-command"],
+        ["match", "--no-such-flag"],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--as-of",
+            "yesterday",
+        ],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+        ],  # neither --trials nor --trials-from-server
+        ["match", "--server", "http://fhir.example.org/r4", "--trials", "fixtures/trials"],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--write",
+            "everything",
+        ],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--auth",
+            "bearer",
+        ],
+        ["evaluate", "--trials", "does-not-exist", "--patients", "fixtures/patients"],
+        ["sandbox", "--port", "99999"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fhirmatch", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "a reason must be printed"
+    assert "Traceback" not in proc.stderr
+    # argparse prints its usage line first; fhirmatch's own errors are one "fhirmatch: …" line
+    # (trial definition errors then list each problem below it)
+    reasons = [line for line in lines if line.startswith("fhirmatch")]
+    assert len(reasons) == 1, proc.stderr
+    assert len(reasons[0]) > len("fhirmatch: error: ")
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
+    cfg = tmp_path / "match.toml"
+    cfg.write_text('server = "http://127.0.0.1:1/fhir"\nchunk-size = 7\nlog-format = "json"\n')
+    parser = build_parser()
+    args = parser.parse_args(["match", "--config", str(cfg), "--chunk-size", "9"])
+    args._parser.set_defaults(**load_config(cfg, args._parser))
+    args = parser.parse_args(["match", "--config", str(cfg), "--chunk-size", "9"])
+    assert args.server == "http://127.0.0.1:1/fhir"
+    assert args.log_format == "json"
+    assert args.chunk_size == 9
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('token = "s3cret"\n', "secrets do not belong"),
+        ('password = "s3cret"\n', "secrets do not belong"),
+        ("no-such-key = 1\n", "unknown key"),
+        ("server = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_file_is_a_configuration_error(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    code = main(["match", "--config", str(cfg), "--trials", "fixtures/trials"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "s3cret" not in err
+
+
+def test_json_log_lines() -> None:
+    record = logging.LogRecord(
+        "fhirmatch.match", logging.INFO, __file__, 1, "screened %s", ("Patient/p1",), None
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "fhirmatch.match"
+    assert entry["message"] == "screened Patient/p1"
