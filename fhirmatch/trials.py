@@ -84,6 +84,23 @@ KNOWN_CODE_SYSTEMS = frozenset(
     }
 )
 
+#: R4 ResearchStudy.status codes (fhir.resources does not check required bindings)
+STUDY_STATUSES = frozenset(
+    {
+        "active",
+        "administratively-completed",
+        "approved",
+        "closed-to-accrual",
+        "closed-to-accrual-and-intervention",
+        "completed",
+        "disapproved",
+        "in-review",
+        "temporarily-closed-to-accrual",
+        "temporarily-closed-to-accrual-and-intervention",
+        "withdrawn",
+    }
+)
+
 INPUT_TYPES = frozenset(
     {
         "Observation",
@@ -533,6 +550,8 @@ def compile_trial(
     comp = _Compiler(terminology, _load_analytes())
     if study.get("resourceType") != "ResearchStudy" or not study.get("id"):
         comp.problem("ResearchStudy", "a ResearchStudy with an id is required")
+    if study.get("status") not in STUDY_STATUSES:
+        comp.problem("ResearchStudy", f"status {study.get('status')!r} is not an R4 status code")
     if plan.get("resourceType") != "PlanDefinition" or not plan.get("id"):
         comp.problem("PlanDefinition", "a PlanDefinition with an id is required")
     actions = plan.get("action") or []
