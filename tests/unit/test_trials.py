@@ -352,3 +352,71 @@ def test_cli_show_default_path_env(
     assert main(["trials", "show", "NCT06767007"]) == 0
     assert main(["trials", "show", "NCT03731442"]) == 2
     assert "no trial 'NCT03731442'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- conditions
+
+
+def lab(value: float, high: float | None = None) -> dict[str, Any]:
+    obs: dict[str, Any] = {"resourceType": "Observation", "valueQuantity": {"value": value}}
+    if high is not None:
+        obs["referenceRange"] = [{"high": {"value": high}}]
+    return obs
+
+
+def evaluate(c: Criterion, **bound: Any) -> list[Any]:
+    import fhirpathpy
+
+    assert c.expression is not None
+    env = {i.name: [] for i in c.inputs} | {"age": 50} | bound
+    result: list[Any] = fhirpathpy.evaluate({}, c.expression, env)
+    return result
+
+
+def test_conditions_tri_state(trials: dict[str, Trial]) -> None:
+    t = trials["escc-sbrt-antipd1"]
+    hbv = find(t, "exc-hbv")
+    assert evaluate(hbv, hbv_iu=[lab(2500)]) == [True]
+    assert evaluate(hbv, hbv_copies=[lab(20000)]) == [True]
+    assert evaluate(hbv, hbv_iu=[lab(100)], hbv_copies=[lab(500)]) == [False]
+    assert evaluate(hbv) == []  # nothing measured: the engine's closed-world rule decides
+    liver = find(t, "inc-transaminases-alp")
+    assert evaluate(liver) == []  # none measured: unknown, not fail
+    assert evaluate(liver, alt=[lab(90, 40)]) == [True]
+    assert evaluate(liver, alt=[lab(90, 40)], alp=[lab(400, 120)]) == [False]
+    crea = find(t, "inc-creatinine")
+    assert evaluate(crea, crea=[lab(3.0, 1.2)], crcl=[lab(75)]) == [True]
+    assert evaluate(crea, crea=[lab(3.0, 1.2)], crcl=[lab(40)]) == [False]
+
+
+def test_histology_and_other_malignancy_conditions(trials: dict[str, Trial]) -> None:
+    t = trials["escc-sbrt-antipd1"]
+    histo_url = (
+        "http://hl7.org/fhir/us/mcode/StructureDefinition/mcode-histology-morphology-behavior"
+    )
+    scc = {
+        "resourceType": "Condition",
+        "extension": [
+            {
+                "url": histo_url,
+                "valueCodeableConcept": {
+                    "coding": [{"system": "http://snomed.info/sct", "code": "28899001"}]
+                },
+            }
+        ],
+    }
+    escc = find(t, "inc-escc")
+    assert evaluate(escc, ec=[scc]) == [True]
+    assert evaluate(escc, ec=[{"resourceType": "Condition"}]) == []  # histology not recorded
+    assert evaluate(escc) == [False]
+    other = find(t, "exc-other-malignancy")
+
+    def prostate(status: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Condition",
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C61"}]},
+            "clinicalStatus": {"coding": [{"code": status}]},
+        }
+
+    assert evaluate(other, other=[prostate("resolved")]) == [False]  # cured prostate cancer
+    assert evaluate(other, other=[prostate("active")]) == [True]
