@@ -13,11 +13,12 @@ Formats:
 * an NDJSON file (``.ndjson``, ``.jsonl``): one resource per line;
 * ``.gz`` versions of both; directories (searched recursively, files sorted by name).
 
-Memory: a Bundle file is read whole, then its patients are yielded. NDJSON files are read in two
-passes: the first parses each line only to find its patient and checks whether each patient's
-lines are contiguous (as in patient-ordered exports); if they are, the second pass streams one
-patient at a time in bounded memory. Otherwise (Bulk Data exports split by resource type) the
-resources are grouped in memory, which needs memory proportional to the export.
+Memory: a Bundle file is read whole, then its patients are yielded. NDJSON files are first
+scanned to check whether each patient's lines are contiguous (as in patient-ordered exports); if
+they are, a second pass streams one patient at a time. Otherwise (Bulk Data exports split by
+resource type) the scan stops at the first patient seen twice and the resources are grouped through
+hash-partitioned spill files (:mod:`fhirmatch.stream`): memory is bounded by one partition, not
+the export.
 
 Resources without a patient reference (Medication, Organization, Practitioner ...) are attached to
 the patients of the same Bundle (a Bundle with several patients: to each of them); shared NDJSON
@@ -175,12 +176,17 @@ def _problem(problems: list[str], message: str) -> None:
 
 
 def iter_patient_records(
-    paths: Iterable[str | os.PathLike[str]], *, problems: list[str] | None = None
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    problems: list[str] | None = None,
+    partition_bytes: int | None = None,
 ) -> Iterator[PatientRecord]:
     """Yield one :class:`PatientRecord` per patient found in ``paths`` (files or directories).
 
     Problems that belong to no patient (an unreadable file, a resource without a patient
-    reference) are logged and appended to ``problems`` when given.
+    reference) are logged and appended to ``problems`` when given. ``partition_bytes`` bounds
+    the memory used to group NDJSON that is not ordered by patient (see :mod:`fhirmatch.stream`;
+    default 64 MB of NDJSON text per partition).
     """
     general: list[str] = problems if problems is not None else []
     files = _expand_paths(paths, general)
@@ -189,7 +195,9 @@ def iter_patient_records(
     for path in others:
         yield from _iter_json_file(path, general)
     if ndjson:
-        yield from _iter_ndjson_files(ndjson, general)
+        from .stream import DEFAULT_PARTITION_BYTES
+
+        yield from _iter_ndjson_files(ndjson, general, partition_bytes or DEFAULT_PARTITION_BYTES)
 
 
 def load_patient_records(
@@ -308,15 +316,19 @@ def _iter_ndjson_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, d
         _problem(problems, f"{path}: cannot be read to the end ({type(exc).__name__})")
 
 
-def _iter_ndjson_files(paths: list[Path], problems: list[str]) -> Iterator[PatientRecord]:
+def _iter_ndjson_files(
+    paths: list[Path], problems: list[str], partition_bytes: int
+) -> Iterator[PatientRecord]:
     # Pass 1: check contiguity and collect shared Medications (few) without keeping resources.
     medications: dict[str, dict[str, Any]] = {}
     finished: set[str] = set()
     contiguous = True
     scan_problems: list[str] = []
+    # The scan stops at the first patient seen twice: the partitioned grouping reads everything.
     for path in paths:
         current: str | None = None
-        for _lineno, res in _iter_ndjson_lines(path, scan_problems):
+        lines = _iter_ndjson_lines(path, scan_problems)
+        for _lineno, res in lines:
             if res["resourceType"] in SHARED_TYPES:
                 if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
                     medications[res["id"]] = res
@@ -326,13 +338,20 @@ def _iter_ndjson_files(paths: list[Path], problems: list[str]) -> Iterator[Patie
                 continue
             if pid in finished:
                 contiguous = False
+                lines.close()
+                break
             if current is not None:
                 finished.add(current)
             current = pid
+        if not contiguous:
+            break
         if current is not None:
             finished.add(current)
+    finished.clear()
     if not contiguous:
-        log.info("NDJSON input is not grouped by patient; grouping %d files in memory", len(paths))
+        log.info(
+            "NDJSON input is not grouped by patient; grouping %d files by partition", len(paths)
+        )
     # Pass 2: read again, reporting problems this time.
     if contiguous:
         for path in paths:
@@ -350,20 +369,9 @@ def _iter_ndjson_files(paths: list[Path], problems: list[str]) -> Iterator[Patie
             if rec is not None:
                 yield _finish_ndjson(rec, medications)
         return
-    records: dict[str, PatientRecord] = {}
-    for path in paths:
-        for lineno, res in _iter_ndjson_lines(path, problems):
-            pid = _ndjson_patient(res, path, lineno, problems)
-            if pid is None:
-                continue
-            rec = records.get(pid)
-            if rec is None:
-                rec = records[pid] = PatientRecord(pid, source=str(path))
-            elif str(path) not in rec.source.split(", "):
-                rec.source += f", {path}"
-            rec.resources.append(res)
-    for rec in records.values():
-        yield _finish_ndjson(rec, medications)
+    from .stream import group_ndjson_by_patient
+
+    yield from group_ndjson_by_patient(paths, problems, partition_bytes=partition_bytes)
 
 
 def _ndjson_patient(
