@@ -162,30 +162,37 @@ def _id_of(ref: str) -> str:
 # --------------------------------------------------------------------------- trials
 
 
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
 def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str]:
     """Upload each trial's ResearchStudy, PlanDefinition (and ValueSets) idempotently.
 
-    Each resource is written with a conditional update on its identifier (ResearchStudy) or
-    canonical URL (PlanDefinition, ValueSet), keeping the trial's own ids. Returns the study
-    reference -> PlanDefinition reference map write-back cites.
+    Each resource is looked up by its identifier (ResearchStudy) or canonical URL
+    (PlanDefinition, ValueSet); one the server holds with the same content is left alone (no new
+    version), otherwise it is written with a conditional update on the same criteria, keeping the
+    trial's own ids. Returns the study reference -> PlanDefinition reference map write-back cites.
     """
     plan_refs: dict[str, str] = {}
     for trial in trials:
+        changed = 0
         for res in trial.resources:
-            rtype = res.get("resourceType")
+            rtype = str(res.get("resourceType"))
             if rtype == "ResearchStudy" and res.get("identifier"):
                 ident = res["identifier"][0]
                 criteria = {"identifier": f"{ident.get('system', '')}|{ident['value']}"}
             elif rtype in ("PlanDefinition", "ValueSet") and res.get("url"):
                 criteria = {"url": res["url"]}
-            elif res.get("id"):
-                client.update(res)
-                continue
             else:
                 continue
+            held = list(client.iter_resources(rtype, criteria))
+            if len(held) == 1 and _content(held[0]) == _content(res):
+                continue
             client.conditional_update(res, criteria)
+            changed += 1
         plan_refs[trial.reference] = f"PlanDefinition/{trial.plan_definition_id}"
-        log.info("published %s", trial.reference)
+        log.info("published %s (%d resources written)", trial.reference, changed)
     return plan_refs
 
 

@@ -4,7 +4,10 @@ Sub-subcommands (each registered by a ``_register_<name>`` function on the ``tri
 
 * ``check PATH...``: load and check definitions; print each trial's criteria; exit 0 when all are
   valid, 2 (configuration error) with every problem listed otherwise;
-* ``show ID [--trials PATH...]``: one trial's criteria in plain language.
+* ``show ID [--trials PATH...]``: one trial's criteria in plain language;
+* ``publish --server URL PATH...``: check the definitions, then upload each trial's
+  ResearchStudy, PlanDefinition and ValueSets idempotently (conditional update on the study's
+  identifier and the canonical URLs).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``trials`` parser and its sub-subcommands."""
     p = sub.add_parser(
         "trials",
-        help="check and inspect trial definitions",
+        help="check, inspect and publish trial definitions",
         description="Check and inspect computable trial definitions (ResearchStudy + "
         "PlanDefinition bundles, see docs/trial-format.md).",
     )
@@ -35,6 +38,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     trials_sub.required = True
     _register_check(trials_sub)
     _register_show(trials_sub)
+    _register_publish(trials_sub)
+
+
+def _register_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .common import add_config_option, add_logging_options, add_server_options
+
+    p = sub.add_parser(
+        "publish",
+        help="upload trial definitions to a FHIR server, idempotently",
+        description="Check the trial definitions, then upload each trial's ResearchStudy, "
+        "PlanDefinition and bundled ValueSets with conditional updates (on the study's "
+        "identifier and the canonical URLs), so publishing twice changes nothing.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="trial files/dirs")
+    add_config_option(p)
+    add_server_options(p)
+    add_logging_options(p)
+    p.set_defaults(func=run_publish)
 
 
 def _register_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -184,4 +205,20 @@ def run_show(args: argparse.Namespace) -> int:
     for c in trial.criteria:
         print_criterion(c, out)
         print(file=out)
+    return exitcodes.OK
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from ..match import publish_trials
+    from .common import build_client, setup_logging
+    from .match import load_file_trials
+
+    setup_logging(args)
+    trials = load_file_trials(args.paths, None)  # everything is checked before anything is sent
+    with build_client(args) as client:
+        client.capabilities()
+        refs = publish_trials(client, trials)
+    for study, plan in refs.items():
+        print(f"{study} -> {plan}")
+    print(f"published {len(refs)} trials to {client.base_url}", file=sys.stderr)
     return exitcodes.OK
