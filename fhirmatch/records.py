@@ -35,7 +35,7 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -285,7 +285,9 @@ def _group_bundle(
         yield rec
 
 
-def _iter_ndjson_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_ndjson_lines(
+    path: Path, problems: list[str]
+) -> Generator[tuple[int, dict[str, Any]], None, None]:
     """Yield ``(line number, resource)`` for each readable line; report the others."""
     try:
         with _open_text(path) as fh:

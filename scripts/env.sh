@@ -11,6 +11,6 @@ fi
 stamp=.venv/.fhirmatch-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[test,sandbox,dev]'
+    .venv/bin/python -m pip install --quiet -e '.[test,sandbox,dev,dask]'
     touch "$stamp"
 fi

@@ -1,0 +1,311 @@
+"""Where patient evaluation runs: this process, a pool of local processes, or a Dask cluster.
+
+Every executor runs the same :class:`~fhirmatch.engine.Engine` on the same records and yields
+``(record, results)`` pairs **in input order**, so the caller's write-back, report and output are
+identical whichever executor ran the evaluation::
+
+    with make_executor("processes", trials, terminology) as ex:
+        for record, results in ex.evaluate(iter_patient_records(paths), as_of=as_of):
+            ...
+
+* ``local`` — evaluation in this process, one patient at a time; no dependencies.
+* ``processes`` — a :class:`concurrent.futures.ProcessPoolExecutor`; each worker compiles the
+  trials once (pool initializer) and evaluates batches of patients.
+* ``dask`` — a Dask ``distributed`` cluster (``pip install 'fhirmatch[dask]'``): the scheduler at
+  ``scheduler`` (``tcp://host:8786``), or a local cluster when none is given. The trial definitions
+  are scattered to every worker once; each worker compiles them into an engine the first time it
+  sees them and keeps it (cached per worker, keyed by a digest of the definitions).
+
+Records are sent in batches (``batch_size`` patients) and at most ``window`` batches are in flight,
+so memory in this process stays bounded however many patients stream through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from datetime import date
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .engine import Engine
+from .errors import ConfigurationError
+from .records import PatientRecord
+from .results import TrialResult
+
+if TYPE_CHECKING:
+    from .model import Trial
+    from .terminology import Terminology
+
+__all__ = [
+    "EXECUTORS",
+    "DaskExecutor",
+    "Executor",
+    "LocalExecutor",
+    "ProcessExecutor",
+    "make_executor",
+]
+
+EXECUTORS = ("local", "processes", "dask")
+#: one batch sent to a worker: (patient id, resources) per patient
+Batch = list[tuple[str, list[dict[str, Any]]]]
+Evaluated = Iterator[tuple[PatientRecord, list[TrialResult]]]
+
+
+class Executor(Protocol):
+    """Evaluates a stream of patient records; a context manager that releases its workers."""
+
+    name: str
+
+    def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
+        """Yield ``(record, results)`` for every record, in input order."""
+        ...
+
+    def close(self) -> None:
+        """Release workers and clusters this executor started."""
+        ...
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _Base:
+    name = "base"
+
+    def __enter__(self) -> _Base:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+
+class LocalExecutor(_Base):
+    """Evaluation in this process (the default; no extra dependencies)."""
+
+    name = "local"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
+        for record in records:
+            yield record, self.engine.evaluate_patient_record(record, as_of=as_of)
+
+
+def _batches(records: Iterable[PatientRecord], size: int) -> Iterator[list[PatientRecord]]:
+    batch: list[PatientRecord] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _payload(batch: list[PatientRecord]) -> Batch:
+    return [(r.patient_id, r.resources) for r in batch]
+
+
+def _in_order(
+    records: Iterable[PatientRecord],
+    batch_size: int,
+    window: int,
+    submit: Callable[[list[PatientRecord]], Any],
+) -> Evaluated:
+    """Submit batches, keep at most ``window`` in flight, yield results in submission order."""
+    pending: deque[tuple[list[PatientRecord], Any]] = deque()
+
+    def drain_one() -> Evaluated:
+        batch, future = pending.popleft()
+        results: list[list[TrialResult]] = future.result()
+        yield from zip(batch, results, strict=True)
+
+    try:
+        for batch in _batches(records, batch_size):
+            pending.append((batch, submit(batch)))
+            if len(pending) >= window:
+                yield from drain_one()
+        while pending:
+            yield from drain_one()
+    finally:
+        for _batch, future in pending:
+            future.cancel()
+
+
+def _evaluate_batch(engine: Engine, batch: Batch, as_of: date) -> list[list[TrialResult]]:
+    return [engine.evaluate(resources, as_of=as_of, patient_id=pid) for pid, resources in batch]
+
+
+# --------------------------------------------------------------------------- processes
+
+_WORKER_ENGINE: Engine | None = None
+
+
+def _init_process(trials: Sequence[Trial], terminology: Terminology | None) -> None:
+    global _WORKER_ENGINE  # one engine per worker process, built once
+    _WORKER_ENGINE = Engine(trials, terminology)
+
+
+def _process_batch(batch: Batch, as_of: date) -> list[list[TrialResult]]:
+    if _WORKER_ENGINE is None:  # pragma: no cover - the initializer always ran
+        raise RuntimeError("worker engine not initialised")
+    return _evaluate_batch(_WORKER_ENGINE, batch, as_of)
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+class ProcessExecutor(_Base):
+    """A pool of local worker processes; each compiles the trials once, in its initializer."""
+
+    name = "processes"
+
+    def __init__(
+        self,
+        trials: Sequence[Trial],
+        terminology: Terminology | None = None,
+        *,
+        workers: int | None = None,
+        batch_size: int = 50,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigurationError("the batch size must be positive")
+        self.workers = workers or os.cpu_count() or 1
+        self.batch_size = batch_size
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=_mp_context(),
+            initializer=_init_process,
+            initargs=(tuple(trials), terminology),
+        )
+
+    def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
+        def submit(batch: list[PatientRecord]) -> Future[list[list[TrialResult]]]:
+            return self.pool.submit(_process_batch, _payload(batch), as_of)
+
+        yield from _in_order(records, self.batch_size, 2 * self.workers, submit)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- dask
+
+_DASK_ENGINES: dict[str, Engine] = {}
+_DASK_LOCK = threading.Lock()
+
+
+def _dask_batch(
+    definitions: tuple[str, tuple[Trial, ...], Terminology | None],
+    batch: Batch,
+    as_of: date,
+) -> list[list[TrialResult]]:
+    """Run on a Dask worker: the engine for these definitions is compiled once per worker."""
+    digest, trials, terminology = definitions
+    with _DASK_LOCK:
+        engine = _DASK_ENGINES.get(digest)
+        if engine is None:
+            engine = _DASK_ENGINES[digest] = Engine(trials, terminology)
+    return _evaluate_batch(engine, batch, as_of)
+
+
+class DaskExecutor(_Base):
+    """Evaluation on a Dask ``distributed`` cluster (``fhirmatch[dask]``).
+
+    ``scheduler``: the address of a running scheduler; None starts a :class:`LocalCluster`
+    (``workers`` processes, or threads with ``processes=False``) that :meth:`close` stops.
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        trials: Sequence[Trial],
+        terminology: Terminology | None = None,
+        *,
+        scheduler: str | None = None,
+        workers: int | None = None,
+        processes: bool = True,
+        batch_size: int = 100,
+    ) -> None:
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise ConfigurationError(
+                "the dask executor needs Dask: pip install 'fhirmatch[dask]'"
+            ) from None
+        if batch_size < 1:
+            raise ConfigurationError("the batch size must be positive")
+        self.batch_size = batch_size
+        self._cluster: Any = None
+        if scheduler:
+            try:
+                self.client = Client(scheduler, timeout=30)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot reach the Dask scheduler {scheduler}: {exc}"
+                ) from exc
+        else:
+            self._cluster = LocalCluster(
+                n_workers=workers or os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=processes,
+                dashboard_address=None,
+            )
+            self.client = Client(self._cluster)
+        definitions = (tuple(trials), terminology)
+        digest = hashlib.sha256(pickle.dumps(definitions)).hexdigest()[:32]
+        # scatter a one-element list: the future stands for the whole tuple
+        (self._definitions,) = self.client.scatter(
+            [(digest, *definitions)], broadcast=True, hash=False
+        )
+        n_workers = len(self.client.scheduler_info(n_workers=-1).get("workers", {})) or 1
+        self.window = 2 * n_workers
+
+    def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
+        def submit(batch: list[PatientRecord]) -> Any:
+            (data,) = self.client.scatter([_payload(batch)], hash=False)
+            return self.client.submit(_dask_batch, self._definitions, data, as_of, pure=False)
+
+        yield from _in_order(records, self.batch_size, self.window, submit)
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def make_executor(
+    name: str,
+    trials: Sequence[Trial],
+    terminology: Terminology | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    engine: Engine | None = None,
+) -> LocalExecutor | ProcessExecutor | DaskExecutor:
+    """The executor ``name`` (``local``, ``processes`` or ``dask``) for these trials.
+
+    ``engine`` is reused by the local executor (it must be built from the same trials).
+    """
+    if scheduler and name != "dask":
+        raise ConfigurationError("--scheduler is only for --executor dask")
+    if name == "local":
+        return LocalExecutor(engine or Engine(trials, terminology))
+    if name == "processes":
+        return ProcessExecutor(trials, terminology, workers=workers)
+    if name == "dask":
+        return DaskExecutor(trials, terminology, scheduler=scheduler, workers=workers)
+    raise ConfigurationError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
