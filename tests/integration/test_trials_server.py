@@ -75,18 +75,10 @@ def test_publish_refuses_bad_definitions_before_sending(
             res["id"] = "fm-should-never-arrive"
             res["identifier"][0]["value"] = "fm-should-never-arrive"
         if res["resourceType"] == "PlanDefinition":
-            res["action"][-1]["input"] = [
-                {
-                    "type": "Observation",
-                    "id": "x",
-                    "codeFilter": [
-                        {
-                            "path": "code",
-                            "valueSet": "https://fhirmatch.dev/fhir/ValueSet/no-such-set",
-                        }
-                    ],
-                }
-            ]
+            computable = next(a for a in res["action"] if a.get("input"))
+            computable["input"][0]["codeFilter"][0]["valueSet"] = (
+                "https://fhirmatch.dev/fhir/ValueSet/no-such-set"
+            )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(bundle))
     assert main(["trials", "publish", "--server", fhir_base_url, str(bad)]) == 2
