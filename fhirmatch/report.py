@@ -87,12 +87,12 @@ def build_sections(outcome: MatchOutcome, trials: Sequence[Trial]) -> list[Trial
             sec.insufficient.append(r)
         else:
             sec.ineligible += 1
-        for c in r.criteria:  # top level: what decided the trial status
-            if c.outcome == "fail":
-                fails[r.study][(c.id, c.kind)] += 1
-        for c in _leaves(r.criteria):
-            if c.outcome == "unknown" and not c.criteria:
-                unknowns[r.study][(c.id, c.kind)] += 1
+        for res in r.criteria:  # top level: what decided the trial status
+            if res.outcome == "fail":
+                fails[r.study][(res.id, res.kind)] += 1
+        for res in _leaves(r.criteria):
+            if res.outcome == "unknown" and not res.criteria:
+                unknowns[r.study][(res.id, res.kind)] += 1
     for study, sec in sections.items():
         names = crit_titles.get(study, {})
         sec.attrition = [
