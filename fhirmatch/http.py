@@ -390,8 +390,14 @@ class HttpTransport:
                 raise FatalNetworkError(
                     f"TLS error: {type(exc).__name__}", method=method, url=redact_url(url)
                 ) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                # ConnectTimeout is a subclass of both; nothing reached the server.
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                # ConnectTimeout is a subclass of both; nothing reached the server. A body cut
+                # off mid-way (ChunkedEncodingError) means the server answered: it acted.
                 safe = idempotent or isinstance(exc, requests.exceptions.ConnectTimeout)
                 kind = type(exc).__name__
                 if safe and attempt <= len(delays):
