@@ -434,7 +434,9 @@ def _screen_chunk(
                 if isinstance(exc, FatalNetworkError) and exc.status in (401, 403):
                     raise
                 outcome.skipped[ref] = f"write-back failed: {exc.message}"
-                log.warning("write-back for %s failed; nothing was written for it", ref)
+                # a lost answer (timeout, dropped connection) may follow a commit: the next
+                # run finds what the server holds by identifier and writes nothing twice
+                log.warning("write-back for %s failed (%s); it is retried next run", ref, exc)
                 continue
             bad = [e for e in entries if not e.ok]
             if bad:
