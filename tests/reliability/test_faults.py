@@ -1,0 +1,198 @@
+"""The match job under server faults, injected by a proxy between fhirmatch and a real server.
+
+Every test screens its own tagged population through :class:`FaultProxy` and then checks the
+server itself (not the proxy): each candidate pair has exactly one ResearchSubject with exactly
+one Provenance, and every patient is either evaluated or listed as skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from faultproxy import Fault, FaultProxy
+from fmhelpers import (
+    TRIALS,
+    assert_written_once,
+    candidate_pairs,
+    fast_client,
+    make_population,
+    options,
+    patient_resources,
+    put_all,
+)
+
+from fhirmatch.cli.match import load_file_trials
+from fhirmatch.match import MatchOutcome, run_match
+from fhirmatch.model import Trial
+
+pytestmark = pytest.mark.integration
+
+TRANSACTION = r"^/fhir/?$"
+
+
+@pytest.fixture(scope="module")
+def trials() -> list[Trial]:
+    return load_file_trials([TRIALS], None)
+
+
+@pytest.fixture()
+def proxy(fhir_base_url: str) -> Iterator[FaultProxy]:
+    with FaultProxy(fhir_base_url) as p:
+        yield p
+
+
+def _studies(trials: list[Trial]) -> list[str]:
+    return [t.reference for t in trials]
+
+
+def _screened_or_skipped(outcome: MatchOutcome, ids: list[str], n_trials: int) -> None:
+    """Each patient has a result for every trial, or is skipped with a reason; never both."""
+    for pid in ids:
+        ref = f"Patient/{pid}"
+        got = [r for r in outcome.results if r.patient == ref]
+        if ref in outcome.skipped:
+            assert outcome.skipped[ref].strip(), ref
+            assert got == [], ref
+        else:
+            assert len(got) == n_trials, ref
+    # no (study, patient) pair evaluated twice
+    keys = [(r.study, r.patient) for r in outcome.results]
+    assert len(keys) == len(set(keys))
+
+
+def test_status_bursts_and_retry_after_complete_the_run(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    tag, ids = make_population(fhir_base_url, 6)
+    proxy.add(Fault("status", method="GET", path=r"/Patient\?_tag=", status=503, times=3))
+    proxy.add(Fault("status", method="GET", path=r"/Observation\?", status=502, times=2))
+    # searches with long queries go out as POST _search: idempotent, retried like a GET
+    proxy.add(Fault("status", method="POST", path=r"/Condition/_search", status=500, times=2))
+    proxy.add(Fault("status", method="GET", path=r"/ResearchSubject\?", status=503, times=2))
+    # 429 on transactions: rejected before processing, so even a plain POST may be resent
+    proxy.add(
+        Fault("status", method="POST", path=TRANSACTION, status=429, retry_after="1", times=1)
+    )
+    proxy.add(
+        Fault("status", method="POST", path=TRANSACTION, status=429, retry_after="0", times=2)
+    )
+    with fast_client(proxy.base_url) as client:
+        outcome = run_match(client, trials, options(tag))
+    assert proxy.count("status") == 3 + 2 + 2 + 2 + 1 + 2
+    assert outcome.skipped == {}
+    _screened_or_skipped(outcome, ids, len(trials))
+    pairs = candidate_pairs(outcome)
+    assert pairs
+    assert_written_once(fhir_base_url, ids, _studies(trials), pairs)
+
+
+def test_read_timeouts_are_retried(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    tag, ids = make_population(fhir_base_url, 4)
+    proxy.add(Fault("delay", method="GET", path=r"/Observation\?", seconds=1.5, times=2))
+    proxy.add(Fault("delay", method="GET", path=r"/ResearchSubject\?", seconds=1.5, times=1))
+    with fast_client(proxy.base_url, read_timeout=0.5) as client:
+        outcome = run_match(client, trials, options(tag))
+        assert client.stats.retries >= 3
+    assert proxy.count("delay") == 3
+    assert outcome.skipped == {}
+    _screened_or_skipped(outcome, ids, len(trials))
+    assert_written_once(fhir_base_url, ids, _studies(trials), candidate_pairs(outcome))
+
+
+def test_connection_dropped_mid_response_is_retried(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    tag, ids = make_population(fhir_base_url, 4)
+    proxy.add(Fault("drop_response", method="POST", path=r"/Condition/_search", times=2))
+    proxy.add(Fault("drop_response", method="GET", path=r"/Patient\?_tag=", times=1))
+    with fast_client(proxy.base_url) as client:
+        outcome = run_match(client, trials, options(tag))
+    assert proxy.count("drop_response") == 3
+    assert outcome.skipped == {}
+    _screened_or_skipped(outcome, ids, len(trials))
+    assert_written_once(fhir_base_url, ids, _studies(trials), candidate_pairs(outcome))
+
+
+@pytest.mark.parametrize("kind", ["drop_after_forward", "drop_response"])
+def test_transaction_lost_after_commit_creates_no_duplicates(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial], kind: str
+) -> None:
+    """The server applied the transaction but its answer was lost: the patient is reported as
+    skipped (the client cannot know), nothing is resent blindly, and the next run finds the
+    subjects and writes nothing twice."""
+    tag, ids = make_population(fhir_base_url, 4)
+    fault = proxy.add(Fault(kind, method="POST", path=TRANSACTION, times=2))  # type: ignore[arg-type]
+    with fast_client(proxy.base_url) as client:
+        first = run_match(client, trials, options(tag))
+    assert fault.hits == 2
+    # the transactions carry plain Provenance creates: not retry-safe, so never resent
+    posts = [s for s in proxy.seen if s.method == "POST" and re.match(TRANSACTION, s.target)]
+    assert len(posts) == len(ids)  # one per patient (each has a pair to write)
+    assert len(first.skipped) == 2
+    assert all("write-back failed" in why for why in first.skipped.values())
+    _screened_or_skipped(first, ids, len(trials))
+
+    proxy.clear()
+    with fast_client(proxy.base_url) as client:
+        second = run_match(client, trials, options(tag))
+    assert second.skipped == {}
+    # the two lost transactions had committed: their subjects are found, not created again
+    actions = {p.patient: p.action for p in second.planned if p.action != "not-written"}
+    for ref in first.skipped:
+        assert actions.get(ref) in (None, "unchanged"), ref
+    assert_written_once(fhir_base_url, ids, _studies(trials), candidate_pairs(second))
+
+
+def test_retries_exhausted_skips_with_reason(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    """A search that keeps failing: the chunk's patients are skipped with the reason, the other
+    chunks are evaluated and written normally."""
+    tag, ids = make_population(fhir_base_url, 4)
+    # ids sort in creation order; chunks of two: the first chunk's Observation search fails
+    first_chunk = rf"/Observation\?patient={re.escape(ids[0])}%2C{re.escape(ids[1])}&"
+    proxy.add(Fault("status", method="GET", path=first_chunk, times=None))
+    with fast_client(proxy.base_url, attempts=3) as client:
+        outcome = run_match(client, trials, options(tag))
+    assert proxy.count("status") >= 3
+    skipped = set(outcome.skipped)
+    assert skipped == {f"Patient/{p}" for p in ids[:2]}
+    assert all("503" in why for why in outcome.skipped.values())
+    _screened_or_skipped(outcome, ids, len(trials))
+    pairs = candidate_pairs(outcome)
+    assert {p for _, p in pairs} <= {f"Patient/{p}" for p in ids[2:]}
+    assert_written_once(fhir_base_url, ids, _studies(trials), pairs)
+
+
+def test_patient_set_growing_while_paged(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    """Patients inserted while ``Patient?`` is paged (two per page): no crash, no patient
+    screened twice, every patient present at the start screened."""
+    tag, ids = make_population(fhir_base_url, 6)
+    added: list[str] = []
+
+    def insert_on_second_page(method: str, target: str) -> None:
+        if method == "GET" and "_offset" in target and "Patient" in target and not added:
+            new = [f"fr-{tag}-late{i}" for i in range(3)]
+            resources = []
+            for pid in new:
+                resources += patient_resources(pid, tag, rectal=True)
+            put_all(fhir_base_url, resources)
+            added.extend(new)
+
+    proxy.hooks.append(insert_on_second_page)
+    opts = options(tag)
+    opts.patients_query = f"{opts.patients_query}&_count=2"
+    with fast_client(proxy.base_url) as client:
+        outcome = run_match(client, trials, opts)
+    assert added, "the proxy never saw a second Patient page"
+    screened = {r.patient for r in outcome.results}
+    assert {f"Patient/{p}" for p in ids} <= screened
+    assert screened <= {f"Patient/{p}" for p in ids + added}
+    _screened_or_skipped(outcome, ids, len(trials))
+    assert_written_once(fhir_base_url, ids + added, _studies(trials), candidate_pairs(outcome))
