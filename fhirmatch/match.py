@@ -33,8 +33,10 @@ from urllib.parse import parse_qsl, urlsplit
 from .client import FhirClient
 from .engine import Engine
 from .errors import ConfigurationError, FatalNetworkError, NetworkError
+from .executors import Executor
 from .fetch import fetch_patient_data
 from .model import DataInput, Trial
+from .records import PatientRecord
 from .results import TrialResult
 from .state import StateStore
 from .writeback import (
@@ -110,6 +112,11 @@ class MatchOptions:
     chunk_size: int = 50
     restart: bool = False
     keep_results: bool = True
+    #: read the patients' data with Bulk Data ``$export`` (:mod:`fhirmatch.bulk`) instead of
+    #: REST searches; ``bulk_group`` exports that Group's members only
+    bulk: bool = False
+    bulk_group: str | None = None
+    bulk_type_filter: bool = True
 
     def __post_init__(self) -> None:
         bad = set(self.write) - WRITE_CHOICES
@@ -121,6 +128,11 @@ class MatchOptions:
             raise ConfigurationError("give --patient or --patients-query, not both")
         if self.chunk_size < 1:
             raise ConfigurationError("the chunk size must be positive")
+        if self.bulk and (self.patients or self.patients_query):
+            raise ConfigurationError(
+                "--bulk exports every patient (or a --bulk-group); not with --patient or "
+                "--patients-query"
+            )
 
 
 def trials_digest(trials: Sequence[Trial]) -> str:
@@ -287,8 +299,16 @@ def run_match(
     engine: Engine | None = None,
     state: StateStore | None = None,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> MatchOutcome:
-    """Run the match job. ``state`` must already be acquired (locked) by the caller."""
+    """Run the match job. ``state`` must already be acquired (locked) by the caller.
+
+    ``executor`` (:mod:`fhirmatch.executors`) evaluates the patients; default: ``engine`` in this
+    process. With ``options.bulk`` a full run reads everyone's data from one ``$export``; an
+    incremental bulk run exports with ``_since`` only to learn which patients changed (such an
+    export holds the changed resources, not whole records) and fetches those patients' data with
+    REST searches.
+    """
     t0 = time.monotonic()
     requests_before = client.stats.requests
     as_of = options.as_of or dt.date.today()
@@ -335,7 +355,25 @@ def run_match(
         if since:
             log.info("incremental run: data changed since %s", since)
 
-    patient_ids = select_patients(client, options, requirements, since)
+    if options.bulk and since is None:
+        _screen_bulk(
+            client,
+            engine,
+            requirements,
+            options,
+            outcome,
+            plan_refs,
+            version,
+            state,
+            done,
+            executor,
+            progress,
+        )
+        patient_ids: list[str] = []
+    elif options.bulk and since is not None:
+        patient_ids = _changed_by_bulk(client, requirements, options, since)
+    else:
+        patient_ids = select_patients(client, options, requirements, since)
     todo = [p for p in patient_ids if f"Patient/{p}" not in done]
     log.info(
         "screening %d patients against %d trials (%d already done by an interrupted run)",
@@ -346,7 +384,16 @@ def run_match(
     finished = 0
     for chunk in _chunks(todo, options.chunk_size):
         _screen_chunk(
-            client, engine, chunk, requirements, options, outcome, plan_refs, version, state
+            client,
+            engine,
+            chunk,
+            requirements,
+            options,
+            outcome,
+            plan_refs,
+            version,
+            state,
+            executor,
         )
         finished += len(chunk)
         if progress:
@@ -381,6 +428,7 @@ def _screen_chunk(
     plan_refs: dict[str, str],
     version: FhirVersion,
     state: StateStore | None,
+    executor: Executor | None = None,
 ) -> None:
     as_of = outcome.as_of
     try:
@@ -392,7 +440,7 @@ def _screen_chunk(
             outcome.skipped[f"Patient/{pid}"] = f"fetch failed: {exc.message}"
         log.warning("could not fetch a chunk of %d patients: %s", len(chunk), exc.message)
         return
-    evaluated: dict[str, list[TrialResult]] = {}
+    records: list[PatientRecord] = []
     for pid in chunk:
         ref = f"Patient/{pid}"
         if pid in fetched.errors:
@@ -403,7 +451,28 @@ def _screen_chunk(
         if not any(r.get("resourceType") == "Patient" for r in resources):
             outcome.skipped[ref] = "the server has no such Patient"
             continue
-        evaluated[pid] = engine.evaluate(resources, as_of=as_of)
+        records.append(PatientRecord(pid, resources))
+    if executor is None:
+        evaluated = {r.patient_id: engine.evaluate(r.resources, as_of=as_of) for r in records}
+    else:
+        evaluated = {
+            rec.patient_id: results for rec, results in executor.evaluate(records, as_of=as_of)
+        }
+    write_back_results(client, evaluated, options, outcome, plan_refs, version, state)
+
+
+def write_back_results(
+    client: FhirClient,
+    evaluated: dict[str, list[TrialResult]],
+    options: MatchOptions,
+    outcome: MatchOutcome,
+    plan_refs: dict[str, str],
+    version: FhirVersion,
+    state: StateStore | None,
+) -> None:
+    """Write back already-evaluated patients (patient id -> results), one transaction each;
+    count them in ``outcome`` and journal each finished patient in ``state``."""
+    as_of = outcome.as_of
     pairs = [(r.study, r.patient) for results in evaluated.values() for r in results]
     try:
         existing = existing_subjects(client, pairs)
@@ -448,6 +517,109 @@ def _screen_chunk(
         outcome.planned.extend(plans)
         if state is not None and not options.dry_run:
             state.mark_done(ref)
+
+
+def _screen_bulk(
+    client: FhirClient,
+    engine: Engine,
+    requirements: Sequence[DataInput],
+    options: MatchOptions,
+    outcome: MatchOutcome,
+    plan_refs: dict[str, str],
+    version: FhirVersion,
+    state: StateStore | None,
+    done: set[str],
+    executor: Executor | None,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Full bulk run: one ``$export``, grouped per patient on disk, evaluated, written back."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .bulk import export_patient_data
+    from .executors import LocalExecutor
+    from .records import iter_patient_records
+
+    workdir = Path(tempfile.mkdtemp(prefix="fhirmatch-bulk-"))
+    try:
+        paths = export_patient_data(
+            client,
+            requirements,
+            group=options.bulk_group,
+            workdir=workdir,
+            type_filter=options.bulk_type_filter,
+        )
+        problems: list[str] = []
+        records = (
+            r
+            for r in iter_patient_records(paths, problems=problems)
+            if r.reference not in done and _has_patient(r, outcome)
+        )
+        runner = executor or LocalExecutor(engine)
+        finished = 0
+        batch: dict[str, list[TrialResult]] = {}
+        for record, results in runner.evaluate(records, as_of=outcome.as_of):
+            batch[record.patient_id] = results
+            if len(batch) >= options.chunk_size:
+                write_back_results(client, batch, options, outcome, plan_refs, version, state)
+                finished += len(batch)
+                batch = {}
+                if progress:
+                    progress(finished, 0)
+        if batch:
+            write_back_results(client, batch, options, outcome, plan_refs, version, state)
+            finished += len(batch)
+            if progress:
+                progress(finished, 0)
+        for problem in problems:
+            log.warning("bulk data: %s", problem)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _has_patient(record: PatientRecord, outcome: MatchOutcome) -> bool:
+    if record.patient is None:
+        outcome.skipped[record.reference] = "the export holds no such Patient"
+        return False
+    return True
+
+
+def _changed_by_bulk(
+    client: FhirClient, requirements: Sequence[DataInput], options: MatchOptions, since: str
+) -> list[str]:
+    """Ids of the patients with relevant data changed since ``since``, from a ``_since`` export."""
+    import shutil
+    import tempfile
+
+    from .bulk import export_patient_data
+    from .records import patient_reference_of
+
+    workdir = tempfile.mkdtemp(prefix="fhirmatch-bulk-")
+    try:
+        paths = export_patient_data(
+            client,
+            requirements,
+            group=options.bulk_group,
+            since=since,
+            workdir=workdir,
+            type_filter=options.bulk_type_filter,
+        )
+        changed: set[str] = set()
+        for path in paths:
+            with path.open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    try:
+                        pid = patient_reference_of(json.loads(line))
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    if pid:
+                        changed.add(pid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return sorted(changed)
 
 
 def _count(outcome: MatchOutcome, results: list[TrialResult], plans: list[PlannedWrite]) -> None:
