@@ -22,6 +22,7 @@ so memory in this process stays bounded however many patients stream through.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import date
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from .engine import Engine
 from .errors import ConfigurationError
@@ -48,6 +49,8 @@ __all__ = [
     "Executor",
     "LocalExecutor",
     "ProcessExecutor",
+    "add_executor_arguments",
+    "executor_from_args",
     "make_executor",
 ]
 
@@ -70,7 +73,7 @@ class Executor(Protocol):
         """Release workers and clusters this executor started."""
         ...
 
-    def __enter__(self) -> Executor: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
@@ -78,7 +81,7 @@ class Executor(Protocol):
 class _Base:
     name = "base"
 
-    def __enter__(self) -> _Base:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -309,3 +312,47 @@ def make_executor(
     if name == "dask":
         return DaskExecutor(trials, terminology, scheduler=scheduler, workers=workers)
     raise ConfigurationError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def add_executor_arguments(group: argparse._ActionsContainer) -> None:
+    """Add ``--executor``, ``--scheduler`` and ``--workers`` (``evaluate`` and ``match``)."""
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where patients are evaluated: this process (default), a pool of local processes, "
+        "or a Dask cluster (needs fhirmatch[dask])",
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --executor dask: the scheduler, e.g. tcp://10.0.0.5:8786 "
+        "(default: a local cluster)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes for --executor processes or a local Dask cluster "
+        "(default: CPU count)",
+    )
+
+
+def executor_from_args(
+    args: argparse.Namespace,
+    trials: Sequence[Trial],
+    terminology: Terminology | None = None,
+    *,
+    engine: Engine | None = None,
+) -> LocalExecutor | ProcessExecutor | DaskExecutor:
+    """The executor the command-line flags ask for."""
+    if args.workers is not None and args.workers < 1:
+        raise ConfigurationError("--workers must be positive")
+    return make_executor(
+        args.executor,
+        trials,
+        terminology,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        engine=engine,
+    )

@@ -4,10 +4,14 @@
 
     fhirmatch evaluate --trials fixtures/trials --patients fixtures/patients \\
         [--as-of 2026-11-01] [--format table|json|ndjson] [--trial ID ...]
+        [--executor local|processes|dask] [--scheduler tcp://host:8786] [--workers N]
 
 ``table`` prints a per-patient, per-trial summary for a terminal; ``json`` one
 :class:`~fhirmatch.results.EvaluationReport`; ``ndjson`` one
-:class:`~fhirmatch.results.TrialResult` per line, streamed as patients are evaluated.
+:class:`~fhirmatch.results.TrialResult` per line, streamed as patients are evaluated. NDJSON
+patient files not ordered by patient (Bulk Data exports) are grouped in bounded memory
+(:mod:`fhirmatch.stream`); ``--executor`` spreads the evaluation over processes or a Dask cluster
+(:mod:`fhirmatch.executors`) with identical output.
 
 Exit code 0 when the evaluation ran, whatever the verdicts; 2 for bad arguments or unreadable
 trial files. A malformed patient file is reported on stderr and skipped; the rest is evaluated.
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..engine import Engine
 from ..errors import ConfigurationError
+from ..executors import add_executor_arguments, executor_from_args
 from ..records import iter_patient_records
 from ..results import CriterionResult, EvaluationReport, TrialResult
 from . import exitcodes
@@ -80,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="PATH",
         help="ValueSet/ConceptMap files or folders (default: the repository's mappings/)",
     )
+    add_executor_arguments(p.add_argument_group("scale"))
     p.set_defaults(func=run)
 
 
@@ -120,11 +126,16 @@ def run(args: argparse.Namespace) -> int:
     as_of: date = args.as_of or date.today()
     problems: list[str] = []
     records = iter_patient_records(args.patients, problems=problems)
-    results = (
-        (record.problems, engine.evaluate_patient_record(record, as_of=as_of)) for record in records
-    )
-    out = sys.stdout
-    n_patients = _write(results, args.format, as_of, out)
+    try:
+        executor = executor_from_args(args, trials, terminology, engine=engine)
+    except ConfigurationError as exc:
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
+    with executor:
+        results = (
+            (record.problems, trial_results)
+            for record, trial_results in executor.evaluate(records, as_of=as_of)
+        )
+        n_patients = _write(results, args.format, as_of, sys.stdout)
     for problem in problems:
         print(f"fhirmatch: {problem}", file=sys.stderr)
     if n_patients == 0:

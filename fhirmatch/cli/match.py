@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, TrialDefinitionError
+from ..executors import add_executor_arguments, executor_from_args
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
 from ..model import Trial
 from ..state import StateStore
@@ -68,6 +69,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--restart", action="store_true", help="discard an interrupted run in the state file"
     )
     run.add_argument("--chunk-size", type=int, default=50, help="patients per fetch (default 50)")
+    scale = p.add_argument_group("scale")
+    scale.add_argument(
+        "--bulk",
+        action="store_true",
+        help="read the patients' data with one Bulk Data $export instead of REST searches",
+    )
+    scale.add_argument("--bulk-group", metavar="ID", help="with --bulk: export this Group only")
+    add_executor_arguments(scale)
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE", help="write an HTML report here")
     out.add_argument("--format", choices=("table", "json"), default="table")
@@ -119,6 +128,8 @@ def run_command(args: argparse.Namespace) -> int:
         publish=not args.trials_from_server,
         chunk_size=args.chunk_size,
         restart=args.restart,
+        bulk=args.bulk or bool(args.bulk_group),
+        bulk_group=args.bulk_group,
     )
     trials = load_file_trials(args.trials, args.trial) if args.trials else []
     client = build_client(args)
@@ -131,11 +142,14 @@ def run_command(args: argparse.Namespace) -> int:
             if not trials:
                 raise ConfigurationError("the server holds no active trial with a protocol")
         progress = Progress("screening", args.progress_interval)
-        if args.state and not args.dry_run:
-            with StateStore(args.state) as state:
-                outcome = run_match(client, trials, options, state=state, progress=progress)
-        else:
-            outcome = run_match(client, trials, options, progress=progress)
+        with executor_from_args(args, trials) as executor:
+            if args.state and not args.dry_run:
+                with StateStore(args.state) as state:
+                    outcome = run_match(
+                        client, trials, options, state=state, progress=progress, executor=executor
+                    )
+            else:
+                outcome = run_match(client, trials, options, progress=progress, executor=executor)
     emit(outcome, args.format, args.output)
     if args.report:
         from ..report import write_report
