@@ -9,9 +9,9 @@ IG (v2):
    patient) or ``[base]/$export`` (system level), with ``Prefer: respond-async`` and ``Accept:
    application/fhir+json``. ``_type`` lists Patient and the resource types the criteria use
    (plus Medication when medication requests are read, for ``medicationReference``);
-   ``_typeFilter`` narrows Observation, Condition … to the criteria's codes (one query per
-   type, codes OR-ed with commas). A server that rejects ``_typeFilter`` (4xx) is asked again
-   without it; a server may also ignore it, which only means more data is downloaded.
+   ``_typeFilter`` (opt-in, ``type_filter=True``) narrows Observation, Condition … to the
+   criteria's codes (one query per type, codes OR-ed with commas). A server that rejects
+   ``_typeFilter`` (4xx) is asked again without it.
    ``_since`` exports only resources changed since then (incremental runs).
 2. **Polling** the ``Content-Location`` status URL: ``202`` while running (``X-Progress`` is
    logged, ``Retry-After`` honoured — seconds or an HTTP date — else the wait doubles from 1 s up
@@ -340,14 +340,18 @@ def export_patient_data(
     group: str | None = None,
     since: str | None = None,
     workdir: str | Path | None = None,
-    type_filter: bool = True,
+    type_filter: bool = False,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Path]:
     """Export the data ``requirements`` need and return the downloaded NDJSON paths.
 
     ``group`` exports that Group's members (``Group/[id]/$export``), else every patient.
     ``workdir`` receives the files (default: a new temporary directory, which the caller
-    removes). ``type_filter=False`` never sends ``_typeFilter``.
+    removes). ``type_filter=True`` also sends ``_typeFilter`` code filters: off by default,
+    because servers differ in how they combine them (the IG OR-s repeated filters and reads
+    ``code=a,b`` as a or b; the sekmet sandbox splits filter values on commas and AND-s them,
+    which exports nothing), and a wrong filter silently loses data while no filter only costs
+    download volume.
     """
     request = export_request_for(requirements, since=since, group=group)
     if not type_filter:

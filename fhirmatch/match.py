@@ -116,7 +116,7 @@ class MatchOptions:
     #: REST searches; ``bulk_group`` exports that Group's members only
     bulk: bool = False
     bulk_group: str | None = None
-    bulk_type_filter: bool = True
+    bulk_type_filter: bool = False
 
     def __post_init__(self) -> None:
         bad = set(self.write) - WRITE_CHOICES

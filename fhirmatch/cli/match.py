@@ -76,6 +76,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read the patients' data with one Bulk Data $export instead of REST searches",
     )
     scale.add_argument("--bulk-group", metavar="ID", help="with --bulk: export this Group only")
+    scale.add_argument(
+        "--bulk-type-filter",
+        action="store_true",
+        help="with --bulk: also send _typeFilter code filters (only for servers that OR them "
+        "as the Bulk Data IG says)",
+    )
     add_executor_arguments(scale)
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE", help="write an HTML report here")
@@ -130,6 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
         restart=args.restart,
         bulk=args.bulk or bool(args.bulk_group),
         bulk_group=args.bulk_group,
+        bulk_type_filter=args.bulk_type_filter,
     )
     trials = load_file_trials(args.trials, args.trial) if args.trials else []
     client = build_client(args)

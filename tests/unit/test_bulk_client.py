@@ -60,7 +60,9 @@ def test_full_export_polls_downloads_and_deletes(tmp_path: Path) -> None:
     responses.get(f"{BASE}/files/obs.ndjson", body='{"resourceType":"Observation"}\n')
     delete = responses.delete(STATUS, status=202)
     sleeps: list[float] = []
-    paths = export_patient_data(client(sleeps), REQS, workdir=tmp_path, sleep=sleeps.append)
+    paths = export_patient_data(
+        client(sleeps), REQS, workdir=tmp_path, type_filter=True, sleep=sleeps.append
+    )
     assert [p.read_text() for p in paths] == ['{"resourceType":"Observation"}\n']
     assert sleeps == [7.0, 2.0]  # Retry-After honoured, then the doubling default
     sent = kick.calls[0].request.url
