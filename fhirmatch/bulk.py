@@ -26,7 +26,6 @@ IG (v2):
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -371,19 +370,3 @@ def export_patient_data(
         "filtered by code" if manifest.filtered else "whole types",
     )
     return manifest.paths
-
-
-def read_outcomes(path: Path) -> list[str]:
-    """The diagnostics of an error file's OperationOutcomes (for reports and tests)."""
-    out: list[str] = []
-    with path.open("r", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                oo = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            for issue in oo.get("issue") or []:
-                out.append(str(issue.get("diagnostics") or issue.get("code") or ""))
-    return out
