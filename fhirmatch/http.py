@@ -365,6 +365,13 @@ class HttpTransport:
             )
         if json_body is not None:
             hdrs.setdefault("Content-Type", FHIR_JSON)
+        # A per-request Prefer (return=representation) must not replace a configured one
+        # (handling=strict): requests would let the request header win, so join them.
+        prefer = next((k for k in hdrs if k.lower() == "prefer"), None)
+        configured = self.session.headers.get("Prefer")
+        if prefer and configured:
+            wanted = [p.strip() for p in f"{configured},{hdrs[prefer]}".split(",") if p.strip()]
+            hdrs[prefer] = ", ".join(dict.fromkeys(wanted))
         delays = self.retry.delays(self.rng)
         refreshed_auth = False
         attempt = 0

@@ -372,3 +372,16 @@ def test_tls_error_is_fatal(transport: HttpTransport, sleeps: Sleeps) -> None:
         transport.request("GET", "metadata")
     assert "TLS" in str(info.value)
     assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_prefer_headers_are_joined(sleeps: Sleeps) -> None:
+    t = HttpTransport(BASE, extra_headers={"Prefer": "handling=strict"}, sleep=sleeps)
+    responses.post(f"{BASE}/Patient", status=201, json={})
+    responses.get(f"{BASE}/Patient", json={})
+    t.request("POST", "Patient", json_body={}, headers={"Prefer": "return=representation"})
+    t.request("GET", "Patient")
+    assert responses.calls[0].request.headers["Prefer"] == (
+        "handling=strict, return=representation"
+    )
+    assert responses.calls[1].request.headers["Prefer"] == "handling=strict"
