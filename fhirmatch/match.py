@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -39,6 +39,7 @@ from .model import DataInput, Trial
 from .records import PatientRecord
 from .results import TrialResult
 from .state import StateStore
+from .terminology import Terminology
 from .writeback import (
     DEFAULT_WRITE,
     SUBJECT_IDENTIFIER_SYSTEM,
@@ -300,8 +301,12 @@ def run_match(
     state: StateStore | None = None,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor | None = None,
+    terminology: Terminology | None = None,
 ) -> MatchOutcome:
     """Run the match job. ``state`` must already be acquired (locked) by the caller.
+
+    ``engine`` defaults to one built from ``trials`` and ``terminology`` (default: the
+    ``mappings/`` tables, whose ConceptMaps translate local lab codes).
 
     ``executor`` (:mod:`fhirmatch.executors`) evaluates the patients; default: ``engine`` in this
     process. With ``options.bulk`` a full run reads everyone's data from one ``$export``; an
@@ -314,7 +319,12 @@ def run_match(
     as_of = options.as_of or dt.date.today()
     started = server_now(client)
     outcome = MatchOutcome(as_of=as_of, started=started, dry_run=options.dry_run)
-    engine = engine or Engine(trials)
+    if terminology is None:
+        terminology = engine.terminology if engine is not None else None
+    if terminology is None:
+        terminology = Terminology.load()
+    if engine is None:
+        engine = Engine(trials, terminology)
     version = _fhir_version(client)
     digest = trials_digest(trials)
 
@@ -325,7 +335,7 @@ def run_match(
     for t in trials:
         outcome.summaries[t.reference] = TrialSummary(study=t.reference, title=t.title)
 
-    requirements = [i for t in trials for i in t.all_inputs()]
+    requirements = fetch_requirements(trials, terminology)
     since: str | None = None
     done: set[str] = set()
     if state is not None and not options.dry_run:
@@ -642,6 +652,18 @@ def _count(outcome: MatchOutcome, results: list[TrialResult], plans: list[Planne
             s.unchanged += 1
         elif p.action == "advanced":
             s.advanced += 1
+
+
+def fetch_requirements(
+    trials: Sequence[Trial], terminology: Terminology | None
+) -> list[DataInput]:
+    """The trials' data requirements, each widened by the local codes the ConceptMaps translate
+    into its codes, so the server-side code filter also returns locally coded results."""
+    out: list[DataInput] = []
+    for inp in (i for t in trials for i in t.all_inputs()):
+        extra = terminology.sources_of(inp.codes) if terminology is not None else frozenset()
+        out.append(replace(inp, codes=inp.codes | extra) if extra - inp.codes else inp)
+    return out
 
 
 def load_trials_from_server(client: FhirClient, terminology: Any = None) -> list[Trial]:

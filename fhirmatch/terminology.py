@@ -501,6 +501,21 @@ class Terminology:
             return []
         return [(s, c) for s, c, _ in self._translations.get(key, ())]
 
+    def sources_of(self, codes: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+        """The local ``(system, code)`` pairs a ConceptMap translates into any of ``codes``.
+
+        A server searched by code only finds what was coded that way: a search for a LOINC code
+        must also name the local codes that map to it, or locally coded results never arrive.
+        """
+        wanted = {k for k in (_key(s, c) for s, c in codes) if k is not None}
+        if not wanted:
+            return frozenset()
+        return frozenset(
+            src
+            for src, targets in self._translations.items()
+            if any((t[0], t[1]) in wanted for t in targets)
+        )
+
     def apply_concept_maps(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
         """Return ``resource`` with standard codings added to ``code.coding`` for mapped codes.
 

@@ -15,6 +15,7 @@ from ..executors import add_executor_arguments, executor_from_args
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
 from ..model import Trial
 from ..state import StateStore
+from ..terminology import Terminology
 from . import exitcodes
 from .common import (
     Progress,
@@ -142,14 +143,14 @@ def run_command(args: argparse.Namespace) -> int:
     client = build_client(args)
     with client:
         client.capabilities()  # unreachable server or refused credentials fail here, early
+        # the mappings/ tables: ValueSets for trials from the server, ConceptMaps for local codes
+        terminology = Terminology.load()
         if args.trials_from_server:
-            from ..trials import _default_terminology
-
-            trials = _only(load_trials_from_server(client, _default_terminology()), args.trial)
+            trials = _only(load_trials_from_server(client, terminology), args.trial)
             if not trials:
                 raise ConfigurationError("the server holds no active trial with a protocol")
         progress = Progress("screening", args.progress_interval)
-        with executor_from_args(args, trials) as executor:
+        with executor_from_args(args, trials, terminology) as executor:
             if args.state and not args.dry_run:
                 with StateStore(args.state) as state:
                     outcome = run_match(

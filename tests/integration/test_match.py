@@ -7,6 +7,7 @@ Each test creates its own patients, tagged with a fresh code, and screens only t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -346,3 +347,32 @@ def test_unreachable_server_exit_code(capsys: pytest.CaptureFixture[str]) -> Non
     )
     assert code == 3
     assert "server" in capsys.readouterr().err
+
+
+def test_local_lab_codes_are_mapped_in_match(
+    fhir_base_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A platelet count coded only with the hospital's local code still decides the criterion."""
+    tag = uuid.uuid4().hex[:12]
+    pid = f"fm-{tag}-local"
+    resources = patient_resources(pid, tag, rectal=True)
+    plt = _obs(pid, f"{pid}-plt", "777-3", 45, "10*9/L", "2026-10-28")
+    plt["code"] = _coding("http://hospital.example.org/fhir/CodeSystem/lab-codes", "PLT")
+    put_all(fhir_base_url, [*resources, plt])
+    code, report = run_cli(capsys, *base_args(fhir_base_url, tag), "--dry-run")
+    assert code == 0
+    (rectal,) = [r for r in report["results"] if r["study"] == "ResearchStudy/NCT06767007"]
+
+    def find(criteria: list[dict[str, Any]], cid: str) -> dict[str, Any]:
+        for c in criteria:
+            if c["id"] == cid:
+                return c
+            if c.get("criteria"):
+                with contextlib.suppress(StopIteration):
+                    return find(c["criteria"], cid)
+        raise StopIteration(cid)
+
+    platelets = find(rectal["criteria"], "inc-platelets")
+    assert platelets["outcome"] == "fail"
+    assert platelets["evidence"] == [f"Observation/{pid}-plt"]
+    assert rectal["status"] == "ineligible"

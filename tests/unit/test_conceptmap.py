@@ -134,3 +134,22 @@ def test_terminology_without_concept_maps_returns_input(tmp_path: Path) -> None:
     terminology = Terminology.load([tmp_path])
     resource = observation({"system": LOCAL, "code": "CREA"})
     assert terminology.apply_concept_maps(resource) is resource
+
+
+def test_sources_of_finds_local_codes_for_required_codes() -> None:
+    """The fetch widens its code filter with these, so locally coded results are not missed."""
+    from fhirmatch.match import fetch_requirements
+    from fhirmatch.model import Criterion, DataInput, Trial
+
+    term = Terminology.load()
+    local = "http://hospital.example.org/fhir/CodeSystem/lab-codes"
+    assert (local, "PLT") in term.sources_of({("http://loinc.org", "777-3")})
+    assert term.sources_of({("http://loinc.org", "0000-0")}) == frozenset()
+    plt = DataInput(
+        name="plt", resource_type="Observation", codes=frozenset({("http://loinc.org", "777-3")})
+    )
+    crit = Criterion(id="c", kind="inclusion", text="t", expression="true", inputs=(plt,))
+    trial = Trial(id="t", title="t", identifiers=(), plan_definition_id="p", criteria=(crit,))
+    (widened,) = fetch_requirements([trial], term)
+    assert (local, "PLT") in widened.codes
+    assert ("http://loinc.org", "777-3") in widened.codes
