@@ -31,6 +31,7 @@ optional ``problems`` list the caller passes.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -189,6 +190,13 @@ def iter_patient_records(
     default 64 MB of NDJSON text per partition).
     """
     general: list[str] = problems if problems is not None else []
+    for rec in _iter_unchecked(paths, general, partition_bytes):
+        yield _checked(rec)
+
+
+def _iter_unchecked(
+    paths: Iterable[str | os.PathLike[str]], general: list[str], partition_bytes: int | None
+) -> Iterator[PatientRecord]:
     files = _expand_paths(paths, general)
     ndjson = [f for f in files if f.name.endswith(NDJSON_SUFFIXES)]
     others = [f for f in files if not f.name.endswith(NDJSON_SUFFIXES)]
@@ -198,6 +206,68 @@ def iter_patient_records(
         from .stream import DEFAULT_PARTITION_BYTES
 
         yield from _iter_ndjson_files(ndjson, general, partition_bytes or DEFAULT_PARTITION_BYTES)
+
+
+@functools.lru_cache(maxsize=512)
+def _known_type(resource_type: str) -> bool:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        get_fhir_model_class(resource_type)
+    except ValueError:
+        return False
+    return True
+
+
+def _value_keys(resource: dict[str, Any]) -> list[str]:
+    return [k for k in resource if len(k) > 5 and k.startswith("value") and k[5].isupper()]
+
+
+def _checked(rec: PatientRecord) -> PatientRecord:
+    """Drop resources whose meaning cannot be trusted, reporting each with its id:
+
+    * an unknown ``resourceType`` (a misspelt type would otherwise pass as "no data");
+    * an Observation with more than one ``value[x]`` (invalid FHIR: which value is meant?);
+    * copies of one ``type/id`` that differ (contradicting data: every copy is dropped; identical
+      copies, common in overlapping exports, are kept once).
+
+    A criterion that needed a dropped resource then finds no usable data: ``unknown``, never
+    a pass or fail decided by a guess.
+    """
+    kept: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str], int] = {}
+    contradicted: set[tuple[str, str]] = set()
+    for res in rec.resources:
+        rtype = res["resourceType"]
+        if not _known_type(rtype):
+            _note(rec, f"{rec.source}: {_describe(res)} has an unknown resourceType; skipped")
+            continue
+        if rtype == "Observation" and len(_value_keys(res)) > 1:
+            _note(rec, f"{rec.source}: {_describe(res)} has more than one value[x]; skipped")
+            continue
+        rid = res.get("id")
+        if isinstance(rid, str) and rid:
+            key = (rtype, rid)
+            if key in seen:
+                if kept[seen[key]] != res and key not in contradicted:
+                    contradicted.add(key)
+                    _note(
+                        rec,
+                        f"{rec.source}: {_describe(res)} appears more than once with different "
+                        "content; every copy skipped",
+                    )
+                continue
+            seen[key] = len(kept)
+        kept.append(res)
+    if contradicted:
+        kept = [r for r in kept if (r["resourceType"], r.get("id")) not in contradicted]
+    rec.resources = kept
+    return rec
+
+
+def _note(rec: PatientRecord, message: str) -> None:
+    log.warning("%s", message)
+    rec.problems.append(message)
 
 
 def load_patient_records(
@@ -217,6 +287,9 @@ def _iter_json_file(path: Path, problems: list[str]) -> Iterator[PatientRecord]:
     except (json.JSONDecodeError, EOFError, gzip.BadGzipFile) as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
         _problem(problems, f"{path}: not valid JSON{where}; file skipped")
+        return
+    except RecursionError:
+        _problem(problems, f"{path}: JSON nested too deeply to read; file skipped")
         return
     except OSError as exc:
         _problem(problems, f"{path}: cannot be read ({exc.strerror or type(exc).__name__})")
@@ -309,6 +382,9 @@ def _iter_ndjson_lines(
                     res = json.loads(line)
                 except json.JSONDecodeError:
                     _problem(problems, f"{path}: line {lineno} is not valid JSON; line skipped")
+                    continue
+                except RecursionError:
+                    _problem(problems, f"{path}: line {lineno} is nested too deeply; skipped")
                     continue
                 if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
                     _problem(problems, f"{path}: line {lineno} is not a FHIR resource; skipped")
