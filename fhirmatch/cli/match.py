@@ -14,7 +14,7 @@ from ..errors import ConfigurationError, TrialDefinitionError
 from ..executors import add_executor_arguments, executor_from_args
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
 from ..model import Trial
-from ..state import StateStore
+from ..state import StateStore, write_private_file
 from ..terminology import Terminology
 from . import exitcodes
 from .common import (
@@ -233,6 +233,7 @@ def summary_line(outcome: MatchOutcome) -> str:
 def emit(outcome: MatchOutcome, fmt: str, output: Path | None) -> None:
     text = json.dumps(outcome_json(outcome), indent=2) if fmt == "json" else summary_table(outcome)
     if output:
-        output.write_text(text + "\n", encoding="utf-8")
+        # per-patient results: owner-only, like the state file and the HTML report
+        write_private_file(output, (text + "\n").encode("utf-8"))
     else:
         print(text)
