@@ -77,12 +77,21 @@ class _TypePlan:
     medication: bool = False
 
 
+#: code systems whose value sets name a category for all its descendants (``C15`` is-a): a
+#: server's exact-match token search cannot express that, so such types are fetched whole
+HIERARCHICAL_SYSTEMS = frozenset(
+    {"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"}
+)
+
+
 def _plans(requirements: Iterable[DataInput]) -> list[_TypePlan]:
     plans: dict[str, _TypePlan] = {}
     for req in requirements:
         if req.resource_type == "Patient":
             continue
         codes = set(req.codes) if req.codes else None
+        if codes and any(system in HIERARCHICAL_SYSTEMS for system, _ in codes):
+            codes = None  # the patient's whole list; the engine matches descendants
         plan = plans.get(req.resource_type)
         if plan is None:
             plans[req.resource_type] = _TypePlan(

@@ -16,6 +16,7 @@ from fhirmatch.model import DataInput
 
 BASE = "https://fhir.example.org/r4"
 LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 AS_OF = dt.date(2025, 6, 30)
 
@@ -239,3 +240,21 @@ def test_authentication_failure_is_raised(client: FhirClient) -> None:
     responses.get(f"{BASE}/Patient", status=401)
     with pytest.raises(AuthenticationError):
         fetch_patient_data(client, ["a"], [])
+
+
+@responses.activate
+def test_icd_categories_fetch_the_whole_list(client: FhirClient) -> None:
+    """``code=icd|C15`` would only find C15 itself, never C15.4: such types come unfiltered."""
+    responses.get(f"{BASE}/Patient", json=bundle(patient("a")))
+    responses.get(f"{BASE}/Condition", json=bundle(res("Condition", "c1", "a")))
+    responses.get(f"{BASE}/Observation", json=bundle())
+    reqs = [
+        inp("Condition", {("http://hl7.org/fhir/sid/icd-10-cm", "C15"), (SNOMED, "1")}),
+        inp("Observation", {(LOINC, "1")}),
+    ]
+    result = fetch_patient_data(client, ["a"], reqs, as_of=AS_OF)
+    cond = next(query(c) for c in responses.calls if "/Condition" in c.request.url)
+    obs = next(query(c) for c in responses.calls if "/Observation" in c.request.url)
+    assert "code" not in cond
+    assert obs["code"] == [f"{LOINC}|1"]
+    assert [r["id"] for r in result.resources["a"] if r["resourceType"] == "Condition"] == ["c1"]
