@@ -18,9 +18,10 @@ FHIR server, unless a :class:`Fault` in its schedule matches the request first. 
     reply (lets a test kill the client while the server has applied its write).
 
 Each fault matches a method (or any) and a regular expression searched in the request path with
-its query string, and fires ``times`` times (``None``: for ever), optionally after letting
-``skip`` matching requests through. ``before_forward`` hooks run for every forwarded request
-(tests use them to change the server's data during a run).
+its query string (and, for ``POST [type]/_search``, the form body after a newline), and fires
+``times`` times (``None``: for ever), optionally after letting ``skip`` matching requests
+through. ``before_forward`` hooks run for every forwarded request (tests use them to change the
+server's data during a run).
 
 Upstream URLs in response bodies and ``Location`` headers are rewritten to the proxy's own
 origin, so ``next`` links keep paging through the proxy.
@@ -76,10 +77,13 @@ class Fault:
     fired: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
 
-    def matches(self, method: str, target: str) -> bool:
+    def matches(self, method: str, target: str, body: bytes | None = None) -> bool:
+        """True when the method fits and ``path`` is found in the request target or, for a
+        form-encoded ``POST _search``, in the target followed by a newline and the body."""
         if self.method is not None and method != self.method:
             return False
-        return re.search(self.path, target) is not None
+        text = target if not body else f"{target}\n{body.decode('latin-1')}"
+        return re.search(self.path, text, re.DOTALL) is not None
 
 
 @dataclass
@@ -142,13 +146,13 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ internals
 
-    def _pick(self, method: str, target: str) -> Fault | None:
+    def _pick(self, method: str, target: str, body: bytes | None) -> Fault | None:
         with self._lock:
             chosen: Fault | None = None
             for fault in self.faults:
                 if fault.times is not None and fault.hits >= fault.skip + fault.times:
                     continue
-                if fault.matches(method, target):
+                if fault.matches(method, target, body if target.endswith("/_search") else None):
                     fault.hits += 1
                     if fault.hits > fault.skip:
                         chosen = fault
@@ -187,7 +191,7 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else None
                 method = self.command
                 target = self.path
-                fault = proxy._pick(method, target)
+                fault = proxy._pick(method, target, body)
                 if fault is not None and fault.kind == "status":
                     self._reply(fault.status, b'{"resourceType":"OperationOutcome"}', fault)
                     return

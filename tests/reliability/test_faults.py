@@ -32,6 +32,15 @@ pytestmark = pytest.mark.integration
 TRANSACTION = r"^/fhir/?$"
 
 
+def search_of(rtype: str) -> str:
+    """A fault path for a search on ``rtype``, whether sent as GET or as POST ``_search``."""
+    return rf"/{rtype}(/_search|\?)"
+
+
+CONDITION_SEARCH = search_of("Condition")
+OBSERVATION_SEARCH = search_of("Observation")
+
+
 @pytest.fixture(scope="module")
 def trials() -> list[Trial]:
     return load_file_trials([TRIALS], None)
@@ -67,9 +76,9 @@ def test_status_bursts_and_retry_after_complete_the_run(
 ) -> None:
     tag, ids = make_population(fhir_base_url, 6)
     proxy.add(Fault("status", method="GET", path=r"/Patient\?_tag=", status=503, times=3))
-    proxy.add(Fault("status", method="GET", path=r"/Observation\?", status=502, times=2))
-    # searches with long queries go out as POST _search: idempotent, retried like a GET
-    proxy.add(Fault("status", method="POST", path=r"/Condition/_search", status=500, times=2))
+    proxy.add(Fault("status", path=OBSERVATION_SEARCH, status=502, times=2))
+    # long searches go out as POST _search: idempotent, retried like a GET
+    proxy.add(Fault("status", path=CONDITION_SEARCH, status=500, times=2))
     proxy.add(Fault("status", method="GET", path=r"/ResearchSubject\?", status=503, times=2))
     # 429 on transactions: rejected before processing, so even a plain POST may be resent
     proxy.add(
@@ -92,7 +101,7 @@ def test_read_timeouts_are_retried(
     fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
 ) -> None:
     tag, ids = make_population(fhir_base_url, 4)
-    proxy.add(Fault("delay", method="GET", path=r"/Observation\?", seconds=1.5, times=2))
+    proxy.add(Fault("delay", path=OBSERVATION_SEARCH, seconds=1.5, times=2))
     proxy.add(Fault("delay", method="GET", path=r"/ResearchSubject\?", seconds=1.5, times=1))
     with fast_client(proxy.base_url, read_timeout=0.5) as client:
         outcome = run_match(client, trials, options(tag))
@@ -107,7 +116,7 @@ def test_connection_dropped_mid_response_is_retried(
     fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
 ) -> None:
     tag, ids = make_population(fhir_base_url, 4)
-    proxy.add(Fault("drop_response", method="POST", path=r"/Condition/_search", times=2))
+    proxy.add(Fault("drop_response", path=CONDITION_SEARCH, times=2))
     proxy.add(Fault("drop_response", method="GET", path=r"/Patient\?_tag=", times=1))
     with fast_client(proxy.base_url) as client:
         outcome = run_match(client, trials, options(tag))
@@ -154,8 +163,8 @@ def test_retries_exhausted_skips_with_reason(
     chunks are evaluated and written normally."""
     tag, ids = make_population(fhir_base_url, 4)
     # ids sort in creation order; chunks of two: the first chunk's Observation search fails
-    first_chunk = rf"/Observation\?patient={re.escape(ids[0])}%2C{re.escape(ids[1])}&"
-    proxy.add(Fault("status", method="GET", path=first_chunk, times=None))
+    first_chunk = rf"{OBSERVATION_SEARCH}.*patient={re.escape(ids[0])}%2C{re.escape(ids[1])}&"
+    proxy.add(Fault("status", path=first_chunk, times=None))
     with fast_client(proxy.base_url, attempts=3) as client:
         outcome = run_match(client, trials, options(tag))
     assert proxy.count("status") >= 3

@@ -159,8 +159,8 @@ def test_search_failing_for_some_patients_exits_1_and_lists_them(
     fhir_base_url: str, proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tag, ids = make_population(fhir_base_url, 4)
-    failing = rf"/Observation\?patient={ids[0]}%2C{ids[1]}&"
-    proxy.add(Fault("status", method="GET", path=failing, status=502, times=None))
+    failing = rf"/Observation(/_search|\?).*patient={ids[0]}%2C{ids[1]}&"
+    proxy.add(Fault("status", path=failing, status=502, times=None))
     code, report = _run_json(
         capsys, [*_args(proxy.base_url, tag), "--chunk-size", "2", "--retries", "2"]
     )
