@@ -529,6 +529,49 @@ def write_back_results(
             state.mark_done(ref)
 
 
+def screen_patients(
+    client: FhirClient,
+    trials: Sequence[Trial],
+    patient_ids: Iterable[str],
+    options: MatchOptions | None = None,
+    *,
+    engine: Engine | None = None,
+    plan_refs: dict[str, str] | None = None,
+    requirements: Sequence[DataInput] | None = None,
+) -> MatchOutcome:
+    """Screen these patients now and write back exactly as :func:`run_match` does.
+
+    The same fetch, evaluation, idempotent write-back and Provenance, without publishing trials,
+    choosing patients or a state file: the building block for on-demand and event-driven
+    screening. ``plan_refs`` (study -> PlanDefinition reference) defaults to the trials' own ids
+    and ``requirements`` to :func:`fetch_requirements`; callers screening often pass both once.
+    A patient that could not be fetched or written is listed in ``outcome.skipped``.
+    """
+    options = options or MatchOptions()
+    if engine is None:
+        engine = Engine(trials, Terminology.load())
+    as_of = options.as_of or dt.date.today()
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    outcome = MatchOutcome(as_of=as_of, started=now, dry_run=options.dry_run)
+    for t in trials:
+        outcome.summaries[t.reference] = TrialSummary(study=t.reference, title=t.title)
+    if plan_refs is None:
+        plan_refs = {t.reference: f"PlanDefinition/{t.plan_definition_id}" for t in trials}
+    if requirements is None:
+        requirements = fetch_requirements(trials, engine.terminology)
+    t0 = time.monotonic()
+    requests_before = client.stats.requests
+    ids = list(dict.fromkeys(_id_of(p) for p in patient_ids))
+    version = _fhir_version(client)
+    for chunk in _chunks(ids, options.chunk_size):
+        _screen_chunk(
+            client, engine, chunk, requirements, options, outcome, plan_refs, version, None
+        )
+    outcome.requests = client.stats.requests - requests_before
+    outcome.seconds = time.monotonic() - t0
+    return outcome
+
+
 def _screen_bulk(
     client: FhirClient,
     engine: Engine,
