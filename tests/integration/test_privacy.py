@@ -10,6 +10,7 @@ HTML report the run writes must be readable by the owner only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -70,6 +71,16 @@ def sensitive_strings() -> tuple[list[str], list[str]]:
                     found.add(res["valueString"])
     # bare short numbers ("1", "62") would match counts and timings: keep value+unit pairs
     return sorted(s for s in found if len(s) >= 3 and not s.isdigit()), ids
+
+
+@pytest.fixture(autouse=True)
+def _restore_fhirmatch_logger() -> Iterator[None]:
+    """``main`` reconfigures the ``fhirmatch`` logger (no propagation); undo it afterwards so
+    later tests' ``caplog`` still sees fhirmatch logs."""
+    logger = logging.getLogger("fhirmatch")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")

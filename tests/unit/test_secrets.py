@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,16 @@ REFUSED = {
     "resourceType": "OperationOutcome",
     "issue": [{"severity": "error", "code": "login", "diagnostics": "invalid credentials"}],
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_fhirmatch_logger() -> Iterator[None]:
+    """``main`` reconfigures the ``fhirmatch`` logger (no propagation); undo it afterwards so
+    later tests' ``caplog`` still sees fhirmatch logs."""
+    logger = logging.getLogger("fhirmatch")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")
