@@ -25,7 +25,7 @@ from ..errors import (
 )
 from . import exitcodes
 
-SUBCOMMANDS = ("evaluate", "match", "trials", "sandbox", "demo")
+SUBCOMMANDS = ("evaluate", "match", "trials", "sandbox", "demo", "listen")
 
 log = logging.getLogger("fhirmatch")
 
