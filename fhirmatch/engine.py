@@ -8,7 +8,10 @@ Usage::
 
 Design (see ``docs/trial-format.md`` for the meaning of conditions and inputs):
 
-* Each criterion's FHIRPath condition is compiled once, when the :class:`Engine` is built.
+* Each criterion's FHIRPath condition is compiled once, when the :class:`Engine` is built, by
+  :func:`fhirmatch.fhirpath.compile_expression` (closures with fhirpathpy's semantics for the
+  subset trials use; fhirpathpy itself for anything else, or for everything with
+  ``native_fhirpath=False``).
 * Each patient's record is indexed once (:class:`PatientIndex`: by resource type and by
   ``(type, system, code)``), and every input is resolved at most once per patient, however many
   trials use it. Resources stay plain dicts.
@@ -53,10 +56,9 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-import fhirpathpy
-
 from . import units
 from .errors import TrialDefinitionError, UnitError
+from .fhirpath import compile_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
@@ -239,6 +241,22 @@ def _codings(cc: Any) -> Iterator[tuple[str, str]]:
                     yield system, code
 
 
+ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
+
+
+def icd_ancestors(code: str) -> list[str]:
+    """``C79.31`` -> ``["C79.3", "C79"]``: the categories an ICD-10(-CM) code descends from
+    (its code structure is hierarchical by prefix). Accepts codes written without the dot."""
+    code = code.strip().upper()
+    if "." not in code and len(code) > 3:
+        code = f"{code[:3]}.{code[3:]}"
+    out: list[str] = []
+    while len(code) > 3:
+        code = code[:-1].rstrip(".")
+        out.append(code)
+    return out
+
+
 def _status_code(cc: Any) -> str | None:
     """The first code of a status CodeableConcept (the system may be omitted)."""
     if isinstance(cc, dict):
@@ -272,7 +290,15 @@ class PatientIndex:
     ConceptMaps.
     """
 
-    __slots__ = ("as_of", "by_code", "by_type", "patient", "problems")
+    __slots__ = (
+        "as_of",
+        "by_ancestor",
+        "by_code",
+        "by_type",
+        "patient",
+        "problems",
+        "terminology",
+    )
 
     def __init__(
         self,
@@ -286,6 +312,9 @@ class PatientIndex:
         self.patient: dict[str, Any] | None = None
         self.by_type: dict[str, list[dict[str, Any]]] = {}
         self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        #: ICD-10 resources under each category they descend from, with their own code
+        self.by_ancestor: dict[tuple[str, str, str], list[tuple[dict[str, Any], str]]] = {}
+        self.terminology = terminology
         self.problems: list[str] = []
         resources = list(resources)
         medications = {
@@ -322,6 +351,10 @@ class PatientIndex:
                     codes.extend(self._mapped_codes(res, terminology))
             for system, code in codes:
                 self.by_code.setdefault((rtype, system, code), []).append(res)
+                if system in ICD10_SYSTEMS:
+                    for ancestor in icd_ancestors(code):
+                        key = (rtype, system, ancestor)
+                        self.by_ancestor.setdefault(key, []).append((res, code))
 
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
@@ -349,17 +382,34 @@ class PatientIndex:
             return []
         return list(_codings(mapped.get("code")))
 
-    def find(self, resource_type: str, codes: frozenset[tuple[str, str]]) -> list[dict[str, Any]]:
-        """Usable resources of ``resource_type`` with any of ``codes``, in record order."""
+    def find(
+        self,
+        resource_type: str,
+        codes: frozenset[tuple[str, str]],
+        value_set: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Usable resources of ``resource_type`` with any of ``codes``, in record order.
+
+        An ICD-10 code in ``codes`` is a category that stands for its descendants (value sets
+        say ``is-a C15``): a resource coded ``C15.4`` is found through it, and confirmed against
+        ``value_set`` with the terminology when both are known, so excludes below a category
+        (``is-a C79`` except ``C79.31``) hold.
+        """
         if not codes:
             return []
         seen: dict[int, dict[str, Any]] = {}
         by_code = self.by_code
+        by_ancestor = self.by_ancestor
+        term = self.terminology
         for system, code in codes:
             hits = by_code.get((resource_type, system, code))
             if hits:
                 for r in hits:
                     seen[id(r)] = r
+            if by_ancestor and system in ICD10_SYSTEMS:
+                for r, own in by_ancestor.get((resource_type, system, code), ()):
+                    if term is None or value_set is None or term.contains(value_set, system, own):
+                        seen[id(r)] = r
         if len(seen) > 1:
             order = {id(r): n for n, r in enumerate(self.by_type.get(resource_type, ()))}
             return sorted(seen.values(), key=lambda r: order.get(id(r), 0))
@@ -522,7 +572,7 @@ def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
     matches = [
         r
-        for r in index.find(inp.resource_type, inp.codes)
+        for r in index.find(inp.resource_type, inp.codes, inp.value_set)
         if _window_ok(r, inp, as_of) and _clinical_status_ok(r, inp.clinical_status)
     ]
     if not matches:
@@ -619,7 +669,9 @@ class _CompiledCriterion:
     children: tuple[_CompiledCriterion, ...]
 
 
-def _compile(criterion: Criterion, trial: Trial, problems: list[str]) -> _CompiledCriterion:
+def _compile(
+    criterion: Criterion, trial: Trial, problems: list[str], native: bool = True
+) -> _CompiledCriterion:
     evaluator: Evaluator | None = None
     expr = criterion.expression
     if expr and not criterion.is_manual and not criterion.is_group:
@@ -628,12 +680,12 @@ def _compile(criterion: Criterion, trial: Trial, problems: list[str]) -> _Compil
             problems.extend(f"{criterion.id}: FHIRPath condition: {p}" for p in syntax)
         else:
             try:
-                evaluator = fhirpathpy.compile(expr)
+                evaluator = compile_expression(expr, native=native)
             except Exception as exc:  # fhirpathpy raises many exception types
                 problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
     elif not criterion.is_manual and not criterion.is_group:
         problems.append(f"{criterion.id}: no condition and no manual-review reason")
-    children = tuple(_compile(c, trial, problems) for c in criterion.children)
+    children = tuple(_compile(c, trial, problems, native) for c in criterion.children)
     text = expr or ""
     return _CompiledCriterion(
         criterion=criterion,
@@ -691,17 +743,26 @@ class Engine:
     """Evaluates patients against compiled trials. Immutable after construction; thread-safe.
 
     Raises :class:`~fhirmatch.errors.TrialDefinitionError` when a trial's conditions do not
-    compile.
+    compile. ``native_fhirpath=False`` evaluates every condition with fhirpathpy instead of the
+    compiled closures (same results, slower; for baselines and cross-checks).
     """
 
-    def __init__(self, trials: Sequence[Trial], terminology: Terminology | None = None) -> None:
+    def __init__(
+        self,
+        trials: Sequence[Trial],
+        terminology: Terminology | None = None,
+        *,
+        native_fhirpath: bool = True,
+    ) -> None:
         self.trials: tuple[Trial, ...] = tuple(trials)
         self.terminology = terminology
         compiled: list[tuple[Trial, tuple[_CompiledCriterion, ...]]] = []
         known: set[tuple[str, str]] = set()
         for trial in self.trials:
             problems: list[str] = []
-            crits = tuple(_compile(c, trial, problems) for c in trial.criteria)
+            crits = tuple(
+                _compile(c, trial, problems, native_fhirpath) for c in trial.criteria
+            )
             if problems:
                 raise TrialDefinitionError(trial.source or trial.reference, problems)
             compiled.append((trial, crits))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -404,3 +406,46 @@ def test_caller_data_is_not_mutated_and_threads_agree() -> None:
         t.join()
     assert len(set(outputs)) == 1 and len(outputs) == 80
     assert repr(resources) == snapshot
+
+
+def test_icd_descendants_match_their_category_but_respect_excludes(tmp_path: Path) -> None:
+    """is-a C79 except C79.31: C79.51 matches, C79.31 does not, C80.1 does not."""
+    from fhirmatch.engine import PatientIndex, icd_ancestors
+    from fhirmatch.terminology import Terminology
+
+    icd = "http://hl7.org/fhir/sid/icd-10-cm"
+    url = "https://fhirmatch.dev/fhir/ValueSet/test-mets"
+    vs = {
+        "resourceType": "ValueSet",
+        "url": url,
+        "status": "active",
+        "compose": {
+            "include": [
+                {"system": icd, "filter": [{"property": "concept", "op": "is-a", "value": "C79"}]}
+            ],
+            "exclude": [{"system": icd, "concept": [{"code": "C79.31"}]}],
+        },
+    }
+    (tmp_path / "vs.json").write_text(json.dumps(vs))
+    term = Terminology.load([tmp_path])
+    assert icd_ancestors("C79.51") == ["C79.5", "C79"]
+    assert icd_ancestors("C7951") == ["C79.5", "C79"]
+
+    def cond(cid: str, code: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Condition",
+            "id": cid,
+            "subject": {"reference": "Patient/p"},
+            "code": {"coding": [{"system": icd, "code": code}]},
+        }
+
+    resources = [
+        {"resourceType": "Patient", "id": "p"},
+        cond("bone", "C79.51"),
+        cond("brain", "C79.31"),
+        cond("other", "C80.1"),
+        cond("bare", "C7952"),
+    ]
+    index = PatientIndex(resources, as_of=date(2026, 11, 1), terminology=term)
+    found = index.find("Condition", term.expand(url), url)
+    assert sorted(r["id"] for r in found) == ["bare", "bone"]
