@@ -627,7 +627,9 @@ def combine_group(selection: str, outcomes: Sequence[Outcome]) -> Outcome:
     """A group's outcome from its children's (manual children are ignored).
 
     ``all``: fail if any child fails, else unknown if any is unknown, else pass.
-    ``any``: pass if any child passes, else unknown if any is unknown, else fail.
+    ``any``: pass if any child passes; otherwise, if a manual alternative remains, manual (a
+    person may still find the patient qualifies that way, so the computable alternatives'
+    failure must not exclude); else unknown if any is unknown, else fail.
     A group whose children are all manual is manual.
     """
     computable = [o for o in outcomes if o != "manual"]
@@ -636,6 +638,8 @@ def combine_group(selection: str, outcomes: Sequence[Outcome]) -> Outcome:
     if selection == "any":
         if "pass" in computable:
             return "pass"
+        if len(computable) < len(outcomes):
+            return "manual"
         return "unknown" if "unknown" in computable else "fail"
     if "fail" in computable:
         return "fail"

@@ -277,6 +277,10 @@ def test_group_combination_rules() -> None:
     assert combine_group("any", ["fail", "pass", "unknown"]) == "pass"
     assert combine_group("any", ["fail", "fail"]) == "fail"
     assert combine_group("any", ["manual", "manual"]) == "manual"
+    # a manual alternative left: the failed computable one must not exclude the patient
+    assert combine_group("any", ["fail", "manual"]) == "manual"
+    assert combine_group("any", ["unknown", "manual"]) == "manual"
+    assert combine_group("any", ["pass", "manual"]) == "pass"
 
 
 def test_trial_status_ignores_manual() -> None:
