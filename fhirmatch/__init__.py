@@ -1,9 +1,13 @@
 """fhirmatch: screen FHIR R4 hospital data against computable clinical-trial eligibility criteria.
 
-This module only re-exports the public API; see the README for a tour.
+This module only re-exports the public API (``docs/api.md`` documents every name in
+``__all__``). Names are imported on first use, so ``import fhirmatch`` stays cheap for the CLI.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -14,6 +18,9 @@ from .errors import (
     FatalNetworkError,
     FhirmatchError,
     NetworkError,
+    PreconditionFailed,
+    ResourceGone,
+    ResourceNotFound,
     StateError,
     TemporaryNetworkError,
     TerminologyError,
@@ -21,17 +28,131 @@ from .errors import (
     UnitError,
 )
 
+if TYPE_CHECKING:
+    from .api import connect
+    from .auth import Auth, BasicAuth, BearerAuth, NoAuth, SmartBackendAuth, build_auth
+    from .client import ClientConfig, FhirClient
+    from .engine import Engine
+    from .fetch import FetchResult, fetch_patient_data
+    from .listen import Listener, ListenOptions, watches_for
+    from .match import (
+        MatchOptions,
+        MatchOutcome,
+        existing_subjects,
+        load_trials_from_server,
+        publish_trials,
+        run_match,
+        screen_patients,
+    )
+    from .model import Trial
+    from .records import PatientRecord, load_patient_records
+    from .report import render_report, write_report
+    from .results import CriterionResult, TrialResult
+    from .terminology import Terminology
+    from .trials import check_trials, load_trials
+    from .writeback import PlannedWrite, plan_subject, transaction_for
+
+#: public name -> the module that defines it (imported lazily by ``__getattr__``)
+_LAZY: dict[str, str] = {
+    "connect": "api",
+    "Auth": "auth",
+    "BasicAuth": "auth",
+    "BearerAuth": "auth",
+    "NoAuth": "auth",
+    "SmartBackendAuth": "auth",
+    "build_auth": "auth",
+    "ClientConfig": "client",
+    "FhirClient": "client",
+    "Engine": "engine",
+    "FetchResult": "fetch",
+    "fetch_patient_data": "fetch",
+    "ListenOptions": "listen",
+    "Listener": "listen",
+    "watches_for": "listen",
+    "MatchOptions": "match",
+    "MatchOutcome": "match",
+    "existing_subjects": "match",
+    "load_trials_from_server": "match",
+    "publish_trials": "match",
+    "run_match": "match",
+    "screen_patients": "match",
+    "Trial": "model",
+    "PatientRecord": "records",
+    "load_patient_records": "records",
+    "render_report": "report",
+    "write_report": "report",
+    "CriterionResult": "results",
+    "TrialResult": "results",
+    "Terminology": "terminology",
+    "check_trials": "trials",
+    "load_trials": "trials",
+    "PlannedWrite": "writeback",
+    "plan_subject": "writeback",
+    "transaction_for": "writeback",
+}
+
 __all__ = [
+    "Auth",
     "AuthenticationError",
+    "BasicAuth",
+    "BearerAuth",
+    "ClientConfig",
     "ConfigurationError",
+    "CriterionResult",
     "DataError",
+    "Engine",
     "FatalNetworkError",
+    "FetchResult",
+    "FhirClient",
     "FhirmatchError",
+    "ListenOptions",
+    "Listener",
+    "MatchOptions",
+    "MatchOutcome",
     "NetworkError",
+    "NoAuth",
+    "PatientRecord",
+    "PlannedWrite",
+    "PreconditionFailed",
+    "ResourceGone",
+    "ResourceNotFound",
+    "SmartBackendAuth",
     "StateError",
     "TemporaryNetworkError",
+    "Terminology",
     "TerminologyError",
+    "Trial",
     "TrialDefinitionError",
+    "TrialResult",
     "UnitError",
     "__version__",
+    "build_auth",
+    "check_trials",
+    "connect",
+    "existing_subjects",
+    "fetch_patient_data",
+    "load_patient_records",
+    "load_trials",
+    "load_trials_from_server",
+    "plan_subject",
+    "publish_trials",
+    "render_report",
+    "run_match",
+    "screen_patients",
+    "transaction_for",
+    "watches_for",
+    "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fhirmatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
