@@ -764,9 +764,7 @@ class Engine:
         known: set[tuple[str, str]] = set()
         for trial in self.trials:
             problems: list[str] = []
-            crits = tuple(
-                _compile(c, trial, problems, native_fhirpath) for c in trial.criteria
-            )
+            crits = tuple(_compile(c, trial, problems, native_fhirpath) for c in trial.criteria)
             if problems:
                 raise TrialDefinitionError(trial.source or trial.reference, problems)
             compiled.append((trial, crits))
@@ -918,10 +916,17 @@ class Engine:
             return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
         truth = truths.pop() if truths else None
         if truth is None:
+            # Closed world: for an exclusion, no record of an input means that part of the
+            # excluding situation is absent ("HBV DNA >= 2000 IU/mL or >= 10^4 copies/mL" with
+            # only a low IU/mL result is not met). Only when every empty input has no record at
+            # all (none unusable, none required) and every input with data is fully usable.
             closed_world = (
                 c.kind == "exclusion"
-                and bindings
-                and all(not b.found and not inp.required for inp, b in bindings)
+                and any(b.empty for _inp, b in bindings)
+                and all(
+                    (not b.found and not inp.required) if b.empty else not b.missing
+                    for inp, b in bindings
+                )
             )
             if closed_world:
                 return self._result(c, "pass", [], "; ".join(missing), [])
