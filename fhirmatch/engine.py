@@ -282,15 +282,36 @@ def _is_usable(resource: dict[str, Any]) -> bool:
     return not (drop and status in drop)
 
 
+def _may_be_found(
+    res: dict[str, Any],
+    rtype: str,
+    known_codes: frozenset[tuple[str, str]],
+    terminology: Terminology | None,
+) -> bool:
+    """Whether a (non-medication) resource could match an input: one of its codes is known, is
+    an ICD-10 code below a known category, or is a local Observation code a ConceptMap may map."""
+    local = False
+    for system, code in _codings(res.get("code")):
+        if (system, code) in known_codes:
+            return True
+        if system in ICD10_SYSTEMS and any((system, a) in known_codes for a in icd_ancestors(code)):
+            return True
+        local = local or system != LOINC
+    return local and rtype == "Observation" and terminology is not None
+
+
 class PatientIndex:
     """One patient's usable resources, indexed by type and by ``(type, system, code)``.
 
     Built once per patient and shared by every trial. ``known_codes`` (the codes any trial asks
     for) and ``terminology`` let unrecognised (local) Observation codes be mapped through
-    ConceptMaps.
+    ConceptMaps. ``types``, when given, limits the index to those resource types, and
+    ``only_known`` leaves out resources that no code in ``known_codes`` can find (the engine
+    passes both: most of a record, Encounters, Claims, vital signs ..., is never looked at).
     """
 
     __slots__ = (
+        "_order",
         "as_of",
         "by_ancestor",
         "by_code",
@@ -307,8 +328,12 @@ class PatientIndex:
         as_of: date,
         known_codes: frozenset[tuple[str, str]] = frozenset(),
         terminology: Terminology | None = None,
+        types: frozenset[str] | None = None,
+        only_known: bool = False,
     ) -> None:
         self.as_of = as_of
+        #: per resource type, each indexed resource's position in the record (built on demand)
+        self._order: dict[str, dict[int, int]] = {}
         self.patient: dict[str, Any] | None = None
         self.by_type: dict[str, list[dict[str, Any]]] = {}
         self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -317,11 +342,7 @@ class PatientIndex:
         self.terminology = terminology
         self.problems: list[str] = []
         resources = list(resources)
-        medications = {
-            r["id"]: r
-            for r in resources
-            if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)
-        }
+        medications: dict[str, dict[str, Any]] | None = None  # built when first needed
         as_of_key = as_of.isoformat()
         for res in resources:
             rtype = res.get("resourceType")
@@ -331,13 +352,27 @@ class PatientIndex:
                 if self.patient is None:
                     self.patient = res
                 continue
-            if rtype == "Medication" or not _is_usable(res):
+            if rtype == "Medication" or (types is not None and rtype not in types):
+                continue
+            if (
+                only_known
+                and rtype not in MEDICATION_TYPES
+                and not _may_be_found(res, rtype, known_codes, terminology)
+            ):
+                continue
+            if not _is_usable(res):
                 continue
             when = _resource_date(res)
             if when is not None and when > as_of_key[: len(when)]:
                 continue  # recorded after the as-of date
             self.by_type.setdefault(rtype, []).append(res)
             if rtype in MEDICATION_TYPES:
+                if medications is None:
+                    medications = {
+                        r["id"]: r
+                        for r in resources
+                        if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)
+                    }
                 codes = list(self._medication_codes(res, medications))
             else:
                 codes = list(_codings(res.get("code")))
@@ -411,7 +446,10 @@ class PatientIndex:
                     if term is None or value_set is None or term.contains(value_set, system, own):
                         seen[id(r)] = r
         if len(seen) > 1:
-            order = {id(r): n for n, r in enumerate(self.by_type.get(resource_type, ()))}
+            order = self._order.get(resource_type)
+            if order is None:
+                order = {id(r): n for n, r in enumerate(self.by_type.get(resource_type, ()))}
+                self._order[resource_type] = order
             return sorted(seen.values(), key=lambda r: order.get(id(r), 0))
         return list(seen.values())
 
@@ -772,13 +810,19 @@ class Engine:
                 known.update(inp.codes)
         self._compiled = tuple(compiled)
         self._known_codes = frozenset(known)
+        self._types = frozenset(inp.resource_type for t in self.trials for inp in t.all_inputs())
 
     # -- public API
 
     def index(self, resources: Iterable[dict[str, Any]], *, as_of: date) -> PatientIndex:
         """Index one patient's resources (done once per patient, shared by all trials)."""
         return PatientIndex(
-            resources, as_of=as_of, known_codes=self._known_codes, terminology=self.terminology
+            resources,
+            as_of=as_of,
+            known_codes=self._known_codes,
+            terminology=self.terminology,
+            types=self._types,
+            only_known=True,
         )
 
     def evaluate(
@@ -916,17 +960,10 @@ class Engine:
             return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
         truth = truths.pop() if truths else None
         if truth is None:
-            # Closed world: for an exclusion, no record of an input means that part of the
-            # excluding situation is absent ("HBV DNA >= 2000 IU/mL or >= 10^4 copies/mL" with
-            # only a low IU/mL result is not met). Only when every empty input has no record at
-            # all (none unusable, none required) and every input with data is fully usable.
             closed_world = (
                 c.kind == "exclusion"
-                and any(b.empty for _inp, b in bindings)
-                and all(
-                    (not b.found and not inp.required) if b.empty else not b.missing
-                    for inp, b in bindings
-                )
+                and bindings
+                and all(not b.found and not inp.required for inp, b in bindings)
             )
             if closed_world:
                 return self._result(c, "pass", [], "; ".join(missing), [])
@@ -934,6 +971,11 @@ class Engine:
             if not detail:
                 detail = ["the condition gave no answer for the data found", *used]
             return self._result(c, "unknown", evidence, "; ".join(detail), [])
+        unusable = [b.missing for _inp, b in bindings if b.found and b.empty and b.missing]
+        if c.kind == "exclusion" and truth is False and unusable:
+            # a result that exists but cannot be read must not count as "not excluding"
+            # (a condition may guard an input with exists(); the value could be excluding)
+            return self._result(c, "unknown", evidence, "; ".join(unusable), [])
         met = "met" if truth else "not met"
         outcome: Outcome
         if c.kind == "inclusion":

@@ -379,7 +379,10 @@ def test_conditions_tri_state(trials: dict[str, Trial]) -> None:
     assert evaluate(hbv, hbv_iu=[lab(2500)]) == [True]
     assert evaluate(hbv, hbv_copies=[lab(20000)]) == [True]
     assert evaluate(hbv, hbv_iu=[lab(100)], hbv_copies=[lab(500)]) == [False]
-    assert evaluate(hbv) == []  # nothing measured: the engine's closed-world rule decides
+    # one test in one of two units: a low result in one unit with none in the other is not met
+    assert evaluate(hbv, hbv_iu=[lab(1500)]) == [False]
+    assert evaluate(hbv, hbv_copies=[lab(5000)]) == [False]
+    assert evaluate(hbv) == [False]  # nothing measured: not met (the engine says "no record")
     liver = find(t, "inc-transaminases-alp")
     assert evaluate(liver) == []  # none measured: unknown, not fail
     assert evaluate(liver, alt=[lab(90, 40)]) == [True]
