@@ -184,7 +184,8 @@ def age_range(birth_date: str | None, as_of: date) -> tuple[int, int] | None:
         year = int(parts[0])
         if len(parts) >= 3:
             born = date(year, int(parts[1]), int(parts[2]))
-            return (_years_between(born, as_of),) * 2  # type: ignore[return-value]
+            years = _years_between(born, as_of)
+            return years, years
         if len(parts) == 2:
             month = int(parts[1])
             first = date(year, month, 1)
