@@ -7,13 +7,13 @@ them and never contains patient data, tokens or passwords.
 ::
 
     FhirmatchError
-    ├── ConfigurationError            bad options, config file or trial definitions (nothing written)
+    ├── ConfigurationError            bad options, config or trial definitions (nothing written)
     │   └── TrialDefinitionError      a trial definition that cannot be loaded or compiled
     ├── TerminologyError              unknown ValueSet / code system
     ├── UnitError (+ ValueError)      a unit that cannot be parsed or converted
     ├── DataError (+ ValueError)      a patient resource or file that cannot be read
     ├── NetworkError                  talking to a FHIR server failed
-    │   ├── TemporaryNetworkError     retryable (408, 429, 5xx, connection problems) after retries ran out
+    │   ├── TemporaryNetworkError     retryable (408, 429, 5xx, connection), retries exhausted
     │   └── FatalNetworkError         not retryable (4xx other than 408/429, TLS, refused redirect)
     │       ├── AuthenticationError   401/403, or the token endpoint refused us
     │       ├── ResourceNotFound      404: no such resource (or endpoint)
@@ -83,7 +83,10 @@ class UnitError(FhirmatchError, ValueError):
 
 
 class DataError(FhirmatchError, ValueError):
-    """A patient resource or file that cannot be read. ``where`` names file/resource, never values."""
+    """A patient resource or file that cannot be read.
+
+    ``where`` names the file or resource, never its values.
+    """
 
     def __init__(self, where: str, reason: str) -> None:
         self.where = where
@@ -129,7 +132,8 @@ class NetworkError(FhirmatchError):
 
 
 class TemporaryNetworkError(NetworkError):
-    """A retryable failure (408, 429, 500, 502, 503, 504, connection error) that outlived retries."""
+    """A retryable failure (408, 429, 500, 502, 503, 504, connection error) that outlived
+    its retries."""
 
 
 class FatalNetworkError(NetworkError):

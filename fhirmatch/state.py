@@ -8,9 +8,10 @@ Three files, all created owner-only (0600):
 - ``FILE.lock`` — held with ``flock`` for the whole run, so a second run refuses to start (the
   kernel releases it when a run dies, even by SIGKILL);
 - ``FILE.journal`` — append-only NDJSON, one line per patient finished by the current run
-  (evaluated and written back), flushed at once and fsynced in small batches. A run that dies leaves it behind; the
-  next run with the same parameters resumes: it skips the patients listed there and keeps the
-  dead run's ``_lastUpdated`` window, so nothing is missed and nothing is done twice.
+  (evaluated and written back), flushed at once and fsynced in small batches. A run that
+  dies leaves it behind; the next run with the same parameters resumes: it skips the patients
+  listed there and keeps the dead run's ``_lastUpdated`` window, so nothing is missed and
+  nothing is done twice.
 
 A resumed run whose parameters (server, trials) differ from the interrupted one refuses to go on
 unless the journal is discarded (``--restart``).
