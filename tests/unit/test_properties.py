@@ -37,6 +37,7 @@ OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 UNITISH = st.text(alphabet="0123456789.,/*^[]{}()%µumgdLlIUkKnpfcsh -_'", max_size=24)
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(st.one_of(st.text(max_size=30), UNITISH))
 def test_normalise_unit_raises_only_unit_error(text: str) -> None:
     try:
@@ -47,6 +48,7 @@ def test_normalise_unit_raises_only_unit_error(text: str) -> None:
         assert isinstance(result, str) and result
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(
     value=st.floats(allow_nan=True, allow_infinity=True),
     src=st.one_of(UNITISH, st.sampled_from(["mg/dL", "g/L", "10*9/L", "umol/L", "%", "{score}"])),
@@ -65,6 +67,7 @@ def test_convert_raises_only_unit_error(value: float, src: str, dst: str) -> Non
 FINITE = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False).filter(lambda v: v != 0)
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(value=FINITE, cmp=st.sampled_from(["", "<", "<=", ">", ">="]))
 def test_parse_value_string_reads_back_what_it_is_shown(value: float, cmp: str) -> None:
     parsed = parse_value_string(f"{cmp}{value!r}")
@@ -73,6 +76,7 @@ def test_parse_value_string_reads_back_what_it_is_shown(value: float, cmp: str) 
     assert parsed.comparator == (cmp or None)
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(
     whole=st.integers(min_value=1, max_value=99999),
     frac=st.integers(min_value=0, max_value=99999).map(str).filter(lambda f: len(f) != 3),
@@ -84,12 +88,14 @@ def test_decimal_comma_equals_decimal_point(whole: int, frac: str) -> None:
     assert comma.value == point.value
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(whole=st.integers(min_value=1, max_value=999), group=st.integers(0, 999))
 def test_ambiguous_thousands_comma_is_refused(whole: int, group: int) -> None:
     # "1,500": one and a half, or fifteen hundred? Never guessed.
     assert parse_value_string(f"{whole},{group:03d}") is None
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(
     limit=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
     cmp=st.sampled_from(["<", "<=", ">", ">="]),
@@ -113,6 +119,7 @@ def test_censored_comparison_never_claims_more_than_it_knows(
         assert OPS[op](true_value, threshold) is verdict, (true_value, op, threshold)
 
 
+@settings(deadline=None)  # the first call loads the unit registry
 @given(value=FINITE, op=st.sampled_from(list(OPS)), threshold=FINITE)
 def test_exact_comparison_is_plain_arithmetic(value: float, op: str, threshold: float) -> None:
     assert ParsedValue(value).compare(op, threshold) is OPS[op](value, threshold)
