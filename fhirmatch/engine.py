@@ -550,6 +550,36 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
     raise _Unusable(f"{rid}: no value")
 
 
+#: the range a performance-status score can take, by its LOINC code
+SCORE_RANGES = {"89247-1": (0.0, 5.0), "89243-0": (0.0, 100.0)}
+
+
+def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str) -> None:
+    """Refuse values no patient can have: a negative count, concentration or score, a score
+    outside its scale, or more than the analyte's ``plausible_max`` (``mappings/analytes.json``).
+    Such a value is a data error (a wrong unit, a typo), never a result to compare."""
+    if value < 0:
+        raise _Unusable(f"{rid}: a negative value is not a possible result")
+    for system, code in _codings(obs.get("code")):
+        bounds = SCORE_RANGES.get(code) if system == LOINC else None
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise _Unusable(f"{rid}: score outside its scale {bounds[0]:g}-{bounds[1]:g}")
+    if inp.analyte and inp.unit:
+        try:
+            info = units.analyte_info(inp.analyte)
+        except UnitError:
+            return
+        if info.plausible_max is not None:
+            try:
+                ceiling = units.convert(
+                    info.plausible_max, info.unit, inp.unit, analyte=inp.analyte
+                )
+            except UnitError:
+                return
+            if value > ceiling:
+                raise _Unusable(f"{rid}: value above any possible {info.display} result")
+
+
 def _convert(value: float, unit: str | None, inp: DataInput, rid: str) -> float:
     target = inp.unit
     if target is None:
@@ -632,6 +662,7 @@ def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
     try:
         value, unit, comparator = _read_value(obs, inp)
         converted = _convert(value, unit, inp, rid)
+        _check_plausible(obs, inp, converted, rid)
     except _Unusable as exc:
         return Binding(([],), (rid,), "", f"latest {inp.name} result unusable: {exc}", True)
     target = inp.unit if inp.unit is not None else unit

@@ -185,6 +185,9 @@ class AnalyteInfo:
     uln: tuple[float, str] | None = None
     uln_by_sex: dict[str, tuple[float, str]] = field(default_factory=dict)
     uln_source: str = ""
+    #: the largest value that is physiologically possible at all, in ``unit``: a larger one is
+    #: a data error (wrong unit, a typo), not a result to compare
+    plausible_max: float | None = None
 
 
 def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
@@ -206,6 +209,7 @@ def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
                 for sex, v in entry.get("uln_by_sex", {}).items()
             },
             uln_source=source,
+            plausible_max=entry.get("plausible_max"),
         )
     return out
 

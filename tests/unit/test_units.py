@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fhirmatch import units
 from fhirmatch.errors import UnitError
 from fhirmatch.units import (
     ParsedValue,
@@ -301,3 +302,14 @@ def test_parse_value_string_never_raises(text: str) -> None:
 def test_parse_value_string_never_raises_on_numberish_text(text: str) -> None:
     result = parse_value_string(text)
     assert result is None or isinstance(result, ParsedValue)
+
+
+def test_plausible_ceilings_are_above_real_extremes() -> None:
+    """A ceiling must never refuse a real result: leukaemic WBC reach the hundreds x10^9/L."""
+    assert units.analyte_info("wbc").plausible_max == 1000
+    assert units.analyte_info("platelets").plausible_max == 10000
+    for code in units.known_analytes():
+        info = units.analyte_info(code)
+        if info.plausible_max is not None and info.uln is not None:
+            uln = units.convert(info.uln[0], info.uln[1], info.unit, analyte=code)
+            assert info.plausible_max > 20 * uln, code
