@@ -53,7 +53,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import units
@@ -499,12 +499,32 @@ def _clinical_status_ok(resource: dict[str, Any], need: str) -> bool:
     return status in allowed
 
 
+def _instant_key(value: Any) -> str:
+    """A sortable form of a FHIR date/dateTime/instant/Period: to the second and in UTC when it
+    has a time (so two results of one day are ordered by their time, whatever their offsets),
+    else the date itself (a date sorts before any time on that day)."""
+    if isinstance(value, dict):  # Period: its end if known, else its start
+        value = value.get("end") or value.get("start")
+    if not isinstance(value, str) or len(value) < 4:
+        return ""
+    if len(value) > 10 and "T" in value:
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value[:10]
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC)
+        return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return value[:10]
+
+
 def _sort_key(resource: dict[str, Any]) -> tuple[str, str, str]:
-    return (
-        _resource_date(resource) or "",
-        str(resource.get("issued") or ""),
-        str(resource.get("id") or ""),
-    )
+    when = ""
+    for name in _DATE_FIELDS.get(resource.get("resourceType", ""), _GENERIC_DATE_FIELDS):
+        when = _instant_key(resource.get(name))
+        if when:
+            break
+    return (when, _instant_key(resource.get("issued")), str(resource.get("id") or ""))
 
 
 def _is_score_unit(unit: str | None) -> bool:

@@ -453,3 +453,20 @@ def test_icd_descendants_match_their_category_but_respect_excludes(tmp_path: Pat
     index = PatientIndex(resources, as_of=date(2026, 11, 1), terminology=term)
     found = index.find("Condition", term.expand(url), url)
     assert sorted(r["id"] for r in found) == ["bare", "bone"]
+
+
+def test_latest_result_of_one_day_is_decided_by_time_and_offset() -> None:
+    """10:10 beats 10:09 on the same day; 11:00+02:00 (09:00 UTC) loses to 10:00Z."""
+    from fhirmatch.engine import _sort_key
+
+    def obs(oid: str, when: str) -> dict[str, Any]:
+        return {"resourceType": "Observation", "id": oid, "effectiveDateTime": when}
+
+    later, earlier = obs("a", "2026-10-30T10:10:00Z"), obs("b", "2026-10-30T10:09:00Z")
+    assert max([later, earlier], key=_sort_key)["id"] == "a"
+    assert max([earlier, later], key=_sort_key)["id"] == "a"
+    utc, offset = obs("u", "2026-10-30T10:00:00Z"), obs("o", "2026-10-30T11:00:00+02:00")
+    assert max([offset, utc], key=_sort_key)["id"] == "u"
+    assert (
+        max([obs("d", "2026-10-30"), obs("t", "2026-10-30T00:01:00Z")], key=_sort_key)["id"] == "t"
+    )
