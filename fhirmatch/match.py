@@ -697,9 +697,7 @@ def _count(outcome: MatchOutcome, results: list[TrialResult], plans: list[Planne
             s.advanced += 1
 
 
-def fetch_requirements(
-    trials: Sequence[Trial], terminology: Terminology | None
-) -> list[DataInput]:
+def fetch_requirements(trials: Sequence[Trial], terminology: Terminology | None) -> list[DataInput]:
     """The trials' data requirements, each widened by the local codes the ConceptMaps translate
     into its codes, so the server-side code filter also returns locally coded results."""
     out: list[DataInput] = []

@@ -113,6 +113,9 @@ def render_report(
     server: str | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> str:
+    """The report as an HTML string: per trial the candidates with links to their evidence on
+    ``server``, the attrition chart and the most often unknown criteria; then the skipped
+    patients and the run's ``parameters``. Nothing in it loads from the network."""
     env = Environment(
         loader=PackageLoader("fhirmatch", "templates"),
         autoescape=select_autoescape(["html", "j2"]),
