@@ -8,6 +8,7 @@ both raise) must be identical, including the Python types of the values returned
 from __future__ import annotations
 
 import json
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from fhirmatch.fhirpath import compile_expression
 from fhirmatch.trials import fhirpath_variables
 
 TRIALS = Path(__file__).resolve().parents[2] / "fixtures" / "trials"
+AS_OF = date(2026, 11, 1)
 
 
 def _trial_expressions() -> list[str]:
@@ -286,3 +288,65 @@ def test_native_can_be_switched_off() -> None:
     assert not compiled.native
     assert compiled({}, {"a": [1]}) == [True]
     assert "fhirpathpy" in repr(compiled)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+SHARED = Path("/work/shared/data")
+PATIENTS = Path(__file__).resolve().parents[2] / "fixtures" / "patients"
+
+
+def _records() -> list[Any]:
+    from fhirmatch.records import iter_patient_records
+
+    paths = [PATIENTS]
+    for folder in ("synthea-r4", "mcode-stu4", "ctm-mitre"):
+        if (SHARED / folder).is_dir():
+            paths.extend(sorted((SHARED / folder).glob("*.json*"))[:4])
+    return list(iter_patient_records(paths))
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Any, Any, Any]:
+    from fhirmatch.engine import Engine
+    from fhirmatch.terminology import Terminology
+    from fhirmatch.trials import load_trials
+
+    terminology = Terminology.load()
+    trials = load_trials([TRIALS], terminology)
+    native = Engine(trials, terminology)
+    slow = Engine(trials, terminology, native_fhirpath=False)
+    return trials, native, slow
+
+
+def test_engine_results_do_not_depend_on_the_fhirpath_evaluator(
+    engines: tuple[Any, Any, Any],
+) -> None:
+    _trials, native, slow = engines
+    records = _records()
+    assert len(records) >= 15
+    for record in records:
+        fast = [r.model_dump() for r in native.evaluate_patient_record(record, as_of=AS_OF)]
+        ref = [r.model_dump() for r in slow.evaluate_patient_record(record, as_of=AS_OF)]
+        assert fast == ref, record.patient_id
+
+
+def test_engine_index_finds_what_a_full_index_finds(engines: tuple[Any, Any, Any]) -> None:
+    """The engine indexes only the types and codes its trials ask for; every input must resolve
+    exactly as over an index of the whole record."""
+    from fhirmatch.engine import PatientIndex, resolve_input
+
+    trials, native, _slow = engines
+    inputs = {inp for t in trials for inp in t.all_inputs()}
+    for record in _records():
+        lean = native.index(record.resources, as_of=AS_OF)
+        full = PatientIndex(
+            record.resources,
+            as_of=AS_OF,
+            known_codes=native._known_codes,
+            terminology=native.terminology,
+        )
+        assert sum(map(len, lean.by_type.values())) <= sum(map(len, full.by_type.values()))
+        for inp in inputs:
+            assert resolve_input(lean, inp) == resolve_input(full, inp), (record.patient_id, inp)
