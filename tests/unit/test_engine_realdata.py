@@ -10,7 +10,7 @@ import pytest
 
 from fhirmatch.cli import main
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TRIALS = Path(__file__).resolve().parents[2] / "fixtures" / "trials"
 
 pytestmark = pytest.mark.skipif(

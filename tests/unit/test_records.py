@@ -12,7 +12,7 @@ import pytest
 
 from fhirmatch.records import iter_patient_records, load_patient_records, patient_reference_of
 
-SYNTHEA = Path("/work/shared/data/synthea-r4")
+SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-r4"
 
 
 def res(rtype: str, rid: str, ref: str | None = None, field: str = "subject") -> dict[str, Any]:
