@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_engine.py [--patients 300] [--templates 20] [--naive 50]
 
-Builds patients from real Synthea bundles (``../shared/data/synthea-r4``, beside the repository) used as templates,
-adds oncology-relevant data (CBC, chemistry with reference ranges, ECOG, cancer diagnoses, some
+Builds patients from real Synthea bundles (``../shared/data/synthea-r4``, beside the
+repository) used as templates, adds oncology-relevant data (CBC, chemistry with reference ranges, ECOG, cancer diagnoses, some
 values in other units or as strings), writes them to a patient-ordered NDJSON file, then:
 
 1. streams the file with :func:`fhirmatch.records.iter_patient_records` and evaluates every
@@ -37,7 +37,7 @@ from fhirmatch.engine import Engine, PatientIndex, _PatientContext, _truth, reso
 from fhirmatch.model import Criterion, DataInput, Trial
 from fhirmatch.records import iter_patient_records
 
-SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-r4"
+SYNTHEA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthea-r4"
 TRIALS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "trials"
 LOINC = "http://loinc.org"
 SCT = "http://snomed.info/sct"
