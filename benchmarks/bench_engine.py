@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_engine.py [--patients 300] [--templates 20] [--naive 50]
 
 Builds patients from real Synthea bundles (``../shared/data/synthea-r4``, beside the
-repository) used as templates, adds oncology-relevant data (CBC, chemistry with reference ranges, ECOG, cancer diagnoses, some
-values in other units or as strings), writes them to a patient-ordered NDJSON file, then:
+repository) used as templates, adds oncology-relevant data (CBC, chemistry with reference
+ranges, ECOG, cancer diagnoses, some values in other units or as strings), writes them to a patient-ordered NDJSON file, then:
 
 1. streams the file with :func:`fhirmatch.records.iter_patient_records` and evaluates every
    patient against every trial (load and evaluation timed separately; resident memory sampled
