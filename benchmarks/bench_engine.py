@@ -4,7 +4,8 @@
 
 Builds patients from real Synthea bundles (``../shared/data/synthea-r4``, beside the
 repository) used as templates, adds oncology-relevant data (CBC, chemistry with reference
-ranges, ECOG, cancer diagnoses, some values in other units or as strings), writes them to a patient-ordered NDJSON file, then:
+ranges, ECOG, cancer diagnoses, some values in other units or as strings), writes them to a
+patient-ordered NDJSON file, then:
 
 1. streams the file with :func:`fhirmatch.records.iter_patient_records` and evaluates every
    patient against every trial (load and evaluation timed separately; resident memory sampled
