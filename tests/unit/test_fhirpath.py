@@ -293,7 +293,7 @@ def test_native_can_be_switched_off() -> None:
 # --------------------------------------------------------------------------- the engine
 
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PATIENTS = Path(__file__).resolve().parents[2] / "fixtures" / "patients"
 
 
