@@ -9,6 +9,7 @@ their own data, as the client tests do).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _restore_fhirmatch_logger() -> Iterator[None]:
+    """``fhirmatch.cli.main`` gives the ``fhirmatch`` logger its own stderr handler and turns
+    propagation off, as a command-line run should; tests call it in-process, so restore the
+    logger afterwards and later tests' ``caplog`` still sees fhirmatch logs."""
+    logger = logging.getLogger("fhirmatch")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="session")

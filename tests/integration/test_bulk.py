@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
+from fhirdata import coding, put_all
 
 from fhirmatch.bulk import export_patient_data
 from fhirmatch.client import ClientConfig, FhirClient
@@ -16,11 +16,6 @@ from fhirmatch.records import load_patient_records
 from fhirmatch.trials import load_trials
 
 REPO = Path(__file__).resolve().parents[2]
-JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-
-
-def _coding(system: str, code: str) -> dict[str, Any]:
-    return {"coding": [{"system": system, "code": code}]}
 
 
 def _patient(pid: str, rectal: bool) -> list[dict[str, Any]]:
@@ -31,7 +26,7 @@ def _patient(pid: str, rectal: bool) -> list[dict[str, Any]]:
         {
             "resourceType": "Condition",
             "id": f"{pid}-dx",
-            "clinicalStatus": _coding(
+            "clinicalStatus": coding(
                 "http://terminology.hl7.org/CodeSystem/condition-clinical", "active"
             ),
             "code": {
@@ -47,7 +42,7 @@ def _patient(pid: str, rectal: bool) -> list[dict[str, Any]]:
             "resourceType": "Observation",
             "id": f"{pid}-ecog",
             "status": "final",
-            "code": _coding("http://loinc.org", "89247-1"),
+            "code": coding("http://loinc.org", "89247-1"),
             "subject": subject,
             "effectiveDateTime": "2026-10-20",
             "valueInteger": 1,
@@ -56,7 +51,7 @@ def _patient(pid: str, rectal: bool) -> list[dict[str, Any]]:
             "resourceType": "Observation",
             "id": f"{pid}-hr",
             "status": "final",
-            "code": _coding("http://loinc.org", "8867-4"),
+            "code": coding("http://loinc.org", "8867-4"),
             "subject": subject,
             "effectiveDateTime": "2026-10-20",
             "valueQuantity": {"value": 70, "unit": "/min"},
@@ -79,16 +74,7 @@ def group(fhir_base_url: str) -> tuple[str, list[str]]:
             "member": [{"entity": {"reference": f"Patient/{p}"}} for p in ids],
         }
     )
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources
-        ],
-    }
-    resp = requests.post(fhir_base_url, json=bundle, headers=JSON, timeout=60)
-    assert resp.status_code == 200, resp.text[:300]
+    put_all(fhir_base_url, resources)
     return gid, ids
 
 

@@ -20,6 +20,14 @@ from typing import Any
 
 import pytest
 import requests
+from fhirdata import (
+    JSON_HEADERS,
+    coding,
+    observation,
+    patient_resources,
+    put_all,
+    query_for,
+)
 
 from fhirmatch.cli import main
 from fhirmatch.match import CLOCK_MARGIN
@@ -27,77 +35,7 @@ from fhirmatch.writeback import SUBJECT_IDENTIFIER_SYSTEM, subject_identifier
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = REPO / "fixtures" / "trials"
-TAG_SYSTEM = "https://fhirmatch.dev/fhir/test-run"
 AS_OF = "2026-11-01"
-JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-
-
-def _coding(system: str, code: str) -> dict[str, Any]:
-    return {"coding": [{"system": system, "code": code}]}
-
-
-def _obs(pid: str, oid: str, loinc: str, value: float, unit: str, day: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": _coding("http://loinc.org", loinc),
-        "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": day,
-        "valueQuantity": {
-            "value": value,
-            "unit": unit,
-            "system": "http://unitsofmeasure.org",
-            "code": unit,
-        },
-    }
-
-
-def patient_resources(pid: str, tag: str, *, rectal: bool) -> list[dict[str, Any]]:
-    """A patient with a cancer diagnosis, ECOG and a blood count (no other data)."""
-    meta = {"tag": [{"system": TAG_SYSTEM, "code": tag}]}
-    patient = {
-        "resourceType": "Patient",
-        "id": pid,
-        "meta": meta,
-        "birthDate": "1961-03-04",
-        "gender": "male",
-    }
-    cond_code = ("C20", "363351006") if rectal else ("C15.9", "363402007")
-    condition = {
-        "resourceType": "Condition",
-        "id": f"{pid}-dx",
-        "clinicalStatus": _coding(
-            "http://terminology.hl7.org/CodeSystem/condition-clinical", "recurrence"
-        ),
-        "verificationStatus": _coding(
-            "http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed"
-        ),
-        "code": {
-            "coding": [
-                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": cond_code[0]},
-                {"system": "http://snomed.info/sct", "code": cond_code[1]},
-            ]
-        },
-        "subject": {"reference": f"Patient/{pid}"},
-        "onsetDateTime": "2025-02-01",
-    }
-    ecog = _obs(pid, f"{pid}-ecog", "89247-1", 1, "{score}", "2026-10-25")
-    wbc = _obs(pid, f"{pid}-wbc", "6690-2", 5.2, "10*3/uL", "2026-10-25")
-    return [patient, condition, ecog, wbc]
-
-
-def put_all(base: str, resources: list[dict[str, Any]]) -> None:
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources
-        ],
-    }
-    resp = requests.post(base, json=bundle, headers=JSON, timeout=60)
-    assert resp.status_code == 200, resp.text[:500]
 
 
 def subjects_for(base: str, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -106,7 +44,7 @@ def subjects_for(base: str, pairs: list[tuple[str, str]]) -> list[dict[str, Any]
     url: str | None = f"{base}/ResearchSubject"
     params: dict[str, str] | None = {"identifier": tokens, "_count": "200"}
     while url:
-        page = requests.get(url, params=params, headers=JSON, timeout=30).json()
+        page = requests.get(url, params=params, headers=JSON_HEADERS, timeout=30).json()
         out.extend(e["resource"] for e in page.get("entry", []))
         url = next(
             (link["url"] for link in page.get("link", []) if link["relation"] == "next"), None
@@ -153,7 +91,7 @@ def base_args(base: str, tag: str) -> list[str]:
         "--as-of",
         AS_OF,
         "--patients-query",
-        f"Patient?_tag={TAG_SYSTEM}|{tag}",
+        query_for(tag),
     ]
 
 
@@ -188,7 +126,7 @@ def test_match_writes_subjects_with_provenance_once(
         prov = requests.get(
             f"{fhir_base_url}/Provenance",
             params={"target": f"ResearchSubject/{subject['id']}"},
-            headers=JSON,
+            headers=JSON_HEADERS,
             timeout=30,
         ).json()
         provs = [e["resource"] for e in prov.get("entry", [])]
@@ -240,7 +178,8 @@ def test_incremental_run_rescreens_only_changed_patient(
     # a new, lower white cell count for one patient
     changed = ids[0]
     put_all(
-        fhir_base_url, [_obs(changed, f"{changed}-wbc2", "6690-2", 1.1, "10*3/uL", "2026-10-30")]
+        fhir_base_url,
+        [observation(changed, f"{changed}-wbc2", "6690-2", 1.1, "10*3/uL", day="2026-10-30")],
     )
     code, third = run_cli(capsys, *args)
     assert code == 0
@@ -320,7 +259,7 @@ def test_bad_trial_definition_stops_before_writing(
             "--trials",
             str(bad),
             "--patients-query",
-            f"Patient?_tag={TAG_SYSTEM}|{tag}",
+            query_for(tag),
         ]
     )
     assert code == 2
@@ -356,8 +295,8 @@ def test_local_lab_codes_are_mapped_in_match(
     tag = uuid.uuid4().hex[:12]
     pid = f"fm-{tag}-local"
     resources = patient_resources(pid, tag, rectal=True)
-    plt = _obs(pid, f"{pid}-plt", "777-3", 45, "10*9/L", "2026-10-28")
-    plt["code"] = _coding("http://hospital.example.org/fhir/CodeSystem/lab-codes", "PLT")
+    plt = observation(pid, f"{pid}-plt", "777-3", 45, "10*9/L", day="2026-10-28")
+    plt["code"] = coding("http://hospital.example.org/fhir/CodeSystem/lab-codes", "PLT")
     put_all(fhir_base_url, [*resources, plt])
     code, report = run_cli(capsys, *base_args(fhir_base_url, tag), "--dry-run")
     assert code == 0

@@ -12,87 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from fhirdata import JSON_HEADERS, TAG_SYSTEM, patient_resources, put_all, query_for
 
 from fhirmatch.client import ClientConfig, FhirClient
 from fhirmatch.match import MatchOptions, MatchOutcome
 from fhirmatch.writeback import SUBJECT_IDENTIFIER_SYSTEM, subject_identifier
 
+__all__ = ["JSON_HEADERS", "TAG_SYSTEM", "patient_resources", "put_all", "query_for"]
+
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = REPO / "fixtures" / "trials"
-TAG_SYSTEM = "https://fhirmatch.dev/fhir/test-run"
 AS_OF = "2026-11-01"
-JSON_HEADERS = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-
-
-def _coding(system: str, code: str) -> dict[str, Any]:
-    return {"coding": [{"system": system, "code": code}]}
-
-
-def _obs(pid: str, oid: str, loinc: str, value: float, unit: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": _coding("http://loinc.org", loinc),
-        "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": "2026-10-25",
-        "valueQuantity": {
-            "value": value,
-            "unit": unit,
-            "system": "http://unitsofmeasure.org",
-            "code": unit,
-        },
-    }
-
-
-def patient_resources(pid: str, tag: str, *, rectal: bool) -> list[dict[str, Any]]:
-    """A patient with a cancer diagnosis, an ECOG score and a white cell count."""
-    patient = {
-        "resourceType": "Patient",
-        "id": pid,
-        "meta": {"tag": [{"system": TAG_SYSTEM, "code": tag}]},
-        "birthDate": "1961-03-04",
-        "gender": "male",
-    }
-    icd, sct = ("C20", "363351006") if rectal else ("C15.9", "363402007")
-    condition = {
-        "resourceType": "Condition",
-        "id": f"{pid}-dx",
-        "clinicalStatus": _coding(
-            "http://terminology.hl7.org/CodeSystem/condition-clinical", "recurrence"
-        ),
-        "verificationStatus": _coding(
-            "http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed"
-        ),
-        "code": {
-            "coding": [
-                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": icd},
-                {"system": "http://snomed.info/sct", "code": sct},
-            ]
-        },
-        "subject": {"reference": f"Patient/{pid}"},
-        "onsetDateTime": "2025-02-01",
-    }
-    return [
-        patient,
-        condition,
-        _obs(pid, f"{pid}-ecog", "89247-1", 1, "{score}"),
-        _obs(pid, f"{pid}-wbc", "6690-2", 5.2, "10*3/uL"),
-    ]
-
-
-def put_all(base: str, resources: Sequence[dict[str, Any]]) -> None:
-    """Store resources with their ids in one transaction (straight to the server)."""
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources
-        ],
-    }
-    resp = requests.post(base, json=bundle, headers=JSON_HEADERS, timeout=60)
-    assert resp.status_code == 200, resp.text[:300]
 
 
 def make_population(base: str, n: int) -> tuple[str, list[str]]:
@@ -104,10 +34,6 @@ def make_population(base: str, n: int) -> tuple[str, list[str]]:
         resources += patient_resources(pid, tag, rectal=i % 2 == 0)
     put_all(base, resources)
     return tag, ids
-
-
-def query_for(tag: str) -> str:
-    return f"Patient?_tag={TAG_SYSTEM}|{tag}"
 
 
 def fast_client(base: str, *, read_timeout: float = 5.0, attempts: int = 5) -> FhirClient:
