@@ -254,7 +254,12 @@ def select_patients(
         if res.get("id"):
             changed.setdefault(str(res["id"]), None)
     for rtype in sorted({r.resource_type for r in requirements} - {"Patient"}):
-        params = [("_lastUpdated", f"ge{since}"), ("_count", "500")]
+        # only whose data it is matters here: ask for the references, not whole resources
+        params = [
+            ("_lastUpdated", f"ge{since}"),
+            ("_count", "500"),
+            ("_elements", "subject,patient"),
+        ]
         for res in client.iter_resources(rtype, params):
             ref = (res.get("subject") or res.get("patient") or {}).get("reference", "")
             if ref.startswith("Patient/") or "/Patient/" in ref:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -151,13 +152,21 @@ def run_command(args: argparse.Namespace) -> int:
                 raise ConfigurationError("the server holds no active trial with a protocol")
         progress = Progress("screening", args.progress_interval)
         with executor_from_args(args, trials, terminology) as executor:
-            if args.state and not args.dry_run:
-                with StateStore(args.state) as state:
-                    outcome = run_match(
-                        client, trials, options, state=state, progress=progress, executor=executor
-                    )
-            else:
-                outcome = run_match(client, trials, options, progress=progress, executor=executor)
+            with contextlib.ExitStack() as stack:
+                state = (
+                    stack.enter_context(StateStore(args.state))
+                    if args.state and not args.dry_run
+                    else None
+                )
+                outcome = run_match(
+                    client,
+                    trials,
+                    options,
+                    state=state,
+                    progress=progress,
+                    executor=executor,
+                    terminology=terminology,
+                )
     emit(outcome, args.format, args.output)
     if args.report:
         from ..report import write_report
