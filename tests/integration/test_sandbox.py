@@ -66,10 +66,16 @@ def test_fixtures_are_loaded(fhir_base_url: str, is_local_sandbox: bool) -> None
     if not is_local_sandbox:
         pytest.skip("only the local sandbox is loaded by the test session")
     files = fixture_files()
-    if not files:
-        pytest.skip("no fixtures yet")
-    bundle = requests.get(f"{fhir_base_url}/Patient", params={"_summary": "count"}, timeout=10)
-    assert bundle.status_code == 200
+    assert any(f.parent.name == "trials" for f in files)
+    assert any("patients" in f.parts for f in files)
+    for study in ("escc-sbrt-antipd1", "NCT06084897", "NCT05183958", "NCT03731442", "NCT06767007"):
+        resp = requests.get(f"{fhir_base_url}/ResearchStudy/{study}", timeout=10)
+        assert resp.status_code == 200, study
+        plan = requests.get(f"{fhir_base_url}/PlanDefinition/{study}-eligibility", timeout=10)
+        assert plan.status_code == 200, study
+    demo = requests.get(f"{fhir_base_url}/Patient/demo-escc-eligible", timeout=10)
+    assert demo.status_code == 200
+    assert demo.json()["id"] == "demo-escc-eligible"
 
 
 def test_sandbox_binds_loopback_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
