@@ -36,7 +36,8 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Generator, Iterable, Iterator
+import re
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -156,6 +157,12 @@ def _open_text(path: Path) -> IO[str]:
     return path.open("r", encoding="utf-8")
 
 
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
 def _expand_paths(paths: Iterable[str | os.PathLike[str]], problems: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
@@ -181,31 +188,27 @@ def iter_patient_records(
     *,
     problems: list[str] | None = None,
     partition_bytes: int | None = None,
+    types: frozenset[str] | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[PatientRecord]:
     """Yield one :class:`PatientRecord` per patient found in ``paths`` (files or directories).
 
     Problems that belong to no patient (an unreadable file, a resource without a patient
     reference) are logged and appended to ``problems`` when given. ``partition_bytes`` bounds
     the memory used to group NDJSON that is not ordered by patient (see :mod:`fhirmatch.stream`;
-    default 64 MB of NDJSON text per partition).
+    default 64 MB of NDJSON text per partition); its spill files go under ``spill_dir``.
+    ``types`` (e.g. :func:`fhirmatch.stream.wanted_types`) keeps only those resource types of
+    NDJSON input, skipping the others before their JSON is decoded where possible.
     """
+    from .stream import Shuffle, plan_input
+
     general: list[str] = problems if problems is not None else []
-    for rec in _iter_unchecked(paths, general, partition_bytes):
-        yield _checked(rec)
-
-
-def _iter_unchecked(
-    paths: Iterable[str | os.PathLike[str]], general: list[str], partition_bytes: int | None
-) -> Iterator[PatientRecord]:
-    files = _expand_paths(paths, general)
-    ndjson = [f for f in files if f.name.endswith(NDJSON_SUFFIXES)]
-    others = [f for f in files if not f.name.endswith(NDJSON_SUFFIXES)]
-    for path in others:
-        yield from _iter_json_file(path, general)
-    if ndjson:
-        from .stream import DEFAULT_PARTITION_BYTES
-
-        yield from _iter_ndjson_files(ndjson, general, partition_bytes or DEFAULT_PARTITION_BYTES)
+    for part in plan_input(
+        paths, general, types=types, partition_bytes=partition_bytes, spill_dir=spill_dir
+    ):
+        source = part.records(general) if isinstance(part, Shuffle) else part
+        for rec in source:
+            yield _checked(rec)
 
 
 @functools.lru_cache(maxsize=512)
@@ -223,7 +226,7 @@ def _value_keys(resource: dict[str, Any]) -> list[str]:
     return [k for k in resource if len(k) > 5 and k.startswith("value") and k[5].isupper()]
 
 
-def _checked(rec: PatientRecord) -> PatientRecord:
+def _checked(rec: PatientRecord, *, quiet: bool = False) -> PatientRecord:
     """Drop resources whose meaning cannot be trusted, reporting each with its id:
 
     * an unknown ``resourceType`` (a misspelt type would otherwise pass as "no data");
@@ -232,18 +235,20 @@ def _checked(rec: PatientRecord) -> PatientRecord:
       copies, common in overlapping exports, are kept once).
 
     A criterion that needed a dropped resource then finds no usable data: ``unknown``, never
-    a pass or fail decided by a guess.
+    a pass or fail decided by a guess. ``quiet``: collect the problems without logging them
+    (in worker processes; the caller logs them).
     """
+    note = _collect if quiet else _note
     kept: list[dict[str, Any]] = []
     seen: dict[tuple[str, str], int] = {}
     contradicted: set[tuple[str, str]] = set()
     for res in rec.resources:
         rtype = res["resourceType"]
         if not _known_type(rtype):
-            _note(rec, f"{rec.source}: {_describe(res)} has an unknown resourceType; skipped")
+            note(rec, f"{rec.source}: {_describe(res)} has an unknown resourceType; skipped")
             continue
         if rtype == "Observation" and len(_value_keys(res)) > 1:
-            _note(rec, f"{rec.source}: {_describe(res)} has more than one value[x]; skipped")
+            note(rec, f"{rec.source}: {_describe(res)} has more than one value[x]; skipped")
             continue
         rid = res.get("id")
         if isinstance(rid, str) and rid:
@@ -251,7 +256,7 @@ def _checked(rec: PatientRecord) -> PatientRecord:
             if key in seen:
                 if kept[seen[key]] != res and key not in contradicted:
                     contradicted.add(key)
-                    _note(
+                    note(
                         rec,
                         f"{rec.source}: {_describe(res)} appears more than once with different "
                         "content; every copy skipped",
@@ -267,6 +272,10 @@ def _checked(rec: PatientRecord) -> PatientRecord:
 
 def _note(rec: PatientRecord, message: str) -> None:
     log.warning("%s", message)
+    rec.problems.append(message)
+
+
+def _collect(rec: PatientRecord, message: str) -> None:
     rec.problems.append(message)
 
 
@@ -358,55 +367,123 @@ def _group_bundle(
         yield rec
 
 
-def _iter_ndjson_lines(
-    path: Path, problems: list[str]
-) -> Generator[tuple[int, dict[str, Any]], None, None]:
-    """Yield ``(line number, resource)`` for each readable line; report the others."""
+#: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)
+_TYPE_PATTERN = re.compile(rb'"resourceType"\s*:\s*"([A-Za-z]+)"')
+#: problem reporter: ``(line number or 0 for the whole file, text after "path: line N ")``
+Report = Callable[[int, str], None]
+
+
+def skippable_line(line: bytes, types: frozenset[str]) -> bool:
+    """True when an NDJSON ``line`` surely holds a resource of a known type not in ``types``.
+
+    Decided without decoding the JSON: every ``"resourceType"`` in the line (the resource's own
+    and those of contained resources) must name a known FHIR type outside ``types``. Anything
+    doubtful (``\\u`` escapes, an unknown or misspelt type, no type at all) is decoded and judged
+    normally, so a line that may matter is never dropped unread. (A broken line of a type the
+    run does not need is skipped unreported, like the rest of that type.)
+    """
+    if b"\\u" in line:
+        return False
+    found = _TYPE_PATTERN.findall(line)
+    if not found or len(found) != line.count(b'"resourceType"'):
+        return False
+    for raw in found:
+        name = raw.decode("ascii")
+        if name in types or not _known_type(name):
+            return False
+    return True
+
+
+def iter_ndjson_slice(
+    path: Path,
+    report: Report,
+    *,
+    types: frozenset[str] | None = None,
+    start: int = 0,
+    end: int | None = None,
+) -> Generator[tuple[int, dict[str, Any], bytes], None, int]:
+    """Yield ``(line number, resource, line text)`` for each readable line of an NDJSON file;
+    returns (as the generator's value) the number of lines it covered.
+
+    ``start``/``end`` (uncompressed files only) restrict it to the lines that *begin* in that
+    byte range, numbered from 1 at the first of them; so consecutive ranges cover every line
+    exactly once. With ``types``, resources of other known types are skipped (before decoding
+    when :func:`skippable_line` can tell). Bad lines are passed to ``report`` and skipped.
+    """
+    lineno = 0
     try:
-        with _open_text(path) as fh:
-            lineno = 0
-            while True:
-                try:
-                    line = fh.readline()
-                except UnicodeDecodeError:
-                    _problem(
-                        problems, f"{path}: line {lineno + 1} is not UTF-8; rest of file skipped"
-                    )
-                    return
+        with _open_binary(path) as fh:
+            if start > 0:
+                fh.seek(start - 1)
+                if fh.read(1) != b"\n":
+                    start += len(fh.readline())  # the line in progress belongs to the range before
+            pos = start
+            while end is None or pos < end:
+                line = fh.readline()
                 if not line:
-                    return
+                    return lineno
+                pos += len(line)
                 lineno += 1
-                if not line.strip():
+                body = line.strip()
+                if not body:
+                    continue
+                if types is not None and skippable_line(body, types):
                     continue
                 try:
-                    res = json.loads(line)
+                    res = json.loads(body.decode("utf-8"))
+                except UnicodeDecodeError:
+                    report(lineno, "is not UTF-8; line skipped")
+                    continue
                 except json.JSONDecodeError:
-                    _problem(problems, f"{path}: line {lineno} is not valid JSON; line skipped")
+                    report(lineno, "is not valid JSON; line skipped")
                     continue
                 except RecursionError:
-                    _problem(problems, f"{path}: line {lineno} is nested too deeply; skipped")
+                    report(lineno, "is nested too deeply; skipped")
                     continue
                 if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
-                    _problem(problems, f"{path}: line {lineno} is not a FHIR resource; skipped")
+                    report(lineno, "is not a FHIR resource; skipped")
                     continue
-                yield lineno, res
+                rtype = res["resourceType"]
+                if types is not None and rtype not in types and _known_type(rtype):
+                    continue
+                yield lineno, res, body
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
-        _problem(problems, f"{path}: cannot be read to the end ({type(exc).__name__})")
+        report(0, f"cannot be read to the end ({type(exc).__name__})")
+    return lineno
 
 
-def _iter_ndjson_files(
-    paths: list[Path], problems: list[str], partition_bytes: int
-) -> Iterator[PatientRecord]:
-    # Pass 1: check contiguity and collect shared Medications (few) without keeping resources.
+def problem_text(path: Path | str, lineno: int, text: str) -> str:
+    """The message for a problem :func:`iter_ndjson_slice` reported."""
+    return f"{path}: line {lineno} {text}" if lineno else f"{path}: {text}"
+
+
+def _iter_ndjson_lines(
+    path: Path, problems: list[str], types: frozenset[str] | None = None
+) -> Generator[tuple[int, dict[str, Any]], None, None]:
+    """Yield ``(line number, resource)`` for each readable line; report the others."""
+
+    def report(lineno: int, text: str) -> None:
+        _problem(problems, problem_text(path, lineno, text))
+
+    for lineno, res, _body in iter_ndjson_slice(path, report, types=types):
+        yield lineno, res
+
+
+def ndjson_is_contiguous(
+    paths: Sequence[Path], types: frozenset[str] | None = None
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Whether each patient's lines in ``paths`` are contiguous (a patient-ordered export), and
+    the shared Medications by id. Problems are not reported here (the real read reports them).
+
+    The scan stops at the first patient seen again after another one: a Bulk Data export split by
+    resource type is recognised after its Patient file.
+    """
     medications: dict[str, dict[str, Any]] = {}
     finished: set[str] = set()
-    contiguous = True
-    scan_problems: list[str] = []
-    # The scan stops at the first patient seen twice: the partitioned grouping reads everything.
     for path in paths:
         current: str | None = None
-        lines = _iter_ndjson_lines(path, scan_problems)
-        for _lineno, res in lines:
+        lines = iter_ndjson_slice(path, lambda _n, _t: None, types=types)
+        for _lineno, res, _body in lines:
             if res["resourceType"] in SHARED_TYPES:
                 if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
                     medications[res["id"]] = res
@@ -415,51 +492,55 @@ def _iter_ndjson_files(
             if pid is None or pid == current:
                 continue
             if pid in finished:
-                contiguous = False
                 lines.close()
-                break
+                return False, medications
             if current is not None:
                 finished.add(current)
             current = pid
-        if not contiguous:
-            break
         if current is not None:
             finished.add(current)
-    finished.clear()
-    if not contiguous:
-        log.info(
-            "NDJSON input is not grouped by patient; grouping %d files by partition", len(paths)
-        )
-    # Pass 2: read again, reporting problems this time.
-    if contiguous:
-        for path in paths:
-            rec: PatientRecord | None = None
-            for lineno, res in _iter_ndjson_lines(path, problems):
-                pid = _ndjson_patient(res, path, lineno, problems)
-                if pid is None:
-                    continue
-                if rec is not None and rec.patient_id != pid:
-                    yield _finish_ndjson(rec, medications)
-                    rec = None
-                if rec is None:
-                    rec = PatientRecord(pid, source=str(path))
-                rec.resources.append(res)
-            if rec is not None:
-                yield _finish_ndjson(rec, medications)
-        return
-    from .stream import group_ndjson_by_patient
+    return True, medications
 
-    yield from group_ndjson_by_patient(paths, problems, partition_bytes=partition_bytes)
+
+def iter_contiguous_ndjson(
+    paths: Sequence[Path],
+    problems: list[str],
+    medications: dict[str, dict[str, Any]],
+    types: frozenset[str] | None = None,
+) -> Iterator[PatientRecord]:
+    """Stream the records of patient-ordered NDJSON files, one patient at a time (unchecked)."""
+    for path in paths:
+        rec: PatientRecord | None = None
+        for lineno, res in _iter_ndjson_lines(path, problems, types):
+            pid = _ndjson_patient(res, path, lineno, problems)
+            if pid is None:
+                continue
+            if rec is not None and rec.patient_id != pid:
+                yield _finish_ndjson(rec, medications)
+                rec = None
+            if rec is None:
+                rec = PatientRecord(pid, source=str(path))
+            rec.resources.append(res)
+        if rec is not None:
+            yield _finish_ndjson(rec, medications)
 
 
 def _ndjson_patient(
     res: dict[str, Any], path: Path, lineno: int, problems: list[str]
 ) -> str | None:
+    pid = ndjson_patient(
+        res, lineno, lambda n, text: _problem(problems, problem_text(path, n, text))
+    )
+    return pid
+
+
+def ndjson_patient(res: dict[str, Any], lineno: int, report: Report) -> str | None:
+    """The patient of an NDJSON resource; None for shared resources and (reported) orphans."""
     if res["resourceType"] in SHARED_TYPES:
         return None
     pid = patient_reference_of(res)
     if pid is None:
-        _problem(problems, f"{path}: line {lineno} ({_describe(res)}) has no patient reference")
+        report(lineno, f"({_describe(res)}) has no patient reference")
     return pid
 
 

@@ -1,25 +1,30 @@
-"""Group NDJSON resources by patient in bounded memory (hash-partitioned spill files).
+"""Group NDJSON resources by patient in bounded memory: a map/reduce over hash partitions.
 
 Bulk Data exports are split by resource type (``Patient.ndjson``, ``Observation.ndjson`` …), so
-one patient's resources are spread over every file. :func:`group_ndjson_by_patient` groups them
-without holding the whole export in memory:
+one patient's resources are spread over every file. They are grouped in two phases whose tasks
+are independent, so an executor can run them in this process, in a pool of processes or on a
+Dask cluster (:meth:`fhirmatch.executors.Executor.evaluate_files`):
 
-1. **Spill pass.** Every line is parsed once to find its patient (``subject``, ``patient`` …) and
-   appended, as the original text, to one of ``N`` spill files in a private temporary directory,
-   chosen by ``crc32(patient id) % N``. All lines of one patient land in the same file, in input
-   order. Shared ``Medication`` resources (referenced by ``medicationReference``) are kept in
-   memory — there are few of them — and attached to the records that reference them; other
-   shared resources (Organization, Practitioner …) are not needed for screening and are dropped.
-2. **Group pass.** Each spill file is read and grouped in memory, then its patients are yielded
-   (in the order each was first seen) and the file is deleted.
+1. **Map (spill).** The input is cut into :class:`SliceTask` s: a byte range of an uncompressed
+   file (``slice_bytes``, default 256 MB) or a whole ``.gz`` file. Each task reads its lines, skips
+   resource types no criterion needs (before decoding the JSON when the line shows its type; see
+   :func:`~fhirmatch.records.skippable_line`), decodes the rest once to find their patient, and
+   appends the *original line* to one of ``N`` spill files of its own, chosen by
+   ``crc32(patient id) % N``. Shared ``Medication`` resources are returned to the caller (there
+   are few) and attached to the records that reference them; other shared resources
+   (Organization, Practitioner …) are not needed for screening and are dropped.
+2. **Reduce (group).** A :class:`PartitionTask` reads partition ``k`` of every slice, in input
+   order, and groups the lines *as text* by patient; each patient's lines are decoded only when
+   its record is built. Patients come out in the order each was first seen.
 
-Memory is bounded by the largest partition, about ``total input bytes / N``: ``N`` is chosen so a
-partition holds about ``partition_bytes`` of NDJSON text (default 64 MB; parsed into dicts that is
-several times more). Disk use is one extra copy of the input, uncompressed; the directory is removed
-when the iteration ends or is abandoned (generator closed or garbage-collected). When the input is
-smaller than one partition, nothing is written to disk.
+Memory is bounded by one partition's text plus one decoded patient: ``N`` is chosen so a partition
+holds about ``partition_bytes`` of NDJSON (default 64 MB). Disk use is at most one extra copy of
+the needed part of the input. Spill files live in a private temporary directory (under
+``spill_dir`` when given) that is removed when the grouping ends or is abandoned. Input smaller
+than one partition is grouped in memory, without spill files.
 
-The hash is ``zlib.crc32`` (not ``hash()``), so partitioning is the same in every process and run.
+The hash is ``zlib.crc32`` (not ``hash()``), so partitioning is the same in every process and run,
+and the order of the records is the same whichever executor ran the tasks.
 """
 
 from __future__ import annotations
@@ -30,28 +35,68 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .records import (
+    NDJSON_SUFFIXES,
     SHARED_TYPES,
     PatientRecord,
+    _checked,
+    _expand_paths,
     _finish_ndjson,
-    _iter_ndjson_lines,
-    _ndjson_patient,
+    _iter_json_file,
+    _problem,
+    iter_contiguous_ndjson,
+    iter_ndjson_slice,
+    ndjson_is_contiguous,
+    ndjson_patient,
+    problem_text,
 )
 
-__all__ = ["DEFAULT_PARTITION_BYTES", "group_ndjson_by_patient", "partition_count", "partition_of"]
+if TYPE_CHECKING:
+    from .model import Trial
+
+__all__ = [
+    "DEFAULT_PARTITION_BYTES",
+    "DEFAULT_SLICE_BYTES",
+    "PartitionTask",
+    "Shuffle",
+    "SliceOutcome",
+    "SliceTask",
+    "group_ndjson_by_patient",
+    "group_partition",
+    "partition_count",
+    "partition_of",
+    "plan_input",
+    "spill_slice",
+    "wanted_types",
+]
 
 log = logging.getLogger(__name__)
 
 #: NDJSON text per partition the grouping aims for
 DEFAULT_PARTITION_BYTES = 64 * 1024 * 1024
+#: bytes of an uncompressed NDJSON file per map task
+DEFAULT_SLICE_BYTES = 256 * 1024 * 1024
 #: gzip-compressed NDJSON is counted this many times its size when sizing partitions
 GZIP_RATIO = 8
-#: never more spill files than this (open file handles)
+#: never more spill files per slice than this (open file handles)
 MAX_PARTITIONS = 512
+MEDICATION_TYPES = frozenset(
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense"}
+)
+
+
+def wanted_types(trials: Sequence[Trial]) -> frozenset[str]:
+    """The resource types screening ``trials`` reads: Patient, every data input's type, and
+    Medication when a medication resource may refer to one."""
+    types = {"Patient"} | {inp.resource_type for t in trials for inp in t.all_inputs()}
+    if types & MEDICATION_TYPES:
+        types.add("Medication")
+    return frozenset(types)
 
 
 def partition_of(patient_id: str, partitions: int) -> int:
@@ -71,6 +116,322 @@ def partition_count(paths: Sequence[Path], partition_bytes: int = DEFAULT_PARTIT
     return max(1, min(MAX_PARTITIONS, -(-total // partition_bytes)))
 
 
+# --------------------------------------------------------------------------- map
+
+
+@dataclass(frozen=True)
+class SliceTask:
+    """One map task: the lines of ``path`` that begin in ``[start, end)`` (None: to the end)."""
+
+    ordinal: int  # position of this slice in the whole input
+    path: str
+    start: int
+    end: int | None
+    spill_dir: str
+    partitions: int
+    types: frozenset[str] | None
+
+
+@dataclass
+class SliceOutcome:
+    """What a map task reports back (small: no patient data but shared Medications)."""
+
+    ordinal: int
+    #: lines in the slice (for numbering the lines of the next slice of the same file)
+    lines: int = 0
+    #: ``(line number within the slice, or 0 for the file, text)``
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    medications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: partition → spill file written by this slice
+    spilled: dict[int, str] = field(default_factory=dict)
+
+
+def spill_slice(task: SliceTask) -> SliceOutcome:
+    """Run one map task: append each patient resource of the slice to its partition's file.
+
+    Runs anywhere the input and spill directory are visible (this process, a worker process or a
+    Dask worker); it never logs: problems are returned, with line numbers within the slice.
+    """
+    out = SliceOutcome(task.ordinal)
+    path = Path(task.path)
+    handles: dict[int, IO[bytes]] = {}
+
+    def report(lineno: int, text: str) -> None:
+        out.problems.append((lineno, text))
+
+    lines = iter_ndjson_slice(path, report, types=task.types, start=task.start, end=task.end)
+    try:
+        while True:
+            try:
+                lineno, res, body = next(lines)
+            except StopIteration as stop:
+                out.lines = stop.value or 0
+                break
+            rtype = res["resourceType"]
+            if rtype == "Medication" and isinstance(res.get("id"), str):
+                out.medications[res["id"]] = res
+            if rtype in SHARED_TYPES:
+                continue
+            pid = ndjson_patient(res, lineno, report)
+            if pid is None:
+                continue
+            if "\t" in pid or "\n" in pid or "\r" in pid:
+                report(lineno, "refers to an invalid patient id")
+                continue
+            k = partition_of(pid, task.partitions)
+            fh = handles.get(k)
+            if fh is None:
+                name = os.path.join(task.spill_dir, f"part-{k}.{task.ordinal}.ndjson")
+                fh = handles[k] = open(name, "ab")
+                out.spilled[k] = name
+            fh.write(pid.encode("utf-8") + b"\t" + body + b"\n")
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return out
+
+
+def plan_slices(
+    paths: Sequence[Path], slice_bytes: int = DEFAULT_SLICE_BYTES
+) -> list[tuple[Path, int, int | None]]:
+    """Cut ``paths`` into ``(path, start, end)`` byte ranges (a ``.gz`` file is one range)."""
+    out: list[tuple[Path, int, int | None]] = []
+    for path in paths:
+        size = 0
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+        if path.name.endswith(".gz") or size <= slice_bytes:
+            out.append((path, 0, None))
+            continue
+        for start in range(0, size, slice_bytes):
+            end = start + slice_bytes
+            out.append((path, start, None if end >= size else end))
+    return out
+
+
+# --------------------------------------------------------------------------- reduce
+
+
+@dataclass(frozen=True)
+class PartitionTask:
+    """One reduce task: partition ``index``'s spill files ``(file, source)``, in input order."""
+
+    index: int
+    files: tuple[tuple[str, str], ...]
+    medications: dict[str, dict[str, Any]]
+
+
+def group_partition(task: PartitionTask) -> Iterator[PatientRecord]:
+    """Group one partition's spill files by patient; unchecked records in first-seen order.
+
+    The lines are held as text; a patient's lines are decoded only when its record is built.
+    """
+    import json
+
+    lines: dict[bytes, list[bytes]] = {}
+    sources: dict[bytes, list[str]] = {}
+    for name, source in task.files:
+        with open(name, "rb") as fh:
+            for line in fh:
+                pid, body = line.rstrip(b"\n").split(b"\t", 1)
+                held = lines.get(pid)
+                if held is None:
+                    lines[pid] = [body]
+                    sources[pid] = [source]
+                else:
+                    held.append(body)
+                    if sources[pid][-1] != source and source not in sources[pid]:
+                        sources[pid].append(source)
+    for pid in list(lines):
+        bodies = lines.pop(pid)
+        rec = PatientRecord(pid.decode("utf-8"), source=", ".join(sources.pop(pid)))
+        rec.resources = [json.loads(b) for b in bodies]
+        yield _finish_ndjson(rec, task.medications)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class Shuffle:
+    """The map/reduce grouping of NDJSON files that are not ordered by patient.
+
+    Use as a context manager (it owns the spill directory)::
+
+        with shuffle:
+            outcomes = map(spill_slice, shuffle.slice_tasks())      # any executor, any order
+            for task in shuffle.partition_tasks(outcomes, problems):   # in order
+                ... group_partition(task) ...
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        types: frozenset[str] | None = None,
+        partitions: int | None = None,
+        partition_bytes: int = DEFAULT_PARTITION_BYTES,
+        slice_bytes: int = DEFAULT_SLICE_BYTES,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.types = types
+        self.partitions = (
+            partitions if partitions is not None else partition_count(self.paths, partition_bytes)
+        )
+        if self.partitions < 1:
+            raise ValueError("partitions must be positive")
+        if slice_bytes < 1:
+            raise ValueError("slice_bytes must be positive")
+        self.slice_bytes = slice_bytes
+        self.spill_dir = spill_dir
+        self.directory: Path | None = None
+        self._slices: list[tuple[Path, int, int | None]] = []
+
+    def __enter__(self) -> Shuffle:
+        made = tempfile.mkdtemp(prefix="fhirmatch-spill-", dir=self.spill_dir)
+        self.directory = Path(made).resolve()  # workers may run in another directory
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def slice_tasks(self) -> list[SliceTask]:
+        """The map tasks (run each once, with :func:`spill_slice`)."""
+        if self.directory is None:
+            raise RuntimeError("use the Shuffle as a context manager")
+        self._slices = plan_slices(self.paths, self.slice_bytes)
+        return [
+            SliceTask(
+                n, str(path.resolve()), start, end, str(self.directory), self.partitions, self.types
+            )
+            for n, (path, start, end) in enumerate(self._slices)
+        ]
+
+    def partition_tasks(
+        self, outcomes: Iterable[SliceOutcome], problems: list[str]
+    ) -> list[PartitionTask]:
+        """The reduce tasks, once every map task is done; reports the map problems (logged,
+        and appended to ``problems`` with file names and whole-file line numbers)."""
+        by_ordinal = {o.ordinal: o for o in outcomes}
+        if len(by_ordinal) != len(self._slices):
+            raise RuntimeError("a map task of the grouping did not report")
+        medications: dict[str, dict[str, Any]] = {}
+        per_partition: dict[int, list[tuple[str, str]]] = {}
+        base = 0
+        previous: Path | None = None
+        for n, (path, _start, _end) in enumerate(self._slices):
+            outcome = by_ordinal[n]
+            if path != previous:
+                base, previous = 0, path
+            for lineno, text in outcome.problems:
+                _problem(problems, problem_text(path, base + lineno if lineno else 0, text))
+            base += outcome.lines
+            medications.update(outcome.medications)
+            for k, name in outcome.spilled.items():
+                per_partition.setdefault(k, []).append((name, str(path)))
+        log.info(
+            "grouping NDJSON by patient: %d slices, %d partitions",
+            len(self._slices),
+            len(per_partition),
+        )
+        return [
+            PartitionTask(k, tuple(per_partition[k]), medications)
+            for k in range(self.partitions)
+            if k in per_partition
+        ]
+
+    def records(self, problems: list[str]) -> Iterator[PatientRecord]:
+        """Run the whole grouping in this process (unchecked records)."""
+        with self:
+            tasks = self.partition_tasks(map(spill_slice, self.slice_tasks()), problems)
+            for task in tasks:
+                yield from group_partition(task)
+                for name, _source in task.files:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name)
+
+
+def plan_input(
+    paths: Iterable[str | os.PathLike[str]],
+    problems: list[str],
+    *,
+    types: frozenset[str] | None = None,
+    partition_bytes: int | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
+) -> Iterator[Iterator[PatientRecord] | Shuffle]:
+    """The input as parts, in order: record streams (Bundle files, patient-ordered NDJSON, small
+    NDJSON grouped in memory) and at most one :class:`Shuffle` (NDJSON not ordered by patient).
+
+    Records are unchecked (see :func:`fhirmatch.records.iter_patient_records`). Parts are
+    planned lazily: the NDJSON is scanned only when the parts before it have been consumed.
+    """
+    files = _expand_paths(paths, problems)
+    ndjson = [f for f in files if f.name.endswith(NDJSON_SUFFIXES)]
+    for path in files:
+        if not path.name.endswith(NDJSON_SUFFIXES):
+            yield _iter_json_file(path, problems)
+    if not ndjson:
+        return
+    contiguous, medications = ndjson_is_contiguous(ndjson, types)
+    if contiguous:
+        yield iter_contiguous_ndjson(ndjson, problems, medications, types)
+        return
+    log.info("NDJSON input is not grouped by patient; grouping %d files by partition", len(ndjson))
+    shuffle = Shuffle(
+        ndjson,
+        types=types,
+        partition_bytes=partition_bytes or DEFAULT_PARTITION_BYTES,
+        spill_dir=spill_dir,
+    )
+    if shuffle.partitions == 1:
+        yield _group_in_memory(ndjson, problems, types)
+    else:
+        yield shuffle
+
+
+def _group_in_memory(
+    paths: Sequence[Path], problems: list[str], types: frozenset[str] | None
+) -> Iterator[PatientRecord]:
+    outcomes = [_spill_in_memory(n, path, types) for n, path in enumerate(paths)]
+    medications: dict[str, dict[str, Any]] = {}
+    records: dict[str, PatientRecord] = {}
+    for path, (outcome, grouped) in zip(paths, outcomes, strict=True):
+        for lineno, text in outcome.problems:
+            _problem(problems, problem_text(path, lineno, text))
+        medications.update(outcome.medications)
+        for pid, resources in grouped.items():
+            rec = records.get(pid)
+            if rec is None:
+                rec = records[pid] = PatientRecord(pid, source=str(path))
+            elif str(path) not in rec.source.split(", "):
+                rec.source += f", {path}"
+            rec.resources.extend(resources)
+    for rec in records.values():
+        yield _finish_ndjson(rec, medications)
+
+
+def _spill_in_memory(
+    ordinal: int, path: Path, types: frozenset[str] | None
+) -> tuple[SliceOutcome, dict[str, list[dict[str, Any]]]]:
+    out = SliceOutcome(ordinal)
+    grouped: dict[str, list[dict[str, Any]]] = {}
+
+    def report(lineno: int, text: str) -> None:
+        out.problems.append((lineno, text))
+
+    for lineno, res, _body in iter_ndjson_slice(path, report, types=types):
+        if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
+            out.medications[res["id"]] = res
+        if res["resourceType"] in SHARED_TYPES:
+            continue
+        pid = ndjson_patient(res, lineno, report)
+        if pid is not None:
+            grouped.setdefault(pid, []).append(res)
+    return out, grouped
+
+
 def group_ndjson_by_patient(
     paths: Sequence[Path],
     problems: list[str],
@@ -78,111 +439,29 @@ def group_ndjson_by_patient(
     partitions: int | None = None,
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
     spill_dir: str | os.PathLike[str] | None = None,
+    types: frozenset[str] | None = None,
+    slice_bytes: int = DEFAULT_SLICE_BYTES,
 ) -> Iterator[PatientRecord]:
-    """Yield one :class:`~fhirmatch.records.PatientRecord` per patient of NDJSON ``paths``.
+    """Yield one checked :class:`~fhirmatch.records.PatientRecord` per patient of NDJSON
+    ``paths``, grouping in this process.
 
     ``partitions`` forces the number of spill files (default: from :func:`partition_count`);
-    ``spill_dir`` is where the temporary directory is made (default: the system's temp dir).
-    Unreadable lines and resources without a patient are reported in ``problems`` (file names,
-    line numbers and resource ids only).
+    ``spill_dir`` is where the temporary directory is made (default: the system's temp dir);
+    ``types`` keeps only those resource types. Unreadable lines and resources without a patient
+    are reported in ``problems`` (file names, line numbers and resource ids only).
     """
-    n = partitions if partitions is not None else partition_count(paths, partition_bytes)
-    if n < 1:
-        raise ValueError("partitions must be positive")
-    if n == 1:
-        yield from _group_in_memory(paths, problems)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="fhirmatch-spill-", dir=spill_dir))
-    try:
-        medications = _spill(paths, problems, tmp, n)
-        log.info("grouping NDJSON by patient through %d spill partitions", n)
-        for k in range(n):
-            part = tmp / f"part-{k}.ndjson"
-            if not part.exists():
-                continue
-            yield from _group_partition(part, paths, medications)
-            part.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _group_in_memory(paths: Sequence[Path], problems: list[str]) -> Iterator[PatientRecord]:
-    medications: dict[str, dict[str, Any]] = {}
-    records: dict[str, PatientRecord] = {}
-    for path in paths:
-        for lineno, res in _iter_ndjson_lines(path, problems):
-            _keep_medication(res, medications)
-            pid = _ndjson_patient(res, path, lineno, problems)
-            if pid is None:
-                continue
-            rec = records.get(pid)
-            if rec is None:
-                rec = records[pid] = PatientRecord(pid, source=str(path))
-            elif str(path) not in rec.source.split(", "):
-                rec.source += f", {path}"
-            rec.resources.append(res)
-    for rec in records.values():
-        yield _finish_ndjson(rec, medications)
-
-
-def _keep_medication(res: dict[str, Any], medications: dict[str, dict[str, Any]]) -> None:
-    if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
-        medications[res["id"]] = res
-
-
-def _spill(
-    paths: Sequence[Path], problems: list[str], tmp: Path, n: int
-) -> dict[str, dict[str, Any]]:
-    """Append each patient resource to its partition file as ``file-index TAB pid TAB json``
-    (compact JSON, one line); returns the shared Medications by id."""
-    import json
-
-    medications: dict[str, dict[str, Any]] = {}
-    handles: dict[int, IO[str]] = {}
-    try:
-        for index, path in enumerate(paths):
-            for lineno, res in _iter_ndjson_lines(path, problems):
-                _keep_medication(res, medications)
-                if res["resourceType"] in SHARED_TYPES:
-                    continue
-                pid = _ndjson_patient(res, path, lineno, problems)
-                if pid is None:
-                    continue
-                if "\t" in pid or "\n" in pid:
-                    problems.append(f"{path}: line {lineno} refers to an invalid patient id")
-                    log.warning("%s: line %d refers to an invalid patient id", path, lineno)
-                    continue
-                k = partition_of(pid, n)
-                fh = handles.get(k)
-                if fh is None:
-                    fh = handles[k] = (tmp / f"part-{k}.ndjson").open(
-                        "a", encoding="utf-8", newline="\n"
-                    )
-                fh.write(f"{index}\t{pid}\t{json.dumps(res, separators=(',', ':'))}\n")
-    finally:
-        for fh in handles.values():
-            fh.close()
-    return medications
-
-
-def _group_partition(
-    part: Path, paths: Sequence[Path], medications: dict[str, dict[str, Any]]
-) -> Iterator[PatientRecord]:
-    import json
-
-    records: dict[str, PatientRecord] = {}
-    sources: dict[str, list[int]] = {}
-    with part.open("r", encoding="utf-8") as fh:
-        for line in fh:
-            index_text, pid, body = line.rstrip("\n").split("\t", 2)
-            index = int(index_text)
-            rec = records.get(pid)
-            if rec is None:
-                rec = records[pid] = PatientRecord(pid)
-                sources[pid] = [index]
-            elif index not in sources[pid]:
-                sources[pid].append(index)
-            rec.resources.append(json.loads(body))
-    for pid, rec in records.items():
-        rec.source = ", ".join(str(paths[i]) for i in sources[pid])
-        yield _finish_ndjson(rec, medications)
+    shuffle = Shuffle(
+        paths,
+        types=types,
+        partitions=partitions,
+        partition_bytes=partition_bytes,
+        slice_bytes=slice_bytes,
+        spill_dir=spill_dir,
+    )
+    source = (
+        _group_in_memory(paths, problems, types)
+        if shuffle.partitions == 1
+        else shuffle.records(problems)
+    )
+    for rec in source:
+        yield _checked(rec)
