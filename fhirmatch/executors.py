@@ -18,12 +18,24 @@ identical whichever executor ran the evaluation::
 
 Records are sent in batches (``batch_size`` patients) and at most ``window`` batches are in flight,
 so memory in this process stays bounded however many patients stream through.
+
+:meth:`Executor.evaluate_files` takes files instead of records. NDJSON that is not ordered by
+patient (a Bulk Data export) is then grouped by the executor's own workers: they run the map
+tasks (read a slice of the input, spill each line to its patient's hash partition) and the reduce
+tasks (group one partition, evaluate its patients) of :mod:`fhirmatch.stream`, so patient data
+never passes through this process. Only results, with each record reduced to its Patient
+resource and its problems, come back. The workers must see the input and the spill directory at
+the same paths as this process: always true for ``processes`` and a local Dask cluster; for a
+remote Dask scheduler pass ``spill_dir`` on storage every worker mounts, or the records are
+grouped here and shipped as with :meth:`Executor.evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import logging
 import multiprocessing
 import os
 import pickle
@@ -32,12 +44,22 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import date
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from .engine import Engine
 from .errors import ConfigurationError
-from .records import PatientRecord
+from .records import PatientRecord, _checked
 from .results import TrialResult
+from .stream import (
+    PartitionTask,
+    Shuffle,
+    SliceOutcome,
+    SliceTask,
+    group_partition,
+    plan_input,
+    spill_slice,
+    wanted_types,
+)
 
 if TYPE_CHECKING:
     from .model import Trial
@@ -54,10 +76,16 @@ __all__ = [
     "make_executor",
 ]
 
+log = logging.getLogger(__name__)
+
 EXECUTORS = ("local", "processes", "dask")
 #: one batch sent to a worker: (patient id, resources) per patient
 Batch = list[tuple[str, list[dict[str, Any]]]]
 Evaluated = Iterator[tuple[PatientRecord, list[TrialResult]]]
+#: what a reduce task sends back: per patient, the slim record and its results
+PartitionResults = list[tuple[PatientRecord, list[TrialResult]]]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Executor(Protocol):
@@ -67,6 +95,20 @@ class Executor(Protocol):
 
     def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
         """Yield ``(record, results)`` for every record, in input order."""
+        ...
+
+    def evaluate_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        *,
+        as_of: date,
+        problems: list[str] | None = None,
+        partition_bytes: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> Evaluated:
+        """Yield ``(record, results)`` for every patient of ``paths``, in the order of
+        :func:`~fhirmatch.records.iter_patient_records` (only the resource types the trials
+        read are loaded)."""
         ...
 
     def close(self) -> None:
@@ -80,9 +122,47 @@ class Executor(Protocol):
 
 class _Base:
     name = "base"
+    trials: tuple[Trial, ...] = ()
+    #: the workers see this machine's files (input and spill directory) at the same paths
+    shared_files = True
 
     def __enter__(self) -> Self:
         return self
+
+    def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
+        raise NotImplementedError
+
+    def evaluate_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        *,
+        as_of: date,
+        problems: list[str] | None = None,
+        partition_bytes: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> Evaluated:
+        """See :meth:`Executor.evaluate_files`."""
+        general: list[str] = problems if problems is not None else []
+        types = wanted_types(self.trials)
+        for part in plan_input(
+            paths, general, types=types, partition_bytes=partition_bytes, spill_dir=spill_dir
+        ):
+            if not isinstance(part, Shuffle):
+                yield from self.evaluate((_checked(r) for r in part), as_of=as_of)
+            elif not (self.shared_files or spill_dir is not None):
+                yield from self.evaluate((_checked(r) for r in part.records(general)), as_of=as_of)
+            else:
+                with part:
+                    outcomes = self._map_slices(part.slice_tasks())
+                    tasks = part.partition_tasks(outcomes, general)
+                    yield from self._reduce(tasks, as_of)
+
+    def _map_slices(self, tasks: list[SliceTask]) -> list[SliceOutcome]:
+        """Run the map tasks of a grouping (in any order; all done on return)."""
+        return [spill_slice(t) for t in tasks]
+
+    def _reduce(self, tasks: list[PartitionTask], as_of: date) -> Evaluated:
+        raise NotImplementedError
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -98,10 +178,18 @@ class LocalExecutor(_Base):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.trials = engine.trials
 
     def evaluate(self, records: Iterable[PatientRecord], *, as_of: date) -> Evaluated:
         for record in records:
             yield record, self.engine.evaluate_patient_record(record, as_of=as_of)
+
+    def _reduce(self, tasks: list[PartitionTask], as_of: date) -> Evaluated:
+        for task in tasks:
+            for record in group_partition(task):
+                record = _checked(record)
+                yield record, self.engine.evaluate_patient_record(record, as_of=as_of)
+            _remove_spill(task)
 
 
 def _batches(records: Iterable[PatientRecord], size: int) -> Iterator[list[PatientRecord]]:
@@ -119,6 +207,25 @@ def _payload(batch: list[PatientRecord]) -> Batch:
     return [(r.patient_id, r.resources) for r in batch]
 
 
+def _windowed(
+    items: Iterable[T], window: int, submit: Callable[[T], Any]
+) -> Iterator[tuple[T, Any]]:
+    """Submit ``items``, keep at most ``window`` in flight, yield ``(item, result)`` in order."""
+    pending: deque[tuple[T, Any]] = deque()
+    try:
+        for item in items:
+            pending.append((item, submit(item)))
+            if len(pending) >= window:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        for _item, future in pending:
+            future.cancel()
+
+
 def _in_order(
     records: Iterable[PatientRecord],
     batch_size: int,
@@ -126,23 +233,48 @@ def _in_order(
     submit: Callable[[list[PatientRecord]], Any],
 ) -> Evaluated:
     """Submit batches, keep at most ``window`` in flight, yield results in submission order."""
-    pending: deque[tuple[list[PatientRecord], Any]] = deque()
-
-    def drain_one() -> Evaluated:
-        batch, future = pending.popleft()
-        results: list[list[TrialResult]] = future.result()
+    for batch, results in _windowed(_batches(records, batch_size), window, submit):
         yield from zip(batch, results, strict=True)
 
-    try:
-        for batch in _batches(records, batch_size):
-            pending.append((batch, submit(batch)))
-            if len(pending) >= window:
-                yield from drain_one()
-        while pending:
-            yield from drain_one()
-    finally:
-        for _batch, future in pending:
-            future.cancel()
+
+def _reduced(
+    tasks: list[PartitionTask], window: int, submit: Callable[[PartitionTask], Any]
+) -> Evaluated:
+    """Run reduce tasks on workers, at most ``window`` at once; yield their results in order and
+    log the problems the workers collected (they do not log themselves)."""
+    for _task, results in _windowed(tasks, window, submit):
+        for record, trial_results in results:
+            for problem in record.problems:
+                log.warning("%s", problem)
+            yield record, trial_results
+
+
+def _remove_spill(task: PartitionTask) -> None:
+    for name, _source in task.files:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _slim(record: PatientRecord) -> PatientRecord:
+    """The record without its clinical resources (what a worker sends back)."""
+    patient = record.patient
+    return PatientRecord(
+        record.patient_id,
+        [patient] if patient is not None else [],
+        problems=record.problems,
+        source=record.source,
+    )
+
+
+def evaluate_partition(engine: Engine, task: PartitionTask, as_of: date) -> PartitionResults:
+    """A reduce task on a worker: group partition ``task``, evaluate its patients, remove its
+    spill files; return slim records (Patient resource and problems only) with their results."""
+    out: PartitionResults = []
+    for record in group_partition(task):
+        record = _checked(record, quiet=True)
+        out.append((_slim(record), engine.evaluate_patient_record(record, as_of=as_of)))
+    _remove_spill(task)
+    return out
 
 
 def _evaluate_batch(engine: Engine, batch: Batch, as_of: date) -> list[list[TrialResult]]:
@@ -163,6 +295,12 @@ def _process_batch(batch: Batch, as_of: date) -> list[list[TrialResult]]:
     if _WORKER_ENGINE is None:  # pragma: no cover - the initializer always ran
         raise RuntimeError("worker engine not initialised")
     return _evaluate_batch(_WORKER_ENGINE, batch, as_of)
+
+
+def _process_partition(task: PartitionTask, as_of: date) -> PartitionResults:
+    if _WORKER_ENGINE is None:  # pragma: no cover - the initializer always ran
+        raise RuntimeError("worker engine not initialised")
+    return evaluate_partition(_WORKER_ENGINE, task, as_of)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -187,6 +325,7 @@ class ProcessExecutor(_Base):
             raise ConfigurationError("the batch size must be positive")
         self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
+        self.trials = tuple(trials)
         self.pool = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=_mp_context(),
@@ -199,6 +338,15 @@ class ProcessExecutor(_Base):
             return self.pool.submit(_process_batch, _payload(batch), as_of)
 
         yield from _in_order(records, self.batch_size, 2 * self.workers, submit)
+
+    def _map_slices(self, tasks: list[SliceTask]) -> list[SliceOutcome]:
+        return list(self.pool.map(spill_slice, tasks))
+
+    def _reduce(self, tasks: list[PartitionTask], as_of: date) -> Evaluated:
+        def submit(task: PartitionTask) -> Future[PartitionResults]:
+            return self.pool.submit(_process_partition, task, as_of)
+
+        yield from _reduced(tasks, 2 * self.workers, submit)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -216,12 +364,26 @@ def _dask_batch(
     as_of: date,
 ) -> list[list[TrialResult]]:
     """Run on a Dask worker: the engine for these definitions is compiled once per worker."""
+    return _evaluate_batch(_dask_engine(definitions), batch, as_of)
+
+
+def _dask_partition(
+    definitions: tuple[str, tuple[Trial, ...], Terminology | None],
+    task: PartitionTask,
+    as_of: date,
+) -> PartitionResults:
+    """A reduce task on a Dask worker."""
+    return evaluate_partition(_dask_engine(definitions), task, as_of)
+
+
+def _dask_engine(definitions: tuple[str, tuple[Trial, ...], Terminology | None]) -> Engine:
+    """The engine for these definitions, compiled once per worker."""
     digest, trials, terminology = definitions
     with _DASK_LOCK:
         engine = _DASK_ENGINES.get(digest)
         if engine is None:
             engine = _DASK_ENGINES[digest] = Engine(trials, terminology)
-    return _evaluate_batch(engine, batch, as_of)
+    return engine
 
 
 class DaskExecutor(_Base):
@@ -229,6 +391,8 @@ class DaskExecutor(_Base):
 
     ``scheduler``: the address of a running scheduler; None starts a :class:`LocalCluster`
     (``workers`` processes, or threads with ``processes=False``) that :meth:`close` stops.
+    With a remote scheduler, :meth:`evaluate_files` lets the workers read the files only when
+    it is given a ``spill_dir`` (which, like the input, must be on storage every worker sees).
     """
 
     name = "dask"
@@ -252,6 +416,8 @@ class DaskExecutor(_Base):
         if batch_size < 1:
             raise ConfigurationError("the batch size must be positive")
         self.batch_size = batch_size
+        self.trials = tuple(trials)
+        self.shared_files = not scheduler
         self._cluster: Any = None
         if scheduler:
             try:
@@ -283,6 +449,17 @@ class DaskExecutor(_Base):
             return self.client.submit(_dask_batch, self._definitions, data, as_of, pure=False)
 
         yield from _in_order(records, self.batch_size, self.window, submit)
+
+    def _map_slices(self, tasks: list[SliceTask]) -> list[SliceOutcome]:
+        futures = self.client.map(spill_slice, tasks, pure=False)
+        outcomes: list[SliceOutcome] = self.client.gather(futures)
+        return outcomes
+
+    def _reduce(self, tasks: list[PartitionTask], as_of: date) -> Evaluated:
+        def submit(task: PartitionTask) -> Any:
+            return self.client.submit(_dask_partition, self._definitions, task, as_of, pure=False)
+
+        yield from _reduced(tasks, self.window, submit)
 
     def close(self) -> None:
         self.client.close()
@@ -336,6 +513,13 @@ def add_executor_arguments(group: argparse._ActionsContainer) -> None:
         help="worker processes for --executor processes or a local Dask cluster "
         "(default: CPU count)",
     )
+    group.add_argument(
+        "--spill-dir",
+        metavar="DIR",
+        help="where NDJSON not ordered by patient is grouped (temporary files, about the size "
+        "of the needed part of the input; default: the system's temp dir). With --scheduler it "
+        "must be storage every Dask worker sees at the same path, as must the input",
+    )
 
 
 def executor_from_args(
@@ -348,6 +532,9 @@ def executor_from_args(
     """The executor the command-line flags ask for."""
     if args.workers is not None and args.workers < 1:
         raise ConfigurationError("--workers must be positive")
+    spill_dir = getattr(args, "spill_dir", None)
+    if spill_dir is not None and not os.path.isdir(spill_dir):
+        raise ConfigurationError(f"--spill-dir {spill_dir}: no such directory")
     return make_executor(
         args.executor,
         trials,

@@ -118,6 +118,9 @@ class MatchOptions:
     bulk: bool = False
     bulk_group: str | None = None
     bulk_type_filter: bool = False
+    #: where the export is grouped by patient (spill files); default: the system's temp dir.
+    #: With a remote Dask scheduler it must be storage every worker sees.
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.write) - WRITE_CHOICES
@@ -597,7 +600,6 @@ def _screen_bulk(
 
     from .bulk import export_patient_data
     from .executors import LocalExecutor
-    from .records import iter_patient_records
 
     workdir = Path(tempfile.mkdtemp(prefix="fhirmatch-bulk-"))
     try:
@@ -609,15 +611,17 @@ def _screen_bulk(
             type_filter=options.bulk_type_filter,
         )
         problems: list[str] = []
-        records = (
-            r
-            for r in iter_patient_records(paths, problems=problems)
-            if r.reference not in done and _has_patient(r, outcome)
-        )
         runner = executor or LocalExecutor(engine)
+        evaluated = runner.evaluate_files(
+            paths, as_of=outcome.as_of, problems=problems, spill_dir=options.spill_dir
+        )
         finished = 0
         batch: dict[str, list[TrialResult]] = {}
-        for record, results in runner.evaluate(records, as_of=outcome.as_of):
+        for record, results in evaluated:
+            # a resumed run re-evaluates the patients already done (the workers group the
+            # export themselves) but writes only the others
+            if record.reference in done or not _has_patient(record, outcome):
+                continue
             batch[record.patient_id] = results
             if len(batch) >= options.chunk_size:
                 write_back_results(client, batch, options, outcome, plan_refs, version, state)

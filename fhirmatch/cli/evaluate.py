@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, TextIO
 from ..engine import Engine
 from ..errors import ConfigurationError
 from ..executors import add_executor_arguments, executor_from_args
-from ..records import iter_patient_records
 from ..results import CriterionResult, EvaluationReport, TrialResult
 from . import exitcodes
 
@@ -125,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
         ) from exc
     as_of: date = args.as_of or date.today()
     problems: list[str] = []
-    records = iter_patient_records(args.patients, problems=problems)
     try:
         executor = executor_from_args(args, trials, terminology, engine=engine)
     except ConfigurationError as exc:
@@ -133,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     with executor:
         results = (
             (record.problems, trial_results)
-            for record, trial_results in executor.evaluate(records, as_of=as_of)
+            for record, trial_results in executor.evaluate_files(
+                args.patients, as_of=as_of, problems=problems, spill_dir=args.spill_dir
+            )
         )
         n_patients = _write(results, args.format, as_of, sys.stdout)
     for problem in problems:

@@ -139,6 +139,7 @@ def run_command(args: argparse.Namespace) -> int:
         bulk=args.bulk or bool(args.bulk_group),
         bulk_group=args.bulk_group,
         bulk_type_filter=args.bulk_type_filter,
+        spill_dir=args.spill_dir,
     )
     trials = load_file_trials(args.trials, args.trial) if args.trials else []
     client = build_client(args)
