@@ -27,10 +27,11 @@ every executor has run on it.
 **What is measured.** Each executor (``fhirmatch.executors``) streams the export folder with
 ``Executor.evaluate_files`` (grouping by patient through hash-partitioned spill files of
 ``--partition-mb`` each, see :mod:`fhirmatch.stream`) and evaluates every patient against the
-trials of ``bench_engine.load_trials``. Printed per run, as a markdown row as soon as the run ends:
-wall-clock seconds and patients/s (grouping + evaluation, including starting and stopping the
-workers), the peak RSS of the whole process tree (this process plus worker processes, sampled every
-50 ms), the peak size of the spill files (sampled every 0.5 s, so a short peak can be missed), and a
+trials of ``bench_engine.load_trials``. Each run is a fresh child process (``--measure``), so no
+worker, forkserver or cache of an earlier run is counted. Printed per run, as a markdown row as
+soon as the run ends: wall-clock seconds and patients/s (grouping + evaluation, including starting
+and stopping the workers, not the interpreter's start), the peak RSS of the run's whole process
+tree (the child plus its worker processes, sampled every 50 ms), the peak size of the spill files (sampled every 0.5 s, so a short peak can be missed), and a
 digest of every (patient, [(trial, status)]) in output order; every executor must yield the same
 digest for one export (checked). The output order is the order patients are first seen in the
 export's files, so the digests of ``--types needed`` and ``--types all`` differ even though the
@@ -49,17 +50,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -70,8 +70,7 @@ from bench_engine import AS_OF, SYNTHEA, load_trials, oncology_resources
 
 from fhirmatch.executors import make_executor
 from fhirmatch.model import Trial
-from fhirmatch.records import PatientRecord, iter_patient_records
-from fhirmatch.results import TrialResult
+from fhirmatch.records import iter_patient_records
 
 #: stands for the patient id in pre-serialised template lines (never occurs in Synthea data)
 TOKEN = "PID0TOKEN0X7Q"
@@ -265,7 +264,8 @@ def tree_bytes(path: Path) -> int:
 
 
 class TreeRss:
-    """Peak RSS of this process and all its descendants; peak size of ``spill_dir`` if given."""
+    """Peak RSS of this process's descendants (a measured run and its workers); peak size of
+    ``spill_dir`` if given."""
 
     def __init__(self, spill_dir: Path | None = None) -> None:
         self.peak = 0
@@ -279,7 +279,7 @@ class TreeRss:
         tick = 0
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
@@ -299,26 +299,54 @@ class TreeRss:
         self._thread.join()
 
 
-def evaluate_export(
-    ex: Any, folder: Path, partition_bytes: int, spill_dir: Path, problems: list[str]
-) -> Iterator[tuple[PatientRecord, list[TrialResult]]]:
-    """``ex.evaluate_files`` on the export; grouping in this process for executors without it."""
-    evaluate_files = getattr(ex, "evaluate_files", None)
-    if evaluate_files is not None:
-        extra = {}
-        if "spill_dir" in inspect.signature(evaluate_files).parameters:
-            extra["spill_dir"] = spill_dir
-        yield from evaluate_files(
-            [folder], as_of=AS_OF, problems=problems, partition_bytes=partition_bytes, **extra
-        )
-        return
-    saved = tempfile.tempdir
-    tempfile.tempdir = str(spill_dir)  # where the spill files go, so their size is measured
-    try:
-        records = iter_patient_records([folder], problems=problems, partition_bytes=partition_bytes)
-        yield from ex.evaluate(records, as_of=AS_OF)
-    finally:
-        tempfile.tempdir = saved
+def measure(args: argparse.Namespace) -> None:
+    """One measured run (in its own process, so nothing of an earlier run is counted): evaluate
+    the export with one executor; print a JSON line with the count, seconds and a digest."""
+    trials = load_trials()
+    problems: list[str] = []
+    digest = hashlib.sha256()
+    t0 = time.perf_counter()
+    n = 0
+    with make_executor(args.measure, trials, workers=args.workers) as ex:
+        for record, results in ex.evaluate_files(
+            [args.folder],
+            as_of=AS_OF,
+            problems=problems,
+            partition_bytes=int(args.partition_mb * 1e6),
+            spill_dir=args.spill,
+        ):
+            n += 1
+            key = (record.patient_id, [(r.study, r.status) for r in results])
+            digest.update(repr(key).encode())
+    secs = time.perf_counter() - t0
+    out = {"n": n, "secs": secs, "digest": digest.hexdigest()[:12], "problems": len(problems)}
+    print(json.dumps(out), flush=True)
+
+
+def run_isolated(
+    name: str, folder: Path, spill: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], TreeRss]:
+    """Run :func:`measure` in a child process; sample its tree's memory and the spill size."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        name,
+        "--folder",
+        str(folder),
+        "--spill",
+        str(spill),
+        "--workers",
+        str(args.workers),
+        "--partition-mb",
+        str(args.partition_mb),
+    ]
+    with TreeRss(spill) as rss:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result, rss
 
 
 def machine() -> str:
@@ -362,10 +390,15 @@ def main() -> None:
     ap.add_argument("--types", choices=("needed", "all"), default="needed")
     ap.add_argument("--keep", type=Path, help="keep the exports here and reuse them")
     ap.add_argument("--file-mb", type=float, default=256.0, help="largest NDJSON file")
+    ap.add_argument("--measure", choices=("local", "processes", "dask"), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--spill", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:
+        measure(args)
+        return
     trials = load_trials()
     types = None if args.types == "all" else needed_types(trials)
-    partition_bytes = int(args.partition_mb * 1e6)
     print(machine(), flush=True)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
@@ -377,27 +410,16 @@ def main() -> None:
             for name in args.executors:
                 spill = Path(tmp) / f"spill-{size}-{name}"
                 spill.mkdir()
-                problems: list[str] = []
-                digest = hashlib.sha256()
-                with TreeRss(spill) as rss:
-                    t0 = time.perf_counter()
-                    with make_executor(name, trials, workers=args.workers) as ex:
-                        n = 0
-                        for record, results in evaluate_export(
-                            ex, folder, partition_bytes, spill, problems
-                        ):
-                            n += 1
-                            key = (record.patient_id, [(r.study, r.status) for r in results])
-                            digest.update(repr(key).encode())
-                    secs = time.perf_counter() - t0
+                result, rss = run_isolated(name, folder, spill, args)
+                n, secs = result["n"], result["secs"]
                 shutil.rmtree(spill, ignore_errors=True)
-                if problems:
-                    print(f"  {name} N={size}: {len(problems)} problems", file=sys.stderr)
+                if result["problems"]:
+                    print(f"  {name} N={size}: {result['problems']} problems", file=sys.stderr)
                 if not header_done:
                     print("| " + " | ".join(HEAD) + " |")
                     print("|" + "---|" * len(HEAD), flush=True)
                     header_done = True
-                hexd = digest.hexdigest()[:12]
+                hexd = result["digest"]
                 workers = 1 if name == "local" else args.workers
                 print(
                     f"| {size} | {n_res} | {n_bytes / 1e9:.2f} | {name} | {workers} "
