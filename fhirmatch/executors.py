@@ -74,6 +74,7 @@ __all__ = [
     "add_executor_arguments",
     "executor_from_args",
     "make_executor",
+    "partition_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,12 @@ class Executor(Protocol):
         problems: list[str] | None = None,
         partition_bytes: int | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
+        slice_bytes: int | None = None,
     ) -> Evaluated:
         """Yield ``(record, results)`` for every patient of ``paths``, in the order of
         :func:`~fhirmatch.records.iter_patient_records` (only the resource types the trials
-        read are loaded)."""
+        read are loaded). ``partition_bytes``, ``spill_dir`` and ``slice_bytes`` tune the
+        grouping of NDJSON not ordered by patient (:mod:`fhirmatch.stream`)."""
         ...
 
     def close(self) -> None:
@@ -140,12 +143,17 @@ class _Base:
         problems: list[str] | None = None,
         partition_bytes: int | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
+        slice_bytes: int | None = None,
     ) -> Evaluated:
         """See :meth:`Executor.evaluate_files`."""
         general: list[str] = problems if problems is not None else []
-        types = wanted_types(self.trials)
         for part in plan_input(
-            paths, general, types=types, partition_bytes=partition_bytes, spill_dir=spill_dir
+            paths,
+            general,
+            types=wanted_types(self.trials),
+            partition_bytes=partition_bytes,
+            spill_dir=spill_dir,
+            slice_bytes=slice_bytes,
         ):
             if not isinstance(part, Shuffle):
                 yield from self.evaluate((_checked(r) for r in part), as_of=as_of)
@@ -514,12 +522,25 @@ def add_executor_arguments(group: argparse._ActionsContainer) -> None:
         "(default: CPU count)",
     )
     group.add_argument(
+        "--partition-mb",
+        type=float,
+        metavar="MB",
+        help="NDJSON text per grouping partition, the memory one worker needs to group a share "
+        "of a Bulk export (default 64)",
+    )
+    group.add_argument(
         "--spill-dir",
         metavar="DIR",
         help="where NDJSON not ordered by patient is grouped (temporary files, about the size "
         "of the needed part of the input; default: the system's temp dir). With --scheduler it "
         "must be storage every Dask worker sees at the same path, as must the input",
     )
+
+
+def partition_bytes(args: argparse.Namespace) -> int | None:
+    """``--partition-mb`` in bytes (None: the default)."""
+    mb = getattr(args, "partition_mb", None)
+    return None if mb is None else max(1, int(mb * 1024 * 1024))
 
 
 def executor_from_args(
@@ -532,6 +553,8 @@ def executor_from_args(
     """The executor the command-line flags ask for."""
     if args.workers is not None and args.workers < 1:
         raise ConfigurationError("--workers must be positive")
+    if getattr(args, "partition_mb", None) is not None and args.partition_mb <= 0:
+        raise ConfigurationError("--partition-mb must be positive")
     spill_dir = getattr(args, "spill_dir", None)
     if spill_dir is not None and not os.path.isdir(spill_dir):
         raise ConfigurationError(f"--spill-dir {spill_dir}: no such directory")

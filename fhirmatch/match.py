@@ -121,6 +121,8 @@ class MatchOptions:
     #: where the export is grouped by patient (spill files); default: the system's temp dir.
     #: With a remote Dask scheduler it must be storage every worker sees.
     spill_dir: str | None = None
+    #: NDJSON text per grouping partition (memory of one reduce task); default 64 MB
+    partition_bytes: int | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.write) - WRITE_CHOICES
@@ -130,6 +132,8 @@ class MatchOptions:
             )
         if self.patients and self.patients_query:
             raise ConfigurationError("give --patient or --patients-query, not both")
+        if self.partition_bytes is not None and self.partition_bytes < 1:
+            raise ConfigurationError("the partition size must be positive")
         if self.chunk_size < 1:
             raise ConfigurationError("the chunk size must be positive")
         if self.bulk and (self.patients or self.patients_query):
@@ -613,7 +617,11 @@ def _screen_bulk(
         problems: list[str] = []
         runner = executor or LocalExecutor(engine)
         evaluated = runner.evaluate_files(
-            paths, as_of=outcome.as_of, problems=problems, spill_dir=options.spill_dir
+            paths,
+            as_of=outcome.as_of,
+            problems=problems,
+            spill_dir=options.spill_dir,
+            partition_bytes=options.partition_bytes,
         )
         finished = 0
         batch: dict[str, list[TrialResult]] = {}

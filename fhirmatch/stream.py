@@ -360,6 +360,7 @@ def plan_input(
     types: frozenset[str] | None = None,
     partition_bytes: int | None = None,
     spill_dir: str | os.PathLike[str] | None = None,
+    slice_bytes: int | None = None,
 ) -> Iterator[Iterator[PatientRecord] | Shuffle]:
     """The input as parts, in order: record streams (Bundle files, patient-ordered NDJSON, small
     NDJSON grouped in memory) and at most one :class:`Shuffle` (NDJSON not ordered by patient).
@@ -383,6 +384,7 @@ def plan_input(
         ndjson,
         types=types,
         partition_bytes=partition_bytes or DEFAULT_PARTITION_BYTES,
+        slice_bytes=slice_bytes or DEFAULT_SLICE_BYTES,
         spill_dir=spill_dir,
     )
     if shuffle.partitions == 1:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..engine import Engine
 from ..errors import ConfigurationError
-from ..executors import add_executor_arguments, executor_from_args
+from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..results import CriterionResult, EvaluationReport, TrialResult
 from . import exitcodes
 
@@ -132,7 +132,11 @@ def run(args: argparse.Namespace) -> int:
         results = (
             (record.problems, trial_results)
             for record, trial_results in executor.evaluate_files(
-                args.patients, as_of=as_of, problems=problems, spill_dir=args.spill_dir
+                args.patients,
+                as_of=as_of,
+                problems=problems,
+                spill_dir=args.spill_dir,
+                partition_bytes=partition_bytes(args),
             )
         )
         n_patients = _write(results, args.format, as_of, sys.stdout)

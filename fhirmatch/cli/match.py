@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, TrialDefinitionError
-from ..executors import add_executor_arguments, executor_from_args
+from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
 from ..model import Trial
 from ..state import StateStore, write_private_file
@@ -140,6 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         bulk_group=args.bulk_group,
         bulk_type_filter=args.bulk_type_filter,
         spill_dir=args.spill_dir,
+        partition_bytes=partition_bytes(args),
     )
     trials = load_file_trials(args.trials, args.trial) if args.trials else []
     client = build_client(args)
