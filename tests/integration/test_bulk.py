@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,48 @@ def test_export_downloads_only_needed_types(
     # whole types by default (no _typeFilter), but only the types the criteria use: no Group
     assert got == sorted([ids[0], f"{ids[0]}-dx", f"{ids[0]}-ecog", f"{ids[0]}-hr"])
     assert not any(p.name.endswith("Group.ndjson") for p in paths)
+
+
+@pytest.mark.parametrize("executor", ["processes", "dask"])
+def test_parallel_bulk_run_writes_what_a_local_run_would(
+    fhir_base_url: str,
+    group: tuple[str, list[str]],
+    executor: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The workers group the export themselves (tiny partitions force the spill path); the
+    write-back they feed is the local executor's: a local run afterwards changes nothing."""
+    if executor == "dask":
+        pytest.importorskip("distributed")
+    from fhirmatch.executors import make_executor
+
+    gid, _ids = group
+    trials = load_trials([REPO / "fixtures" / "trials"])
+    client = FhirClient(ClientConfig(fhir_base_url, allow_insecure_http=True))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    options = MatchOptions(
+        bulk=True, bulk_group=gid, publish=True, partition_bytes=300, spill_dir=str(spill)
+    )
+    local_dry = run_match(client, trials, MatchOptions(bulk=True, bulk_group=gid, dry_run=True))
+    with make_executor(executor, trials, workers=2) as ex:
+        with caplog.at_level(logging.INFO, logger="fhirmatch.stream"):
+            parallel = run_match(client, trials, options, executor=ex)
+    assert any("partitions" in r.getMessage() for r in caplog.records)  # spilled, not shipped
+    assert list(spill.iterdir()) == []
+
+    def key(outcome: Any) -> list[dict[str, Any]]:  # partitioning changes the patient order
+        return sorted(
+            (r.model_dump(mode="json") for r in outcome.results),
+            key=lambda d: (d["patient"], d["study"]),
+        )
+
+    assert key(parallel) == key(local_dry)
+    written = sorted((p.study, p.patient, p.action) for p in parallel.planned)
+    assert written == sorted((p.study, p.patient, p.action) for p in local_dry.planned)
+    assert {a for _s, _p, a in written} >= {"create"}
+    again = run_match(client, trials, MatchOptions(bulk=True, bulk_group=gid, dry_run=True))
+    actions = [p.action for p in again.planned]
+    assert "unchanged" in actions and not {"create", "update"} & set(actions)
+    assert key(again) == key(parallel)

@@ -77,6 +77,26 @@ def test_top_level_help_lists_commands() -> None:
             "bearer",
         ],
         ["evaluate", "--trials", "does-not-exist", "--patients", "fixtures/patients"],
+        [
+            "evaluate",
+            "--trials",
+            "fixtures/trials",
+            "--patients",
+            "fixtures/patients",
+            "--spill-dir",
+            "does-not-exist",
+        ],
+        ["evaluate", "--trials", "fixtures/trials", "--patients", "x", "--partition-mb", "0"],
+        ["evaluate", "--trials", "fixtures/trials", "--patients", "x", "--workers", "0"],
+        [
+            "evaluate",
+            "--trials",
+            "fixtures/trials",
+            "--patients",
+            "x",
+            "--scheduler",
+            "tcp://127.0.0.1:1",
+        ],
         ["sandbox", "--port", "99999"],
     ],
 )
@@ -136,3 +156,48 @@ def test_json_log_lines() -> None:
     assert entry["level"] == "INFO"
     assert entry["logger"] == "fhirmatch.match"
     assert entry["message"] == "screened Patient/p1"
+
+
+def test_evaluate_on_a_bulk_export_is_the_same_with_every_executor(tmp_path: Path) -> None:
+    """The demo patients as a by-type NDJSON export; the process pool groups it itself (tiny
+    partitions) and prints exactly what the local executor prints."""
+    from fhirmatch.records import load_patient_records
+
+    export = tmp_path / "export"
+    export.mkdir()
+    files: dict[str, list[str]] = {}
+    for rec in load_patient_records(["fixtures/patients"]):
+        for res in rec.resources:
+            files.setdefault(res["resourceType"], []).append(json.dumps(res))
+    for rtype, lines in files.items():
+        (export / f"{rtype}.ndjson").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def run(*extra: str) -> str:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fhirmatch",
+                "evaluate",
+                "--trials",
+                "fixtures/trials",
+                "--patients",
+                str(export),
+                "--as-of",
+                "2026-11-01",
+                "--format",
+                "ndjson",
+                "--partition-mb",
+                "0.001",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    local = run()
+    assert len({json.loads(line)["patient"] for line in local.splitlines()}) >= 20
+    assert run("--executor", "processes", "--workers", "2") == local

@@ -10,8 +10,16 @@ from typing import Any
 
 import pytest
 
-from fhirmatch.records import iter_patient_records
-from fhirmatch.stream import group_ndjson_by_patient, partition_count, partition_of
+from fhirmatch.records import iter_patient_records, skippable_line
+from fhirmatch.stream import (
+    Shuffle,
+    group_ndjson_by_patient,
+    group_partition,
+    partition_count,
+    partition_of,
+    spill_slice,
+    wanted_types,
+)
 
 
 def _obs(rid: str, pid: str) -> dict[str, Any]:
@@ -151,3 +159,158 @@ def test_iter_patient_records_uses_partitions_for_split_exports(tmp_path: Path) 
         for r in iter_patient_records([tmp_path / "export"], partition_bytes=200)
     }
     assert got == expected
+
+
+# --------------------------------------------------------------------------- type filter
+
+
+NEEDED = frozenset({"Patient", "Observation", "Medication", "MedicationRequest"})
+
+
+@pytest.mark.parametrize(
+    ("line", "skip"),
+    [
+        (b'{"resourceType": "Claim", "id": "c1"}', True),
+        (b'{"id": "c1", "resourceType" : "ExplanationOfBenefit"}', True),
+        (b'{"resourceType": "Observation", "id": "o1"}', False),
+        # a contained resource of a needed type: decoded, judged after decoding
+        (b'{"resourceType": "Claim", "contained": [{"resourceType": "Observation"}]}', False),
+        # a misspelt type is never skipped unseen: the loader must report it
+        (b'{"resourceType": "Observaton", "id": "o1"}', False),
+        (b'{"id": "x"}', False),
+        # a type that is not a plain name (not a FHIR resource): reported, never skipped
+        (b'{"resourceType": 5, "contained": [{"resourceType": "Claim"}]}', False),
+        # escapes could hide the real type or key: decoded
+        (b'{"resourceType": "Claim", "note": "\\u0022resourceType\\u0022"}', False),
+        (b'{"resource\\u0054ype": "Observation", "a": {"resourceType": "Claim"}}', False),
+    ],
+)
+def test_skippable_line(line: bytes, skip: bool) -> None:
+    assert skippable_line(line, NEEDED) is skip
+    assert json.loads(line)  # every example is valid JSON
+
+
+def test_type_filter_keeps_needed_types_and_reports_unknown_ones(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.ndjson"
+    lines = [
+        {"resourceType": "Patient", "id": "p1"},
+        {"resourceType": "Claim", "id": "c1", "patient": {"reference": "Patient/p1"}},
+        _obs("o1", "p1"),
+        {"resourceType": "Observaton", "id": "typo", "subject": {"reference": "Patient/p1"}},
+        # unneeded type with a contained Observation: decoded, then dropped by its own type
+        {
+            "resourceType": "Claim",
+            "id": "c2",
+            "patient": {"reference": "Patient/p1"},
+            "contained": [{"resourceType": "Observation", "id": "inner"}],
+        },
+        # an unneeded line without a patient is not reported: its type is not read at all
+        {"resourceType": "Encounter", "id": "e1"},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    problems: list[str] = []
+    (rec,) = iter_patient_records([path], problems=problems, types=NEEDED)
+    assert [r["id"] for r in rec.resources] == ["p1", "o1"]
+    assert problems == []
+    assert rec.problems == [f"{path}: Observaton/typo has an unknown resourceType; skipped"]
+    # without a filter every type is kept and the orphan Encounter is reported
+    problems = []
+    (rec,) = iter_patient_records([path], problems=problems)
+    assert [r["id"] for r in rec.resources] == ["p1", "c1", "o1", "c2"]
+    assert problems == [f"{path}: line 6 (Encounter/e1) has no patient reference"]
+
+
+def test_wanted_types_follow_the_trials() -> None:
+    from fhirmatch.model import Criterion, DataInput, Trial
+
+    def trial(*types: str) -> Trial:
+        inputs = tuple(DataInput(name=f"i{n}", resource_type=t) for n, t in enumerate(types))
+        return Trial(
+            id="t",
+            title="t",
+            identifiers=(),
+            criteria=(Criterion(id="c", kind="inclusion", text="d", inputs=inputs),),
+            plan_definition_id="pd",
+        )
+
+    assert wanted_types([trial("Observation")]) == {"Patient", "Observation"}
+    assert wanted_types([trial("Condition"), trial("MedicationRequest")]) == {
+        "Patient",
+        "Condition",
+        "MedicationRequest",
+        "Medication",
+    }
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def _write_lines(path: Path, rows: list[str]) -> None:
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 7, 64, 333, 10_000])
+def test_byte_slices_cover_every_line_once(tmp_path: Path, slice_bytes: int) -> None:
+    expected = _write_split_export(tmp_path / "export", 30, seed=11)
+    problems: list[str] = []
+    got = {
+        r.patient_id: sorted(x["id"] for x in r.resources)
+        for r in group_ndjson_by_patient(
+            _files(tmp_path / "export"), problems, partitions=4, slice_bytes=slice_bytes
+        )
+    }
+    assert got == expected
+    assert problems == []
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 50, 120, 100_000])
+def test_line_numbers_are_whole_file_numbers_across_slices(
+    tmp_path: Path, slice_bytes: int
+) -> None:
+    path = tmp_path / "x.ndjson"
+    rows = [json.dumps(_obs(f"o{n}", f"p{n % 3}")) for n in range(40)]
+    rows[17] = "{oops"
+    rows[29] = ""  # blank lines count as lines
+    rows[33] = json.dumps({"resourceType": "Observation", "id": "orphan"})
+    _write_lines(path, rows)
+    problems: list[str] = []
+    recs = list(group_ndjson_by_patient([path], problems, partitions=2, slice_bytes=slice_bytes))
+    assert sorted(r.patient_id for r in recs) == ["p0", "p1", "p2"]
+    assert sum(len(r.resources) for r in recs) == 37
+    assert problems == [
+        f"{path}: line 18 is not valid JSON; line skipped",
+        f"{path}: line 34 (Observation/orphan) has no patient reference",
+    ]
+
+
+def test_slice_outcomes_can_arrive_in_any_order(tmp_path: Path) -> None:
+    expected = _write_split_export(tmp_path / "export", 25, seed=5)
+    problems: list[str] = []
+    with Shuffle(_files(tmp_path / "export"), partitions=3, slice_bytes=200) as shuffle:
+        tasks = shuffle.slice_tasks()
+        assert len(tasks) > 4
+        outcomes = [spill_slice(t) for t in reversed(tasks)]
+        parts = shuffle.partition_tasks(outcomes, problems)
+        got = {
+            r.patient_id: sorted(x["id"] for x in r.resources)
+            for task in parts
+            for r in group_partition(task)
+        }
+        with pytest.raises(RuntimeError, match="did not report"):
+            shuffle.partition_tasks(outcomes[1:], problems)
+    assert got == expected
+
+
+def test_spill_keeps_the_original_line_text(tmp_path: Path) -> None:
+    path = tmp_path / "x.ndjson"
+    rows = [
+        '{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"},'
+        '"valueQuantity":{"value":1.10}}',
+        json.dumps({"resourceType": "Observation", "id": "o2", "subject": {"reference": "p2"}}),
+    ]
+    _write_lines(path, rows)
+    with Shuffle([path], partitions=1) as shuffle:
+        (outcome,) = [spill_slice(t) for t in shuffle.slice_tasks()]
+        (spilled,) = outcome.spilled.values()
+        assert Path(spilled).read_bytes() == b"p1\t" + rows[0].encode() + b"\n"
+    assert outcome.problems == [(2, "(Observation/o2) has no patient reference")]
