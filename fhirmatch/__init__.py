@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .auth import Auth, BasicAuth, BearerAuth, NoAuth, SmartBackendAuth, build_auth
     from .client import ClientConfig, FhirClient
     from .engine import Engine
+    from .executors import Executor, make_executor
     from .fetch import FetchResult, fetch_patient_data
     from .listen import Listener, ListenOptions, watches_for
     from .match import (
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
         screen_patients,
     )
     from .model import Trial
-    from .records import PatientRecord, load_patient_records
+    from .records import PatientRecord, iter_patient_records, load_patient_records
     from .report import render_report, write_report
     from .results import CriterionResult, TrialResult
     from .terminology import Terminology
@@ -64,6 +65,8 @@ _LAZY: dict[str, str] = {
     "ClientConfig": "client",
     "FhirClient": "client",
     "Engine": "engine",
+    "Executor": "executors",
+    "make_executor": "executors",
     "FetchResult": "fetch",
     "fetch_patient_data": "fetch",
     "ListenOptions": "listen",
@@ -78,6 +81,7 @@ _LAZY: dict[str, str] = {
     "screen_patients": "match",
     "Trial": "model",
     "PatientRecord": "records",
+    "iter_patient_records": "records",
     "load_patient_records": "records",
     "render_report": "report",
     "write_report": "report",
@@ -101,6 +105,7 @@ __all__ = [
     "CriterionResult",
     "DataError",
     "Engine",
+    "Executor",
     "FatalNetworkError",
     "FetchResult",
     "FhirClient",
@@ -131,9 +136,11 @@ __all__ = [
     "connect",
     "existing_subjects",
     "fetch_patient_data",
+    "iter_patient_records",
     "load_patient_records",
     "load_trials",
     "load_trials_from_server",
+    "make_executor",
     "plan_subject",
     "publish_trials",
     "render_report",
