@@ -26,14 +26,15 @@ every executor has run on it.
 
 **What is measured.** Each executor (``fhirmatch.executors``) streams the export folder with
 ``Executor.evaluate_files`` (grouping by patient through hash-partitioned spill files of
-``--partition-mb`` each, see :mod:`fhirmatch.stream`) and evaluates every patient against the
-trials of ``bench_engine.load_trials``. Each run is a fresh child process (``--measure``), so no
-worker, forkserver or cache of an earlier run is counted. Printed per run, as a markdown row as
-soon as the run ends: wall-clock seconds and patients/s (grouping + evaluation, including starting
-and stopping the workers, not the interpreter's start), the peak RSS of the run's whole process
-tree (the child plus its worker processes, sampled every 50 ms), the peak size of the spill files (sampled every 0.5 s, so a short peak can be missed), and a
-digest of every (patient, [(trial, status)]) in output order; every executor must yield the same
-digest for one export (checked). The output order is the order patients are first seen in the
+``--partition-mb`` each, see :mod:`fhirmatch.stream`) and evaluates every patient against the trials
+of ``bench_engine.load_trials``. Each run is a fresh child process (``--measure``), so no worker,
+forkserver or cache of an earlier run is counted. Printed per run, as a markdown row as soon as the
+run ends: wall-clock seconds and patients/s (grouping + evaluation, including starting and stopping
+the workers, not the interpreter's start), the peak RSS of the run's whole process tree (the child
+plus its worker processes, sampled every 50 ms; RSS is summed, so pages the workers share count once
+per process), the peak size of the spill files (sampled every 0.5 s, so a short peak can be missed),
+and a digest of every (patient, [(trial, status)]) in output order; every executor must yield the
+same digest for one export (checked). The output order is the order patients are first seen in the
 export's files, so the digests of ``--types needed`` and ``--types all`` differ even though the
 results are the same. A first line describes the machine.
 

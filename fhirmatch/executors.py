@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from .engine import Engine
 from .errors import ConfigurationError
-from .records import PatientRecord, _checked
+from .records import PatientRecord, check_record
 from .results import TrialResult
 from .stream import (
     PartitionTask,
@@ -86,7 +86,6 @@ Evaluated = Iterator[tuple[PatientRecord, list[TrialResult]]]
 #: what a reduce task sends back: per patient, the slim record and its results
 PartitionResults = list[tuple[PatientRecord, list[TrialResult]]]
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 class Executor(Protocol):
@@ -156,9 +155,11 @@ class _Base:
             slice_bytes=slice_bytes,
         ):
             if not isinstance(part, Shuffle):
-                yield from self.evaluate((_checked(r) for r in part), as_of=as_of)
+                yield from self.evaluate((check_record(r) for r in part), as_of=as_of)
             elif not (self.shared_files or spill_dir is not None):
-                yield from self.evaluate((_checked(r) for r in part.records(general)), as_of=as_of)
+                yield from self.evaluate(
+                    (check_record(r) for r in part.records(general)), as_of=as_of
+                )
             else:
                 with part:
                     outcomes = self._map_slices(part.slice_tasks())
@@ -195,7 +196,7 @@ class LocalExecutor(_Base):
     def _reduce(self, tasks: list[PartitionTask], as_of: date) -> Evaluated:
         for task in tasks:
             for record in group_partition(task):
-                record = _checked(record)
+                record = check_record(record)
                 yield record, self.engine.evaluate_patient_record(record, as_of=as_of)
             _remove_spill(task)
 
@@ -279,7 +280,7 @@ def evaluate_partition(engine: Engine, task: PartitionTask, as_of: date) -> Part
     spill files; return slim records (Patient resource and problems only) with their results."""
     out: PartitionResults = []
     for record in group_partition(task):
-        record = _checked(record, quiet=True)
+        record = check_record(record, quiet=True)
         out.append((_slim(record), engine.evaluate_patient_record(record, as_of=as_of)))
     _remove_spill(task)
     return out

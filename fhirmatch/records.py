@@ -44,6 +44,7 @@ from typing import IO, Any
 
 __all__ = [
     "PatientRecord",
+    "check_record",
     "iter_patient_records",
     "load_patient_records",
     "patient_reference_of",
@@ -208,7 +209,7 @@ def iter_patient_records(
     ):
         source = part.records(general) if isinstance(part, Shuffle) else part
         for rec in source:
-            yield _checked(rec)
+            yield check_record(rec)
 
 
 @functools.lru_cache(maxsize=512)
@@ -226,7 +227,7 @@ def _value_keys(resource: dict[str, Any]) -> list[str]:
     return [k for k in resource if len(k) > 5 and k.startswith("value") and k[5].isupper()]
 
 
-def _checked(rec: PatientRecord, *, quiet: bool = False) -> PatientRecord:
+def check_record(rec: PatientRecord, *, quiet: bool = False) -> PatientRecord:
     """Drop resources whose meaning cannot be trusted, reporting each with its id:
 
     * an unknown ``resourceType`` (a misspelt type would otherwise pass as "no data");

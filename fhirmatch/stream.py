@@ -44,11 +44,11 @@ from .records import (
     NDJSON_SUFFIXES,
     SHARED_TYPES,
     PatientRecord,
-    _checked,
     _expand_paths,
     _finish_ndjson,
     _iter_json_file,
     _problem,
+    check_record,
     iter_contiguous_ndjson,
     iter_ndjson_slice,
     ndjson_is_contiguous,
@@ -466,4 +466,4 @@ def group_ndjson_by_patient(
         else shuffle.records(problems)
     )
     for rec in source:
-        yield _checked(rec)
+        yield check_record(rec)
