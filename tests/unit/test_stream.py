@@ -314,3 +314,20 @@ def test_spill_keeps_the_original_line_text(tmp_path: Path) -> None:
         (spilled,) = outcome.spilled.values()
         assert Path(spilled).read_bytes() == b"p1\t" + rows[0].encode() + b"\n"
     assert outcome.problems == [(2, "(Observation/o2) has no patient reference")]
+
+
+def test_spill_files_are_private_and_removed_on_error(tmp_path: Path) -> None:
+    """Spill files hold patient data: they live in a directory only the owner can read, which
+    is removed even when the grouping fails half-way."""
+    _write_split_export(tmp_path / "export", 20)
+    spill = tmp_path / "spill"
+    spill.mkdir(mode=0o755)
+    shuffle = Shuffle(_files(tmp_path / "export"), partitions=3, spill_dir=spill)
+    with pytest.raises(RuntimeError, match="worker lost"), shuffle:
+        assert shuffle.directory is not None
+        assert shuffle.directory.stat().st_mode & 0o777 == 0o700
+        for task in shuffle.slice_tasks():
+            spill_slice(task)
+        assert any(shuffle.directory.iterdir())
+        raise RuntimeError("worker lost")
+    assert list(spill.iterdir()) == []
