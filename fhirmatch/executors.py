@@ -33,7 +33,6 @@ grouped here and shipped as with :meth:`Executor.evaluate`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -57,6 +56,7 @@ from .stream import (
     SliceTask,
     group_partition,
     plan_input,
+    remove_spill,
     spill_slice,
     wanted_types,
 )
@@ -198,7 +198,7 @@ class LocalExecutor(_Base):
             for record in group_partition(task):
                 record = check_record(record)
                 yield record, self.engine.evaluate_patient_record(record, as_of=as_of)
-            _remove_spill(task)
+            remove_spill(task)
 
 
 def _batches(records: Iterable[PatientRecord], size: int) -> Iterator[list[PatientRecord]]:
@@ -258,12 +258,6 @@ def _reduced(
             yield record, trial_results
 
 
-def _remove_spill(task: PartitionTask) -> None:
-    for name, _source in task.files:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-
-
 def _slim(record: PatientRecord) -> PatientRecord:
     """The record without its clinical resources (what a worker sends back)."""
     patient = record.patient
@@ -282,7 +276,7 @@ def evaluate_partition(engine: Engine, task: PartitionTask, as_of: date) -> Part
     for record in group_partition(task):
         record = check_record(record, quiet=True)
         out.append((_slim(record), engine.evaluate_patient_record(record, as_of=as_of)))
-    _remove_spill(task)
+    remove_spill(task)
     return out
 
 
@@ -540,7 +534,7 @@ def add_executor_arguments(group: argparse._ActionsContainer) -> None:
 
 def partition_bytes(args: argparse.Namespace) -> int | None:
     """``--partition-mb`` in bytes (None: the default)."""
-    mb = getattr(args, "partition_mb", None)
+    mb = args.partition_mb
     return None if mb is None else max(1, int(mb * 1024 * 1024))
 
 
@@ -554,11 +548,10 @@ def executor_from_args(
     """The executor the command-line flags ask for."""
     if args.workers is not None and args.workers < 1:
         raise ConfigurationError("--workers must be positive")
-    if getattr(args, "partition_mb", None) is not None and args.partition_mb <= 0:
+    if args.partition_mb is not None and args.partition_mb <= 0:
         raise ConfigurationError("--partition-mb must be positive")
-    spill_dir = getattr(args, "spill_dir", None)
-    if spill_dir is not None and not os.path.isdir(spill_dir):
-        raise ConfigurationError(f"--spill-dir {spill_dir}: no such directory")
+    if args.spill_dir is not None and not os.path.isdir(args.spill_dir):
+        raise ConfigurationError(f"--spill-dir {args.spill_dir}: no such directory")
     return make_executor(
         args.executor,
         trials,

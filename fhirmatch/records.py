@@ -529,10 +529,9 @@ def iter_contiguous_ndjson(
 def _ndjson_patient(
     res: dict[str, Any], path: Path, lineno: int, problems: list[str]
 ) -> str | None:
-    pid = ndjson_patient(
+    return ndjson_patient(
         res, lineno, lambda n, text: _problem(problems, problem_text(path, n, text))
     )
-    return pid
 
 
 def ndjson_patient(res: dict[str, Any], lineno: int, report: Report) -> str | None:

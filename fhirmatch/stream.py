@@ -44,6 +44,7 @@ from .records import (
     NDJSON_SUFFIXES,
     SHARED_TYPES,
     PatientRecord,
+    Report,
     _expand_paths,
     _finish_ndjson,
     _iter_json_file,
@@ -71,6 +72,7 @@ __all__ = [
     "partition_count",
     "partition_of",
     "plan_input",
+    "remove_spill",
     "spill_slice",
     "wanted_types",
 ]
@@ -167,12 +169,7 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
             except StopIteration as stop:
                 out.lines = stop.value or 0
                 break
-            rtype = res["resourceType"]
-            if rtype == "Medication" and isinstance(res.get("id"), str):
-                out.medications[res["id"]] = res
-            if rtype in SHARED_TYPES:
-                continue
-            pid = ndjson_patient(res, lineno, report)
+            pid = _route(res, lineno, out, report)
             if pid is None:
                 continue
             if "\t" in pid or "\n" in pid or "\r" in pid:
@@ -189,6 +186,16 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
         for fh in handles.values():
             fh.close()
     return out
+
+
+def _route(res: dict[str, Any], lineno: int, out: SliceOutcome, report: Report) -> str | None:
+    """The patient a resource goes to; None for shared resources (Medications are kept in
+    ``out``) and for resources without a patient (reported)."""
+    if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
+        out.medications[res["id"]] = res
+    if res["resourceType"] in SHARED_TYPES:
+        return None
+    return ndjson_patient(res, lineno, report)
 
 
 def plan_slices(
@@ -247,6 +254,13 @@ def group_partition(task: PartitionTask) -> Iterator[PatientRecord]:
         rec = PatientRecord(pid.decode("utf-8"), source=", ".join(sources.pop(pid)))
         rec.resources = [json.loads(b) for b in bodies]
         yield _finish_ndjson(rec, task.medications)
+
+
+def remove_spill(task: PartitionTask) -> None:
+    """Delete a partition's spill files once it has been grouped."""
+    for name, _source in task.files:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -348,9 +362,7 @@ class Shuffle:
             tasks = self.partition_tasks(map(spill_slice, self.slice_tasks()), problems)
             for task in tasks:
                 yield from group_partition(task)
-                for name, _source in task.files:
-                    with contextlib.suppress(OSError):
-                        os.unlink(name)
+                remove_spill(task)
 
 
 def plan_input(
@@ -424,11 +436,7 @@ def _spill_in_memory(
         out.problems.append((lineno, text))
 
     for lineno, res, _body in iter_ndjson_slice(path, report, types=types):
-        if res["resourceType"] == "Medication" and isinstance(res.get("id"), str):
-            out.medications[res["id"]] = res
-        if res["resourceType"] in SHARED_TYPES:
-            continue
-        pid = ndjson_patient(res, lineno, report)
+        pid = _route(res, lineno, out, report)
         if pid is not None:
             grouped.setdefault(pid, []).append(res)
     return out, grouped
