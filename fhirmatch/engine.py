@@ -937,6 +937,8 @@ class Engine:
             status=trial_status(r.outcome for r in results),
             criteria=results,
             title=trial.title,
+            incomplete=trial.incomplete,
+            drafted=trial.drafted_criteria(),
         )
 
     @staticmethod

@@ -26,6 +26,13 @@ EXT_ANALYTE = f"{EXT_BASE}/analyte"
 EXT_CLINICAL_STATUS = f"{EXT_BASE}/clinical-status"
 EXT_REQUIRED = f"{EXT_BASE}/required"
 EXT_MANUAL_REVIEW = f"{EXT_BASE}/manual-review"
+#: PlanDefinition extension (``valueMarkdown``): the definition is known to be incomplete, and what
+#: is missing; every user of the trial is warned
+EXT_DEFINITION_INCOMPLETE = f"{EXT_BASE}/definition-incomplete"
+#: action extension: the criterion was drafted by ``fhirmatch trials import`` and nobody has
+#: reviewed it yet (sub-extensions ``span``: the text it was drafted from, ``rule``: the
+#: recogniser); a reviewer removes it
+EXT_DRAFTED = f"{EXT_BASE}/drafted"
 CS_CRITERION_KIND = f"{CS_BASE}/criterion-kind"
 
 
@@ -69,6 +76,8 @@ class Criterion:
     selection: Selection = "all"
     #: free-text note (source of the criterion, modelling decisions)
     note: str | None = None
+    #: drafted by the importer and not reviewed yet: the text span it was drafted from
+    drafted: str | None = None
 
     @property
     def is_manual(self) -> bool:
@@ -92,12 +101,27 @@ class Trial:
     version: str | None = None
     source: str | None = None
     recruitment_status: str | None = None
+    #: what the definition is known to lack (``definition-incomplete`` extension), else None
+    incomplete: str | None = None
     #: the FHIR resources as loaded (ResearchStudy, PlanDefinition, ValueSets), for publishing
     resources: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def reference(self) -> str:
         return f"ResearchStudy/{self.id}"
+
+    def drafted_criteria(self) -> list[str]:
+        """Ids of the criteria drafted by the importer that nobody has reviewed yet."""
+        out: list[str] = []
+
+        def walk(cs: tuple[Criterion, ...]) -> None:
+            for c in cs:
+                if c.drafted is not None:
+                    out.append(c.id)
+                walk(c.children)
+
+        walk(self.criteria)
+        return out
 
     def all_inputs(self) -> list[DataInput]:
         out: list[DataInput] = []

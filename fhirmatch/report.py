@@ -42,6 +42,10 @@ class TrialSection:
     attrition: list[CriterionCount] = field(default_factory=list)
     unknown: list[CriterionCount] = field(default_factory=list)
     written: int = 0
+    #: what the trial's definition is known to lack (``definition-incomplete``), else None
+    incomplete: str | None = None
+    #: ids of drafted criteria nobody has reviewed yet
+    drafted: list[str] = field(default_factory=list)
 
     @property
     def max_attrition(self) -> int:
@@ -56,6 +60,7 @@ def _leaves(criteria: Iterable[CriterionResult]) -> Iterable[CriterionResult]:
 
 def build_sections(outcome: MatchOutcome, trials: Sequence[Trial]) -> list[TrialSection]:
     titles = {t.reference: t.title for t in trials}
+    by_ref = {t.reference: t for t in trials}
     crit_titles: dict[str, dict[str, str]] = {}
     for t in trials:
         names: dict[str, str] = {}
@@ -72,11 +77,14 @@ def build_sections(outcome: MatchOutcome, trials: Sequence[Trial]) -> list[Trial
         sec = sections.get(r.study)
         if sec is None:
             summary = outcome.summaries.get(r.study)
+            trial = by_ref.get(r.study)
             sec = sections[r.study] = TrialSection(
                 study=r.study,
                 title=titles.get(r.study, r.study),
                 screened=0,
                 written=summary.written if summary else 0,
+                incomplete=trial.incomplete if trial else r.incomplete,
+                drafted=trial.drafted_criteria() if trial else list(r.drafted),
             )
             fails[r.study] = Counter()
             unknowns[r.study] = Counter()

@@ -7,7 +7,11 @@ The JSON shape (``EvaluationReport.model_dump(mode="json")``)::
      "results": [
       {"patient": "Patient/p1", "study": "ResearchStudy/NCT06767007", "status": "eligible",
        "criteria": [{"id": "inc-ecog", "kind": "inclusion", "text": "...", "outcome": "pass",
-                     "evidence": ["Observation/o7"], "reason": "...", "criteria": []}]}]}
+                     "evidence": ["Observation/o7"], "reason": "...", "criteria": []}],
+       "incomplete": null, "drafted": []}]}
+
+``incomplete`` repeats the trial's ``definition-incomplete`` marker (what the definition lacks);
+``drafted`` lists the criteria drafted by the importer that nobody has reviewed yet.
 
 A group criterion keeps its sub-criteria nested in its own ``criteria`` list (the children's ids
 are the PlanDefinition action ids); a plain criterion has an empty list there.
@@ -60,6 +64,11 @@ class TrialResult(BaseModel):
     status: TrialStatus
     criteria: list[CriterionResult] = Field(default_factory=list)
     title: str | None = None
+    #: what the trial's definition is known to lack (its ``definition-incomplete`` marker): an
+    #: ``eligible`` status then means "passed what is modelled"
+    incomplete: str | None = None
+    #: ids of criteria drafted by ``fhirmatch trials import`` that nobody has reviewed yet
+    drafted: list[str] = Field(default_factory=list)
 
     def manual_criteria(self) -> list[CriterionResult]:
         """Criteria a coordinator must review by hand (top level and inside groups)."""

@@ -29,6 +29,8 @@ from .model import (
     EXT_ANALYTE,
     EXT_BASE,
     EXT_CLINICAL_STATUS,
+    EXT_DEFINITION_INCOMPLETE,
+    EXT_DRAFTED,
     EXT_MANUAL_REVIEW,
     EXT_REQUIRED,
     EXT_TARGET_UNIT,
@@ -53,10 +55,12 @@ __all__ = [
     "compile_trial",
     "default_mappings_dir",
     "default_trials_paths",
+    "definition_incomplete",
     "fhirpath_problems",
     "fhirpath_variables",
     "load_trial_resources",
     "load_trials",
+    "trial_warnings",
 ]
 
 #: free-text modelling note on an action (``valueMarkdown``); becomes :attr:`Criterion.note`
@@ -328,6 +332,22 @@ def _kind_of(action: dict[str, Any]) -> str | None:
     return None
 
 
+def _drafted_span(action: dict[str, Any], text: str) -> str:
+    """The text span a drafted action came from (``span`` sub-extension), else its wording."""
+    ext = _ext(action, EXT_DRAFTED) or {}
+    span = _ext(ext, "span")
+    return str(span.get("valueString")) if span and span.get("valueString") else text
+
+
+def definition_incomplete(plan: dict[str, Any]) -> str | None:
+    """What a PlanDefinition's ``definition-incomplete`` extension says is missing, or None."""
+    ext = _ext(plan, EXT_DEFINITION_INCOMPLETE)
+    if ext is None:
+        return None
+    text = str(ext.get("valueMarkdown") or ext.get("valueString") or "").strip()
+    return text or "the definition is marked incomplete (no reason given)"
+
+
 def _load_analytes() -> set[str] | None:
     """Analyte codes known to :mod:`fhirmatch.units` (``mappings/analytes.json``)."""
     from .units import known_analytes
@@ -377,6 +397,7 @@ class _Compiler:
             if cite:
                 notes.append(f"Source: {cite}")
         note = "\n".join(notes) or None
+        drafted = _drafted_span(action, text) if _ext(action, EXT_DRAFTED) else None
 
         manual = _ext(action, EXT_MANUAL_REVIEW)
         children_raw = action.get("action") or []
@@ -398,6 +419,7 @@ class _Compiler:
                 children=children,
                 selection=selection,
                 note=note,
+                drafted=drafted,
             )
         if manual is not None:
             reason = str(manual.get("valueString") or "").strip()
@@ -406,7 +428,9 @@ class _Compiler:
                 reason = "(no reason given)"
             if conditions or inputs_raw:
                 self.problem(here, "a manual criterion has no input and no condition")
-            return Criterion(id=aid, kind=kind, text=text, manual_reason=reason, note=note)
+            return Criterion(
+                id=aid, kind=kind, text=text, manual_reason=reason, note=note, drafted=drafted
+            )
         if not conditions:
             self.problem(
                 here, "neither computable (no condition) nor manual (no manual-review reason)"
@@ -442,6 +466,7 @@ class _Compiler:
             expression=expression,
             inputs=tuple(inputs),
             note=note,
+            drafted=drafted,
         )
 
     def data_input(self, dr: dict[str, Any], where: str) -> DataInput:
@@ -481,12 +506,20 @@ class _Compiler:
             self.problem(where, f"limit {limit!r}: only 1 (latest result) is supported")
         unit_ext = _ext(dr, EXT_TARGET_UNIT)
         unit = str(unit_ext.get("valueCode")) if unit_ext else None
-        if unit is not None:
-            self.check_unit(unit, where)
+        unit_ok = unit is not None and self.check_unit(unit, where)
         analyte_ext = _ext(dr, EXT_ANALYTE)
         analyte = str(analyte_ext.get("valueCode")) if analyte_ext else None
         if analyte is not None and self.analytes is not None and analyte not in self.analytes:
             self.problem(where, f"analyte {analyte!r} is not in mappings/analytes.json")
+        elif unit is not None and unit_ok:
+            self.check_analyte_unit(unit, analyte, codes, where)
+        if rtype == "Observation" and lookback is None and (limit == 1 or unit is not None):
+            self.problem(
+                where,
+                "an Observation result with no look-back window (dateFilter valueDuration) "
+                "would count results of any age; give the window the protocol states, or the "
+                "one you choose (say so in a note)",
+            )
         status_ext = _ext(dr, EXT_CLINICAL_STATUS)
         status = str(status_ext.get("valueCode")) if status_ext else "any"
         if status not in CLINICAL_STATUS_VALUES:
@@ -523,13 +556,45 @@ class _Compiler:
             self.problem(where, f"ValueSet {url} expands to no codes")
         return codes
 
-    def check_unit(self, unit: str, where: str) -> None:
+    def check_unit(self, unit: str, where: str) -> bool:
         from .units import parse_unit
 
         try:
             parse_unit(unit)
         except UnitError as exc:
             self.problem(where, f"target unit {unit!r} is not valid UCUM: {exc.reason}")
+            return False
+        return True
+
+    def check_analyte_unit(
+        self, unit: str, analyte: str | None, codes: frozenset[tuple[str, str]], where: str
+    ) -> None:
+        """The target unit must be reachable from the analyte's units: the named analyte's, or
+        (without one) that of every analyte whose LOINC codes the input's ValueSet holds."""
+        from .units import analyte_info, conversion_factor, known_analytes
+
+        if analyte is not None:
+            candidates = [analyte]
+        else:
+            loinc = {c for s, c in codes if s == "http://loinc.org"}
+            candidates = [a for a in known_analytes() if loinc & set(analyte_info(a).loinc)]
+        for code in candidates:
+            info = analyte_info(code)
+            if unit == "{score}" or unit in (info.unit, *info.other_units):
+                continue
+            reasons: list[str] = []
+            for source in (info.unit, *info.other_units):
+                try:
+                    conversion_factor(source, unit, analyte=code)
+                    break
+                except UnitError as exc:
+                    reasons.append(exc.reason)
+            else:
+                self.problem(
+                    where,
+                    f"target unit {unit!r} cannot be converted from {code}'s unit "
+                    f"{info.unit!r} ({reasons[0]})",
+                )
 
 
 def compile_trial(
@@ -578,6 +643,7 @@ def compile_trial(
         version=plan.get("version"),
         source=source,
         recruitment_status=study.get("status"),
+        incomplete=definition_incomplete(plan),
         resources=(study, plan, *resources),
     )
 
@@ -624,6 +690,9 @@ class CheckReport:
 
     trials: list[Trial] = field(default_factory=list)
     problems: dict[str, list[str]] = field(default_factory=dict)
+    #: what does not stop a trial from loading but must be seen: incomplete definitions,
+    #: drafted criteria nobody reviewed yet
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -699,7 +768,27 @@ def check_trials(
             continue
         seen[trial.id] = tr.source
         report.trials.append(trial)
+        warnings = trial_warnings(trial)
+        if warnings:
+            report.warnings.setdefault(tr.source, []).extend(warnings)
     return report
+
+
+def trial_warnings(trial: Trial) -> list[str]:
+    """What a user of ``trial`` must be told: an incomplete definition, unreviewed drafts."""
+    out: list[str] = []
+    if trial.incomplete:
+        out.append(
+            f"{trial.id}: definition incomplete: {' '.join(trial.incomplete.split())} "
+            "(patients found eligible have passed only what is modelled)"
+        )
+    drafted = trial.drafted_criteria()
+    if drafted:
+        out.append(
+            f"{trial.id}: {len(drafted)} criteria drafted automatically and not reviewed: "
+            f"{', '.join(drafted)}"
+        )
+    return out
 
 
 def _iter_files_checked(paths: Sequence[str | Path], report: CheckReport) -> Iterator[Path]:

@@ -188,6 +188,9 @@ class AnalyteInfo:
     #: the largest value that is physiologically possible at all, in ``unit``: a larger one is
     #: a data error (wrong unit, a typo), not a result to compare
     plausible_max: float | None = None
+    #: units of a separate measurement of the analyte that never converts to ``unit``
+    #: (HBV DNA ``{copies}/mL`` besides ``[IU]/mL``)
+    other_units: tuple[str, ...] = ()
 
 
 def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
@@ -201,6 +204,7 @@ def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
             display=entry["display"],
             loinc=tuple(entry.get("loinc", ())),
             unit=entry["unit"],
+            other_units=tuple(entry.get("other_units", ())),
             molar_mass_g_per_mol=entry.get("molar_mass_g_per_mol"),
             iu_is_enzyme_unit=bool(entry.get("iu_is_enzyme_unit", False)),
             uln=(float(uln["value"]), uln["unit"]) if uln else None,

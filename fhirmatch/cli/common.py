@@ -19,12 +19,16 @@ import logging
 import sys
 import time
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..auth import build_auth
 from ..client import ClientConfig, FhirClient
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..model import Trial
 
 #: config keys that would put a secret in a file that is not a secret file
 FORBIDDEN_CONFIG_KEYS = frozenset({"token", "password", "client-secret", "private-key"})
@@ -211,3 +215,13 @@ class Progress:
             self.stream.write(f"{self.label}: {done}/{total} patients ({rate:.1f}/s)\n")
             self.stream.flush()
             self._last = now
+
+
+def warn_about_trials(trials: Iterable[Trial], out: TextIO | None = None) -> None:
+    """One warning line per incomplete definition or unreviewed draft (stderr by default)."""
+    from ..trials import trial_warnings
+
+    stream = out if out is not None else sys.stderr
+    for trial in trials:
+        for warning in trial_warnings(trial):
+            print(f"fhirmatch: warning: {warning}", file=stream)

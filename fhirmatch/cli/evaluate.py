@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         executor = executor_from_args(args, trials, terminology, engine=engine)
     except ConfigurationError as exc:
         raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
+    from .common import warn_about_trials
+
+    warn_about_trials(trials)  # once the configuration is known to be good
     with executor:
         results = (
             (record.problems, trial_results)
@@ -188,6 +191,10 @@ def format_table(trial_results: list[TrialResult], as_of: date, problems: list[s
         title = f" {tr.title}" if tr.title else ""
         lines.append(f"  {tr.study}{title[:70]}")
         lines.append(f"    status: {tr.status.upper()}")
+        if tr.incomplete:
+            lines.append(f"    ! definition incomplete: {' '.join(tr.incomplete.split())}")
+        if tr.drafted:
+            lines.append(f"    ! drafted, not reviewed: {', '.join(tr.drafted)}")
         for c in tr.criteria:
             _criterion_lines(c, 3, lines)
     lines.append("")

@@ -25,6 +25,7 @@ from .common import (
     add_server_options,
     build_client,
     setup_logging,
+    warn_about_trials,
 )
 
 log = logging.getLogger("fhirmatch.cli")
@@ -154,6 +155,7 @@ def run_command(args: argparse.Namespace) -> int:
                 raise ConfigurationError("the server holds no active trial with a protocol")
         progress = Progress("screening", args.progress_interval)
         with executor_from_args(args, trials, terminology) as executor:
+            warn_about_trials(trials)  # once the configuration is known to be good
             with contextlib.ExitStack() as stack:
                 state = (
                     stack.enter_context(StateStore(args.state))

@@ -117,9 +117,12 @@ def print_table(trial: Trial, out: TextIO) -> None:
     for _, c in _walk(trial.criteria):
         if not c.is_group:
             counts["manual" if c.is_manual else "computable"] += 1
+    drafted = len(trial.drafted_criteria())
     print(
         f"  {counts['computable']} computable, {counts['manual']} manual "
-        f"({len(trial.criteria)} top-level criteria)",
+        f"({len(trial.criteria)} top-level criteria)"
+        + (f"; {drafted} drafted, not reviewed" if drafted else "")
+        + ("; DEFINITION INCOMPLETE" if trial.incomplete else ""),
         file=out,
     )
 
@@ -130,6 +133,9 @@ def run_check(args: argparse.Namespace) -> int:
     for trial in report.trials:
         print_table(trial, sys.stdout)
         print(file=sys.stdout)
+    for source, warnings in report.warnings.items():
+        for warning in warnings:
+            print(f"fhirmatch: warning: {source}: {warning}", file=sys.stderr)
     if report.ok:
         print(f"{len(report.trials)} trial(s) valid.")
         return exitcodes.OK
@@ -170,11 +176,17 @@ def print_criterion(c: Criterion, out: TextIO, depth: int = 0) -> None:
     print(f"{pad}[{c.kind}] {c.id}", file=out)
     print(wrap.fill(" ".join(c.text.split())), file=out)
     if c.is_group:
+        if c.drafted is not None:
+            span = " ".join(c.drafted.split())
+            print(wrap.fill(f"DRAFTED, NOT REVIEWED: drafted from {span!r}"), file=out)
         need = "every one" if c.selection == "all" else "at least one"
         print(f"{pad}    group: {need} of these must pass", file=out)
         for child in c.children:
             print_criterion(child, out, depth + 1)
         return
+    if c.drafted is not None:
+        span = " ".join(c.drafted.split())
+        print(wrap.fill(f"DRAFTED, NOT REVIEWED: drafted from {span!r}"), file=out)
     if c.is_manual:
         print(wrap.fill(f"manual review: {c.manual_reason}"), file=out)
     else:
@@ -201,6 +213,10 @@ def run_show(args: argparse.Namespace) -> int:
     for system, value in trial.identifiers:
         print(f"  identifier {system} | {value}", file=out)
     print(f"  criteria: {trial.plan_definition_url or trial.plan_definition_id}", file=out)
+    from ..trials import trial_warnings
+
+    for warning in trial_warnings(trial):
+        print(f"  WARNING: {warning.split(': ', 1)[1]}", file=out)
     print(file=out)
     for c in trial.criteria:
         print_criterion(c, out)

@@ -106,3 +106,27 @@ def test_report_file_is_owner_only(tmp_path: Path) -> None:
     write_report(path, _outcome(), [_trial()], parameters={})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text(encoding="utf-8").startswith("<!doctype html>")
+
+
+def test_report_warns_about_incomplete_and_drafted_trials() -> None:
+    base = _trial()
+    crits = (
+        Criterion(
+            id="inc-ecog", kind="inclusion", text="ECOG ≤ 1", expression="true", drafted="ECOG ≤ 1"
+        ),
+        *base.criteria[1:],
+    )
+    trial = Trial(
+        id="S",
+        title="Study S",
+        identifiers=(),
+        criteria=crits,
+        plan_definition_id="S-eligibility",
+        incomplete="No exclusion criteria could be sourced.",
+    )
+    html = render_report(_outcome(), [trial])
+    assert "Incomplete definition" in html
+    assert "No exclusion criteria could be sourced." in html
+    assert "1 criteria drafted automatically, not reviewed" in html and "inc-ecog" in html
+    plain = render_report(_outcome(), [_trial()])
+    assert "Incomplete definition" not in plain and "drafted automatically" not in plain

@@ -240,6 +240,19 @@ def bad_status(b: dict[str, Any]) -> None:
     study["resource"]["status"] = "recruiting"
 
 
+def lab_without_lookback(b: dict[str, Any]) -> None:
+    del action(b, "inc-platelets")["input"][0]["dateFilter"]
+
+
+def platelets_in_mass_units(b: dict[str, Any]) -> None:
+    action(b, "inc-platelets")["input"][0]["extension"][0]["valueCode"] = "g/dL"
+
+
+def unconvertible_unit_without_analyte(b: dict[str, Any]) -> None:
+    exts = action(b, "inc-hemoglobin")["input"][0]["extension"]
+    exts[:] = [{"url": EXT + "target-unit", "valueCode": "10*9/L"}]
+
+
 BREAKAGES = [
     (broken_fhirpath, "FHIRPath"),
     (unknown_value_set, "no-such-thing"),
@@ -252,6 +265,9 @@ BREAKAGES = [
     (bad_duration, "fortnight"),
     (invalid_fhir, "invalid FHIR R4"),
     (bad_status, "not an R4 status code"),
+    (lab_without_lookback, "no look-back window"),
+    (platelets_in_mass_units, "'g/dL' cannot be converted from platelets's unit '10*9/L'"),
+    (unconvertible_unit_without_analyte, "'10*9/L' cannot be converted from hemoglobin's"),
 ]
 
 
@@ -324,6 +340,49 @@ def test_cli_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert "NCT06767007" in out and "inc-wbc-or-anc" in out
     assert "group:any" in out and "manual" in out and "computable" in out
     assert "5 trial(s) valid." in out
+
+
+def test_incomplete_definitions_are_marked(trials: dict[str, Trial]) -> None:
+    assert "exclusion criteria" in (trials["NCT06084897"].incomplete or "")
+    assert "inclusion criterion 6" in (trials["NCT05183958"].incomplete or "")
+    complete = [t for t in trials.values() if t.incomplete is None]
+    assert {t.id for t in complete} == {"escc-sbrt-antipd1", "NCT03731442", "NCT06767007"}
+
+
+def test_cli_check_warns_about_incomplete_definitions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["trials", "check", str(TRIALS_DIR)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 2, captured.err
+    assert any("NCT06084897: definition incomplete: No exclusion criteria" in w for w in warnings)
+    assert any("NCT05183958: definition incomplete" in w for w in warnings)
+    assert "DEFINITION INCOMPLETE" in captured.out
+
+
+def test_drafted_marker_compiled_and_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = good_bundle()
+    action(bundle, "inc-platelets").setdefault("extension", []).append(
+        {"url": EXT + "drafted", "extension": [{"url": "span", "valueString": "PLT ≥ 100"}]}
+    )
+    path = write(tmp_path, bundle)
+    (trial,) = load_trials([path])
+    assert find(trial, "inc-platelets").drafted == "PLT ≥ 100"
+    assert trial.drafted_criteria() == ["inc-platelets"]
+    assert main(["trials", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "1 criteria drafted automatically and not reviewed: inc-platelets" in captured.err
+    assert main(["trials", "show", "NCT06767007", "--trials", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "DRAFTED, NOT REVIEWED: drafted from 'PLT ≥ 100'" in out
+    # a reviewer clears the mark by removing the extension
+    exts = action(bundle, "inc-platelets")["extension"]
+    exts[:] = [e for e in exts if e["url"] != EXT + "drafted"]
+    (trial,) = load_trials([write(tmp_path, bundle)])
+    assert trial.drafted_criteria() == []
 
 
 def test_cli_check_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -423,3 +482,22 @@ def test_histology_and_other_malignancy_conditions(trials: dict[str, Trial]) -> 
 
     assert evaluate(other, other=[prostate("resolved")]) == [False]  # cured prostate cancer
     assert evaluate(other, other=[prostate("active")]) == [True]
+
+
+def test_evaluate_warns_and_reports_incomplete_definitions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    patients = TRIALS_DIR.parent / "patients"
+    argv = ["evaluate", "--trials", str(TRIALS_DIR), "--patients", str(patients)]
+    assert main([*argv, "--trial", "NCT06084897", "--format", "json", "--as-of", "2026-11-01"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)["results"]
+    assert results and all("exclusion criteria" in r["incomplete"] for r in results)
+    assert all(r["drafted"] == [] for r in results)
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warnings == [next(w for w in warnings if "NCT06084897: definition incomplete" in w)]
+    assert main([*argv, "--trial", "NCT06767007", "NCT05183958", "--as-of", "2026-11-01"]) == 0
+    captured = capsys.readouterr()
+    assert "! definition incomplete: Inclusion criteria after 6" in captured.out
+    assert "NCT05183958: definition incomplete" in captured.err
+    assert "NCT06767007: definition" not in captured.err
