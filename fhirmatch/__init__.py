@@ -15,6 +15,7 @@ from .errors import (
     AuthenticationError,
     ConfigurationError,
     DataError,
+    DataFileError,
     FatalNetworkError,
     FhirmatchError,
     NetworkError,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .api import connect
     from .auth import Auth, BasicAuth, BearerAuth, NoAuth, SmartBackendAuth, build_auth
     from .client import ClientConfig, FhirClient
+    from .data import default_trial_paths, demo_patients_dir, mappings_dir, seed_trials_dir
     from .engine import Engine
     from .executors import Executor, make_executor
     from .fetch import FetchResult, fetch_patient_data
@@ -64,6 +66,10 @@ _LAZY: dict[str, str] = {
     "build_auth": "auth",
     "ClientConfig": "client",
     "FhirClient": "client",
+    "default_trial_paths": "data",
+    "demo_patients_dir": "data",
+    "mappings_dir": "data",
+    "seed_trials_dir": "data",
     "Engine": "engine",
     "Executor": "executors",
     "make_executor": "executors",
@@ -104,6 +110,7 @@ __all__ = [
     "ConfigurationError",
     "CriterionResult",
     "DataError",
+    "DataFileError",
     "Engine",
     "Executor",
     "FatalNetworkError",
@@ -134,6 +141,8 @@ __all__ = [
     "build_auth",
     "check_trials",
     "connect",
+    "default_trial_paths",
+    "demo_patients_dir",
     "existing_subjects",
     "fetch_patient_data",
     "iter_patient_records",
@@ -141,11 +150,13 @@ __all__ = [
     "load_trials",
     "load_trials_from_server",
     "make_executor",
+    "mappings_dir",
     "plan_subject",
     "publish_trials",
     "render_report",
     "run_match",
     "screen_patients",
+    "seed_trials_dir",
     "transaction_for",
     "watches_for",
     "write_report",

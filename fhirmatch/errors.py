@@ -8,7 +8,8 @@ them and never contains patient data, tokens or passwords.
 
     FhirmatchError
     ├── ConfigurationError            bad options, config or trial definitions (nothing written)
-    │   └── TrialDefinitionError      a trial definition that cannot be loaded or compiled
+    │   ├── TrialDefinitionError      a trial definition that cannot be loaded or compiled
+    │   └── DataFileError             a mapping table or bundled data file is missing or unreadable
     ├── TerminologyError              unknown ValueSet / code system
     ├── UnitError (+ ValueError)      a unit that cannot be parsed or converted
     ├── DataError (+ ValueError)      a patient resource or file that cannot be read
@@ -28,6 +29,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigurationError",
     "DataError",
+    "DataFileError",
     "FatalNetworkError",
     "FhirmatchError",
     "NetworkError",
@@ -64,6 +66,11 @@ class TrialDefinitionError(ConfigurationError):
     def __str__(self) -> str:
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"{self.source}: invalid trial definition:\n{lines}"
+
+
+class DataFileError(ConfigurationError):
+    """A mapping table, the bundled seed trials or demo patients, or a folder named by
+    ``$FHIRMATCH_MAPPINGS``, that is missing or cannot be read. The message names the file."""
 
 
 class TerminologyError(FhirmatchError):

@@ -33,13 +33,13 @@ from typing import Any
 
 import requests
 
+from . import data
 from .errors import ConfigurationError, FhirmatchError
 
 log = logging.getLogger(__name__)
 
 SANDBOX_HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 60.0
-FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 
 #: Search parameters sekmet 0.1.1 does not define, in its ``name:kind:path[|path][:target]`` form.
 EXTRA_SEARCH_PARAMS: dict[str, str] = {
@@ -202,7 +202,8 @@ def start_sandbox(
     ``port`` 0 picks a free port; ``data_dir`` None uses a fresh temporary directory removed on
     :meth:`SandboxHandle.stop`. ``auth`` is sekmet's ``server_auth`` settings (e.g.
     ``{"types": ["smart"], "smart_clients": [...]}``). With ``load`` the trial definitions and
-    demo patients under ``fixtures/`` (or the given ``fixtures`` files) are loaded.
+    demo patients bundled with fhirmatch (:mod:`fhirmatch.data`; or the given ``fixtures`` files)
+    are loaded.
     """
     try:
         import sekmet  # noqa: F401
@@ -274,9 +275,7 @@ def _wait_until_up(handle: SandboxHandle, timeout: float, nonce: str) -> None:
 
 def fixture_files(paths: Iterable[Path] | None = None) -> list[Path]:
     """The JSON files to load: trial Bundles first, then patients (sorted, so loads repeat)."""
-    roots = (
-        list(paths) if paths is not None else [FIXTURES_DIR / "trials", FIXTURES_DIR / "patients"]
-    )
+    roots = list(paths) if paths is not None else [data.seed_trials_dir(), data.demo_patients_dir()]
     files: list[Path] = []
     for root in roots:
         if root.is_dir():

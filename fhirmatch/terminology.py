@@ -23,19 +23,20 @@ and ICD-10 codes are compared upper-case without the dot (``C15.9`` == ``C159``)
 ConceptMaps map local codes (typically laboratory codes) to standard ones; see
 :meth:`Terminology.translate` and :meth:`Terminology.apply_concept_maps`.
 
-The default search path is the repository's ``mappings/`` directory (``$FHIRMATCH_MAPPINGS``
-overrides it); fhirmatch must then run from a checkout or an editable install.
+The default search path is the bundled ``mappings/`` directory (:func:`fhirmatch.data.mappings_dir`:
+inside the installed package, or the repository's top-level folder in a checkout);
+``$FHIRMATCH_MAPPINGS`` overrides it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fhirmatch.data import mappings_dir
 from fhirmatch.errors import TerminologyError
 
 __all__ = ["Terminology", "default_mappings_dir", "normalise_code", "normalise_system"]
@@ -83,11 +84,9 @@ Key = tuple[str, str]
 
 
 def default_mappings_dir() -> Path:
-    """Return the mapping-table directory: ``$FHIRMATCH_MAPPINGS``, else ``<repo>/mappings``."""
-    override = os.environ.get("FHIRMATCH_MAPPINGS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "mappings"
+    """Return the mapping-table directory: ``$FHIRMATCH_MAPPINGS``, else the bundled
+    ``mappings/`` (:func:`fhirmatch.data.mappings_dir`)."""
+    return mappings_dir()
 
 
 def normalise_system(system: str | None) -> str:

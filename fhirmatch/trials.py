@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import FhirmatchError, TerminologyError, TrialDefinitionError, UnitError
+from . import data
+from .errors import (
+    DataFileError,
+    FhirmatchError,
+    TerminologyError,
+    TrialDefinitionError,
+    UnitError,
+)
 from .model import (
     CS_CRITERION_KIND,
     EXT_ANALYTE,
@@ -125,22 +131,16 @@ DURATION_DAYS = {"d": 1, "wk": 7, "mo": 30, "a": 365}
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KNOWN_EXTENSIONS_INPUT = {EXT_TARGET_UNIT, EXT_ANALYTE, EXT_CLINICAL_STATUS, EXT_REQUIRED}
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_REPO_DIR = _PACKAGE_DIR.parent
-
 
 def default_mappings_dir() -> Path:
-    """The repository's ``mappings/`` directory (ValueSets, analytes)."""
-    return _REPO_DIR / "mappings"
+    """The mapping tables (ValueSets, analytes): :func:`fhirmatch.data.mappings_dir`."""
+    return data.mappings_dir()
 
 
 def default_trials_paths() -> list[Path]:
     """Where trials are read from by default: ``$FHIRMATCH_TRIALS`` (``os.pathsep``-separated)
-    if set, else the repository's ``fixtures/trials``."""
-    env = os.environ.get("FHIRMATCH_TRIALS")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return [_REPO_DIR / "fixtures" / "trials"]
+    if set, else the bundled seed trials (:func:`fhirmatch.data.default_trial_paths`)."""
+    return data.default_trial_paths()
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,6 +752,8 @@ def check_trials(
     if terminology is None:
         try:
             terminology = _default_terminology(sorted({t.source for t in pairs if t.value_sets}))
+        except DataFileError:
+            raise  # the tables themselves are missing: not a problem of these definitions
         except (FhirmatchError, ImportError) as exc:
             report.add(str(default_mappings_dir()), [f"cannot load the ValueSets: {exc}"])
     seen: dict[str, str] = {}

@@ -38,15 +38,15 @@ import json
 import math
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pint
 
-from fhirmatch.errors import UnitError
-from fhirmatch.terminology import default_mappings_dir
+from fhirmatch import data
+from fhirmatch.errors import DataFileError, UnitError
 
 __all__ = [
     "AnalyteInfo",
@@ -69,11 +69,11 @@ Comparator = Literal["<", "<=", ">", ">="]
 def mappings_dir() -> Path:
     """Return the directory holding fhirmatch's mapping tables.
 
-    ``$FHIRMATCH_MAPPINGS`` overrides the default, which is the repository's top-level
-    ``mappings/`` next to the ``fhirmatch`` package (fhirmatch is installed editable, or run
-    from a checkout). Same as :func:`fhirmatch.terminology.default_mappings_dir`.
+    ``$FHIRMATCH_MAPPINGS`` overrides the default, the bundled ``mappings/`` (inside the installed
+    package, or the repository's top-level folder in a checkout). Same as
+    :func:`fhirmatch.data.mappings_dir`.
     """
-    return default_mappings_dir()
+    return data.mappings_dir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,11 +106,26 @@ class _Units:
         self.transformer = ucumvert.UcumToPintTransformer(ureg=self.reg)
         self.lock = threading.RLock()
         base = mappings_dir()
-        self.aliases = _load_aliases(base / "units" / "aliases.csv")
+        self.aliases = _read_table(_load_aliases, base / "units" / "aliases.csv")
         self.aliases_folded = {_fold(k): v for k, v in self.aliases.items()}
-        self.rules = _load_rules(base / "units" / "forbidden.json")
-        self.analytes = _load_analytes(base / "analytes.json")
+        self.rules = _read_table(_load_rules, base / "units" / "forbidden.json")
+        self.analytes = _read_table(_load_analytes, base / "analytes.json")
         self.parsed: dict[str, _ParsedUnit | UnitError] = {}
+
+
+_T = TypeVar("_T")
+
+
+def _read_table(loader: Callable[[Path], _T], path: Path) -> _T:
+    """Read one mapping table; a missing, unreadable or malformed table is a
+    :class:`DataFileError` naming the file (a configuration problem, not a unit problem)."""
+    try:
+        return loader(path)
+    except OSError as exc:
+        raise DataFileError(f"cannot read the mapping table {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration, csv.Error) as exc:
+        reason = exc.reason if isinstance(exc, UnitError) else f"{type(exc).__name__}: {exc}"
+        raise DataFileError(f"the mapping table {path} is malformed ({reason})") from None
 
 
 _STATE: _Units | None = None

@@ -22,6 +22,7 @@ from ..errors import (
     FhirmatchError,
     NetworkError,
     StateError,
+    TerminologyError,
 )
 from . import exitcodes
 
@@ -79,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.STATE_ERROR
     except ConfigurationError as exc:
         print(f"fhirmatch: configuration error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    except TerminologyError as exc:
+        # raised while loading the ValueSet/ConceptMap tables, before anything is sent
+        print(f"fhirmatch: terminology error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG_ERROR
     except AuthenticationError as exc:
         print(f"fhirmatch: authentication failed: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..client import ClientConfig, FhirClient
+from ..data import seed_trials_dir
 from ..match import MatchOptions, run_match
 from ..report import write_report
 from ..sandbox import start_sandbox
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise exitcodes.CliExit(
             exitcodes.CONFIG_ERROR, f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)"
         ) from None
-    trial_dir = Path(__file__).resolve().parents[2] / "fixtures" / "trials"
-    trials = load_file_trials([trial_dir], None)
+    trials = load_file_trials([seed_trials_dir()], None)
     print("starting the local FHIR sandbox and loading the fixtures…", file=sys.stderr)
     with start_sandbox(data_dir=args.data_dir, load=True) as sandbox:
         loaded = ", ".join(f"{n} {t}" for t, n in sorted(sandbox.loaded.items()))

@@ -2,7 +2,7 @@
 
 ::
 
-    fhirmatch evaluate --trials fixtures/trials --patients fixtures/patients \\
+    fhirmatch evaluate [--trials fixtures/trials] --patients fixtures/patients \\
         [--as-of 2026-11-01] [--format table|json|ndjson] [--trial ID ...]
         [--executor local|processes|dask] [--scheduler tcp://host:8786] [--workers N]
 
@@ -27,7 +27,7 @@ from datetime import date
 from typing import TYPE_CHECKING, TextIO
 
 from ..engine import Engine
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TerminologyError
 from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..results import CriterionResult, EvaluationReport, TrialResult
 from . import exitcodes
@@ -55,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "computable trial eligibility criteria and print each patient's status per trial.",
     )
     p.add_argument(
-        "--trials", nargs="+", required=True, metavar="PATH", help="trial Bundle files or folders"
+        "--trials",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="trial Bundle files or folders (default: $FHIRMATCH_TRIALS, else the bundled seed "
+        "trials)",
     )
     p.add_argument(
         "--patients", nargs="+", required=True, metavar="PATH", help="patient files or folders"
@@ -82,19 +87,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         nargs="+",
         default=None,
         metavar="PATH",
-        help="ValueSet/ConceptMap files or folders (default: the repository's mappings/)",
+        help="ValueSet/ConceptMap files or folders (default: $FHIRMATCH_MAPPINGS, else the "
+        "bundled mappings/)",
     )
     add_executor_arguments(p.add_argument_group("scale"))
     p.set_defaults(func=run)
 
 
 def _load(args: argparse.Namespace) -> tuple[list[Trial], Terminology | None]:
+    from ..data import default_trial_paths, mappings_dir
     from ..terminology import Terminology
-    from ..trials import default_mappings_dir, load_trials
+    from ..trials import load_trials
 
-    term_paths = list(args.valuesets) if args.valuesets is not None else [default_mappings_dir()]
+    term_paths = list(args.valuesets) if args.valuesets is not None else [mappings_dir()]
     terminology = Terminology.load(term_paths)
-    trials = load_trials(args.trials, terminology=terminology)
+    trials = load_trials(args.trials or default_trial_paths(), terminology=terminology)
     if args.trial:
         wanted = set(args.trial)
         trials = [
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trials, terminology = _load(args)
         engine = Engine(trials, terminology)
-    except ConfigurationError as exc:
+    except (ConfigurationError, TerminologyError) as exc:
         raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
     except OSError as exc:
         raise exitcodes.CliExit(

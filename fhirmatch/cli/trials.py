@@ -2,10 +2,11 @@
 
 Sub-subcommands (each registered by a ``_register_<name>`` function on the ``trials`` parser):
 
-* ``check PATH...``: load and check definitions; print each trial's criteria; exit 0 when all are
-  valid, 2 (configuration error) with every problem listed otherwise;
+* ``check [PATH...]``: load and check definitions (default: the bundled seed trials); print each
+  trial's criteria; exit 0 when all are valid, 2 (configuration error) with every problem listed
+  otherwise;
 * ``show ID [--trials PATH...]``: one trial's criteria in plain language;
-* ``publish --server URL PATH...``: check the definitions, then upload each trial's
+* ``publish --server URL [PATH...]``: check the definitions, then upload each trial's
   ResearchStudy, PlanDefinition and ValueSets idempotently (conditional update on the study's
   identifier and the canonical URLs).
 """
@@ -51,7 +52,13 @@ def _register_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "PlanDefinition and bundled ValueSets with conditional updates (on the study's "
         "identifier and the canonical URLs), so publishing twice changes nothing.",
     )
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="trial files/dirs")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="trial files/dirs (default: $FHIRMATCH_TRIALS, else the bundled seed trials)",
+    )
     add_config_option(p)
     add_server_options(p)
     add_logging_options(p)
@@ -66,7 +73,13 @@ def _register_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "ValueSets, FHIRPath, UCUM units, analytes, manual reasons, unique ids. Exit 0 when all "
         "are valid, 2 otherwise.",
     )
-    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or directories")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="files or directories (default: $FHIRMATCH_TRIALS, else the bundled seed trials)",
+    )
     p.set_defaults(func=run_check)
 
 
@@ -84,7 +97,8 @@ def _register_show(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         type=Path,
         metavar="PATH",
         default=None,
-        help="trial files or directories (default: $FHIRMATCH_TRIALS or fixtures/trials)",
+        help="trial files or directories (default: $FHIRMATCH_TRIALS, else the bundled seed "
+        "trials)",
     )
     p.set_defaults(func=run_show)
 
@@ -230,7 +244,8 @@ def run_publish(args: argparse.Namespace) -> int:
     from .match import load_file_trials
 
     setup_logging(args)
-    trials = load_file_trials(args.paths, None)  # everything is checked before anything is sent
+    paths = list(args.paths) or default_trials_paths()
+    trials = load_file_trials(paths, None)  # everything is checked before anything is sent
     with build_client(args) as client:
         client.capabilities()
         refs = publish_trials(client, trials)

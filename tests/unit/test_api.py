@@ -66,7 +66,7 @@ def test_every_public_error_is_a_fhirmatch_error() -> None:
         for n in fhirmatch.__all__
         if inspect.isclass(getattr(fhirmatch, n)) and issubclass(getattr(fhirmatch, n), Exception)
     ]
-    assert len(errors) == 14
+    assert len(errors) == 15
     assert all(issubclass(e, fhirmatch.FhirmatchError) for e in errors)
     # and every error class the errors module defines is exported
     from fhirmatch import errors as module
