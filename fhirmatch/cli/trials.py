@@ -8,7 +8,11 @@ Sub-subcommands (each registered by a ``_register_<name>`` function on the ``tri
 * ``show ID [--trials PATH...]``: one trial's criteria in plain language;
 * ``publish --server URL [PATH...]``: check the definitions, then upload each trial's
   ResearchStudy, PlanDefinition and ValueSets idempotently (conditional update on the study's
-  identifier and the canonical URLs).
+  identifier and the canonical URLs);
+* ``import FILE... [--out DIR] [--id ID]``: turn ClinicalTrials.gov API v2 records (or, with
+  ``--id``, a plain-text eligibility section) into trial Bundles with drafted computable criteria,
+  written to ``DIR/<id>.json`` and checked;
+* ``new ID [--out DIR]``: write a valid skeleton Bundle with one example criterion of each kind.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from ..model import Criterion, DataInput, Trial
+from ..model import EXT_DRAFTED, EXT_MANUAL_REVIEW, Criterion, DataInput, Trial
 from ..trials import check_trials, default_trials_paths, load_trials
 from . import exitcodes
 
@@ -40,6 +44,50 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _register_check(trials_sub)
     _register_show(trials_sub)
     _register_publish(trials_sub)
+    _register_import(trials_sub)
+    _register_new(trials_sub)
+
+
+def _register_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "import",
+        help="draft trial definitions from ClinicalTrials.gov records or eligibility text",
+        description="Import ClinicalTrials.gov API v2 study records (JSON: one study, or a page "
+        "with 'studies'), or with --id one plain-text eligibility section, as trial Bundles: "
+        "one action per criterion bullet, common structured criteria (age, sex, ECOG/Karnofsky, "
+        "lab thresholds, pregnancy, HIV/HBV/HCV, brain metastases, prior therapy) drafted as "
+        "computable and marked 'drafted, not reviewed', everything else manual. Writes "
+        "DIR/<id>.json and checks it. Deterministic, offline.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="record or text files")
+    p.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default: .)"
+    )
+    p.add_argument(
+        "--id",
+        dest="trial_id",
+        default=None,
+        metavar="ID",
+        help="the files are eligibility text (one file) for the trial with this id",
+    )
+    p.add_argument("--title", default=None, help="the trial's title (with --id)")
+    p.set_defaults(func=run_import)
+
+
+def _register_new(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "new",
+        help="write a skeleton trial definition to start from",
+        description="Write DIR/<ID>.json: a valid trial Bundle with one example criterion of "
+        "each kind (lab threshold, diagnosis present, medication given, manual), marked "
+        "incomplete until the protocol's criteria replace the examples.",
+    )
+    p.add_argument("trial_id", metavar="ID", help="trial id (an NCT number or a local id)")
+    p.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default: .)"
+    )
+    p.add_argument("--title", default=None, help="the trial's title")
+    p.set_defaults(func=run_new)
 
 
 def _register_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -252,4 +300,123 @@ def run_publish(args: argparse.Namespace) -> int:
     for study, plan in refs.items():
         print(f"{study} -> {plan}")
     print(f"published {len(refs)} trials to {client.base_url}", file=sys.stderr)
+    return exitcodes.OK
+
+
+def _out_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, f"--out {path}: not a directory")
+    if not path.exists() and not path.parent.is_dir():
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, f"--out {path}: no such directory")
+    return path
+
+
+def _write_bundles(bundles: list[tuple[str, dict[str, Any]]], out: Path) -> list[Path]:
+    from ..importer import dump_bundle
+
+    out.mkdir(exist_ok=True)
+    written: list[Path] = []
+    for tid, bundle in bundles:
+        path = out / f"{tid}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(dump_bundle(bundle), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def _summary(bundle: dict[str, Any]) -> str:
+    plan = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "PlanDefinition"
+    )
+    counts = {"drafted": 0, "manual": 0}
+
+    def walk(actions: list[dict[str, Any]]) -> None:
+        for a in actions:
+            urls = {e.get("url") for e in a.get("extension") or []}
+            if a.get("action"):
+                walk(a["action"])
+            elif EXT_DRAFTED in urls:
+                counts["drafted"] += 1
+            elif EXT_MANUAL_REVIEW in urls:
+                counts["manual"] += 1
+
+    walk(plan.get("action") or [])
+    return f"{counts['drafted']} drafted computable, {counts['manual']} manual"
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from ..errors import ConfigurationError
+    from ..importer import check_id, read_records, study_bundle, text_bundle
+
+    out = _out_dir(args.out)
+    bundles: list[tuple[str, dict[str, Any]]] = []
+    try:
+        if args.trial_id is not None:
+            if len(args.files) != 1:
+                raise ConfigurationError("--id takes exactly one eligibility text FILE")
+            check_id(args.trial_id)
+            try:
+                text = args.files[0].read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"{args.files[0]}: cannot read: {exc}") from exc
+            bundles.append((args.trial_id, text_bundle(args.trial_id, text, title=args.title)))
+        else:
+            if args.title is not None:
+                raise ConfigurationError("--title goes with --id (records carry their titles)")
+            for path in args.files:
+                for record in read_records(path):
+                    bundle = study_bundle(record)
+                    bundles.append((str(bundle["entry"][0]["resource"]["id"]), bundle))
+    except ConfigurationError as exc:
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
+    ids = [tid for tid, _ in bundles]
+    duplicates = sorted({t for t in ids if ids.count(t) > 1})
+    if duplicates:
+        raise exitcodes.CliExit(
+            exitcodes.CONFIG_ERROR, f"the files hold trial {', '.join(duplicates)} more than once"
+        )
+    written = _write_bundles(bundles, out)
+    report = check_trials(written)
+    for path, (_tid, bundle) in zip(written, bundles, strict=True):
+        print(f"wrote {path} ({_summary(bundle)})")
+    for source, warnings in report.warnings.items():
+        for warning in warnings:
+            print(f"fhirmatch: warning: {source}: {warning}", file=sys.stderr)
+    if not report.ok:
+        for source, problems in report.problems.items():
+            print(f"{source}:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+        return exitcodes.FAILURE
+    print(
+        f"{len(written)} trial(s) drafted and valid; review every drafted criterion "
+        "(fhirmatch trials show ID --trials DIR) and remove its 'drafted' mark."
+    )
+    return exitcodes.OK
+
+
+def run_new(args: argparse.Namespace) -> int:
+    from ..errors import ConfigurationError
+    from ..importer import skeleton_bundle
+
+    out = _out_dir(args.out)
+    try:
+        bundle = skeleton_bundle(args.trial_id, title=args.title)
+    except ConfigurationError as exc:
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
+    path = out / f"{args.trial_id}.json"
+    if path.exists():
+        raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, f"{path} exists; not overwriting it")
+    (written,) = _write_bundles([(args.trial_id, bundle)], out)
+    report = check_trials([written])
+    if not report.ok:  # the skeleton must always be valid
+        for problems in report.problems.values():
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+        return exitcodes.FAILURE
+    for warnings in report.warnings.values():
+        for warning in warnings:
+            print(f"fhirmatch: warning: {warning}", file=sys.stderr)
+    print(f"wrote {written}: edit its four EXAMPLE criteria, then fhirmatch trials check {written}")
     return exitcodes.OK

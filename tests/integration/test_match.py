@@ -157,6 +157,22 @@ def test_dry_run_writes_nothing(
     assert subjects_for(fhir_base_url, pairs) == []
 
 
+def test_match_warns_about_incomplete_definitions(
+    fhir_base_url: str, population: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tag, _ = population
+    code = main(["match", *base_args(fhir_base_url, tag), "--dry-run", "--format", "json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    warnings = [line for line in captured.err.splitlines() if "definition incomplete" in line]
+    assert len(warnings) == 2, captured.err
+    results = json.loads(captured.out)["results"]
+    assert {r["study"] for r in results if "incomplete" in r} == {
+        "ResearchStudy/NCT06084897",
+        "ResearchStudy/NCT05183958",
+    }
+
+
 def test_incremental_run_rescreens_only_changed_patient(
     fhir_base_url: str,
     population: tuple[str, list[str]],

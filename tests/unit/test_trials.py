@@ -354,8 +354,9 @@ def test_cli_check_warns_about_incomplete_definitions(
 ) -> None:
     assert main(["trials", "check", str(TRIALS_DIR)]) == 0
     captured = capsys.readouterr()
-    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    warnings = [line for line in captured.err.splitlines() if "definition incomplete" in line]
     assert len(warnings) == 2, captured.err
+    assert all(w.startswith("fhirmatch: warning: ") for w in warnings)
     assert any("NCT06084897: definition incomplete: No exclusion criteria" in w for w in warnings)
     assert any("NCT05183958: definition incomplete" in w for w in warnings)
     assert "DEFINITION INCOMPLETE" in captured.out
@@ -495,7 +496,7 @@ def test_evaluate_warns_and_reports_incomplete_definitions(
     assert results and all("exclusion criteria" in r["incomplete"] for r in results)
     assert all(r["drafted"] == [] for r in results)
     warnings = [line for line in captured.err.splitlines() if "warning" in line]
-    assert warnings == [next(w for w in warnings if "NCT06084897: definition incomplete" in w)]
+    assert len(warnings) == 1 and "NCT06084897: definition incomplete" in warnings[0]
     assert main([*argv, "--trial", "NCT06767007", "NCT05183958", "--as-of", "2026-11-01"]) == 0
     captured = capsys.readouterr()
     assert "! definition incomplete: Inclusion criteria after 6" in captured.out
