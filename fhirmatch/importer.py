@@ -358,17 +358,22 @@ def _registry_actions(
         )
     sex = str(elig.get("sex") or "ALL").upper()
     if sex in ("FEMALE", "MALE"):
-        gender = sex.lower()
         text = f"Sex: {sex} (ClinicalTrials.gov eligibility module)"
         out.append(
-            _registry_action(
-                ids.take("inc-registry-sex"),
-                f"Sex {gender}",
-                text,
-                f"%patient.gender = '{gender}'",
-                "sex",
-                docs,
-            )
+            {
+                "id": ids.take("inc-registry-sex"),
+                "title": f"Sex {sex.lower()}",
+                "description": text,
+                "code": kind_code("inclusion"),
+                "documentation": list(docs),
+                "extension": [
+                    {
+                        "url": EXT_MANUAL_REVIEW,
+                        "valueString": f"Only {sex.lower()} patients: compare with Patient.gender "
+                        "(a condition would need a code literal; criteria name ValueSets).",
+                    }
+                ],
+            }
         )
     return out
 
