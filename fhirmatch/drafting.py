@@ -49,6 +49,7 @@ __all__ = [
     "DraftContext",
     "Finding",
     "LabAnalyte",
+    "Residual",
     "draft_actions",
     "drafted_extension",
     "duration",
@@ -1196,6 +1197,13 @@ def _therapy_findings(work: str, ctx: DraftContext) -> list[Finding]:
         " and " if ctx.kind == "inclusion" and not re.search(r"\bor\b", between, re.I) else " or "
     )
     present = joiner.join(terms)
+    if negated:
+        expression = f"({present}).not()"  # a recorded treatment is evidence against
+    elif ctx.kind == "inclusion":
+        # treatment given elsewhere leaves no record here: absence is unknown, never a failure
+        expression = f"iif({present}, true, {{}})"
+    else:
+        expression = present
     title = " / ".join(t.title for t, _ in mentions)
     finding = Finding(
         "prior-therapy",
@@ -1203,7 +1211,7 @@ def _therapy_findings(work: str, ctx: DraftContext) -> list[Finding]:
         ("No prior " if negated else "Prior ") + title,
         [m.span() for _, m in mentions],
         inputs,
-        f"({present}).not()" if negated else present,
+        expression,
         notes=[
             "Treatment given: an order, administration or statement coded in the class's "
             "ValueSet" + (f", within {days} days." if days else ", at any time.")
@@ -1233,22 +1241,39 @@ _STOP = frozenset(
     present positive rate absolute cell cells per not non also either both other than from into
     such including include includes includes will can may who whom their them they its his her
     time times ability able eligible allowed permitted required meet meets ecog who kps
-    karnofsky uln mg dl ml min iu copies""".split()
+    karnofsky uln mg dl ml min iu copies received receiving based therapy therapies treatment
+    treatments treated regimen""".split()
 )
 
 
-def _residual(work: str, findings: Sequence[Finding]) -> list[str]:
+@dataclass(frozen=True)
+class Residual:
+    """What no finding covers: its significant words, and whether it is an alternative (an
+    "or", "unless" … that does not merely join two recognised parts)."""
+
+    words: tuple[str, ...]
+    alternative: bool
+
+    @property
+    def significant(self) -> bool:
+        return len(self.words) >= 3
+
+
+def _residual(work: str, findings: Sequence[Finding]) -> Residual:
     covered = bytearray(len(work))
     for f in findings:
         for s, e in f.spans:
             covered[s:e] = b"\x01" * (e - s)
-    text = "".join(" " if covered[i] else ch for i, ch in enumerate(work))
+    text = "".join("\u00a7" if covered[i] else ch for i, ch in enumerate(work))
     words = re.findall(r"[A-Za-z][A-Za-z-]{2,}", text)
-    return [w for w in words if w.lower() not in _STOP]
+    # "pregnant or breastfeeding": an "or" between two recognised parts is theirs
+    joined = re.sub(r"\u00a7[\s,;/]*(?:(?:and/)?or|and)?[\s,;/]*(?=\u00a7)", "", text)
+    alternative = bool(re.search(r"\b(?:or|unless|except|otherwise)\b", joined, re.IGNORECASE))
+    return Residual(tuple(w for w in words if w.lower() not in _STOP), alternative)
 
 
-def find_criteria(text: str, ctx: DraftContext) -> tuple[list[Finding], list[str]]:
-    """Every finding in ``text`` (offsets into ``text``) and the words no finding covers."""
+def find_criteria(text: str, ctx: DraftContext) -> tuple[list[Finding], Residual]:
+    """Every finding in ``text`` (offsets into ``text``) and what no finding covers."""
     work = _work(text)
     findings = _lab_findings(work, ctx)
     lab_spans = [s for f in findings for s in f.spans]
@@ -1444,13 +1469,8 @@ def _draft_bullet(
     findings, residual = find_criteria(text, ctx)
     if not findings:
         return _manual(aid, kind, text, _UNRECOGNISED, docs)
-    significant = len(residual) >= 3
-    alternative_rest = (
-        bool(
-            re.search(r"\b(?:or|unless|except|otherwise)\b", " ".join(residual) + " " + text, re.I)
-        )
-        and significant
-    )
+    significant = residual.significant
+    alternative_rest = significant and residual.alternative
     downgrade = kind == "exclusion" and significant and not alternative_rest
     if len(findings) == 1 and not significant:
         return _finding_action(aid, kind, text, findings[0], ids, docs, False, description=text)
@@ -1462,7 +1482,7 @@ def _draft_bullet(
                 kind,
                 text,
                 "Only part of this criterion was drafted (see the other parts); a person judges "
-                f"the rest of the wording ({', '.join(dict.fromkeys(residual[:8]))}…).",
+                f"the rest of the wording ({', '.join(dict.fromkeys(residual.words[:8]))}…).",
                 docs,
             )
         )

@@ -241,7 +241,7 @@ def test_every_analyte_is_recognised(analyte: str) -> None:
     unit = analyte_info(analyte).unit
     written = {"10*9/L": "x 10^9/L", "[IU]/mL": "IU/mL"}.get(unit, unit)
     text = f"{names.get(analyte, analyte)} ≤ 2.5 {written}"
-    findings, _ = find_criteria(text, DraftContext("inclusion"))
+    findings, _rest = find_criteria(text, DraftContext("inclusion"))
     assert [f.analytes for f in findings] == [[analyte]]
     assert analyte in LAB_ANALYTES
 
@@ -290,6 +290,12 @@ OTHERS = [
         "(%pd1_req.exists() or %pd1_adm.exists() or %pd1_stmt.exists())",
     ),
     ("History of thoracic irradiation;", "exclusion", "iif((%rt.exists()), {}, false)"),
+    (
+        "Received prior platinum-based chemotherapy",
+        "inclusion",
+        "iif((%plat_req.exists() or %plat_adm.exists() or %plat_stmt.exists()), true, {})",
+    ),
+    ("No prior radiotherapy", "inclusion", "((%rt.exists())).not()"),
 ]
 
 
@@ -326,6 +332,11 @@ def test_everything_else_is_manual(text: str) -> None:
 
 
 def test_partly_recognised_criterion_keeps_a_manual_rest() -> None:
+    text = "No history of other malignancies, not pregnant or breastfeeding, and should use "
+    text += "effective contraception during the study"
+    (group,) = draft_actions(split_criteria(text))
+    assert group["selectionBehavior"] == "all"  # every part is required
+    assert [a["id"] for a in group["action"]] == ["inc-01-pregnancy", "inc-01-rest"]
     text = (
         "No prior radiotherapy, or a gap of more than 6 months between the completion of "
         "initial radiotherapy and the start of retreatment"
