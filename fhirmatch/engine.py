@@ -62,6 +62,7 @@ from . import units
 from .errors import TrialDefinitionError, UnitError
 from .fhirpath import compile_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
+from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
 from .trials import fhirpath_problems
@@ -475,6 +476,9 @@ class Binding:
     summary: str
     missing: str | None
     found: bool
+    #: qualitative results that could not be read as positive or negative (the variants read
+    #: them both ways), and why
+    undecided: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -656,8 +660,59 @@ def _censored(value: float, comparator: str) -> tuple[float, float]:
     return low, max(_CENSOR_HIGH, low)
 
 
-def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
-    """Resolve one data requirement against a patient's index."""
+def _qualitative(
+    inp: DataInput, matches: list[dict[str, Any]], terminology: Terminology
+) -> Binding:
+    """Each Observation (or the latest) read by :func:`fhirmatch.qualitative.read_qualitative`:
+    ``%name`` holds copies whose ``valueCodeableConcept`` is the reading (SNOMED Positive or
+    Negative). A result that cannot be read is taken both ways (two variants), so the criterion
+    is decided only when the answer does not depend on it."""
+    chosen = [max(matches, key=_sort_key)] if inp.select == "latest" else matches
+    decided: list[dict[str, Any]] = []
+    unread: list[dict[str, Any]] = []
+    parts: list[str] = []
+    why: list[str] = []
+    for obs in chosen:
+        reading = read_qualitative(obs, terminology, inp.threshold)
+        base = {k: v for k, v in obs.items() if not k.startswith("value") and k != "interpretation"}
+        when = _resource_date(obs) or "no date"
+        if reading.result is None:
+            unread.append(base)
+            why.append(f"{_ref(obs)}: {reading.source}")
+            parts.append(f"{_ref(obs)} not readable ({when})")
+            continue
+        coding = POSITIVE_CODING if reading.result == "positive" else NEGATIVE_CODING
+        decided.append({**base, "valueCodeableConcept": {"coding": [dict(coding)]}})
+        parts.append(f"{_ref(obs)} {reading.result} ({when})")
+    more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
+    summary = f"{inp.name}: " + "; ".join(parts[:5]) + more
+    evidence = tuple(_ref(r) for r in chosen)
+    if not unread:
+        return Binding((decided,), evidence, summary, None, True)
+    both = tuple(
+        decided + [{**b, "valueCodeableConcept": {"coding": [dict(coding)]}} for b in unread]
+        for coding in (POSITIVE_CODING, NEGATIVE_CODING)
+    )
+    return Binding(both, evidence, summary, None, True, "; ".join(why))
+
+
+_DEFAULT_TERMINOLOGY: list[Terminology] = []
+
+
+def _fallback_terminology() -> Terminology:
+    """The repository's ValueSets, for engines built without a terminology."""
+    if not _DEFAULT_TERMINOLOGY:
+        from .terminology import Terminology
+
+        _DEFAULT_TERMINOLOGY.append(Terminology.load())
+    return _DEFAULT_TERMINOLOGY[0]
+
+
+def resolve_input(
+    index: PatientIndex, inp: DataInput, terminology: Terminology | None = None
+) -> Binding:
+    """Resolve one data requirement against a patient's index (``terminology`` reads qualitative
+    results; the index's, or the repository's ValueSets, when not given)."""
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
@@ -669,6 +724,10 @@ def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
     if not matches:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+    if inp.qualitative:
+        return _qualitative(
+            inp, matches, terminology or index.terminology or _fallback_terminology()
+        )
     if inp.select != "latest":
         parts = [
             f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
@@ -766,7 +825,11 @@ class _CompiledCriterion:
 
 
 def _compile(
-    criterion: Criterion, trial: Trial, problems: list[str], native: bool = True
+    criterion: Criterion,
+    trial: Trial,
+    problems: list[str],
+    native: bool = True,
+    terminology: Terminology | None = None,
 ) -> _CompiledCriterion:
     evaluator: Evaluator | None = None
     expr = criterion.expression
@@ -776,12 +839,12 @@ def _compile(
             problems.extend(f"{criterion.id}: FHIRPath condition: {p}" for p in syntax)
         else:
             try:
-                evaluator = compile_expression(expr, native=native)
+                evaluator = compile_expression(expr, native=native, terminology=terminology)
             except Exception as exc:  # fhirpathpy raises many exception types
                 problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
     elif not criterion.is_manual and not criterion.is_group:
         problems.append(f"{criterion.id}: no condition and no manual-review reason")
-    children = tuple(_compile(c, trial, problems, native) for c in criterion.children)
+    children = tuple(_compile(c, trial, problems, native, terminology) for c in criterion.children)
     text = expr or ""
     return _CompiledCriterion(
         criterion=criterion,
@@ -824,10 +887,26 @@ def _truth(result: list[Any]) -> bool | None:
 class _PatientContext:
     """Per-patient state for one evaluation: the index and the inputs resolved so far."""
 
-    __slots__ = ("age", "age_text", "as_of", "bindings", "index", "patient", "patient_ref")
+    __slots__ = (
+        "age",
+        "age_text",
+        "as_of",
+        "bindings",
+        "index",
+        "patient",
+        "patient_ref",
+        "terminology",
+    )
 
-    def __init__(self, index: PatientIndex, patient_ref: str, as_of: date) -> None:
+    def __init__(
+        self,
+        index: PatientIndex,
+        patient_ref: str,
+        as_of: date,
+        terminology: Terminology | None = None,
+    ) -> None:
         self.index = index
+        self.terminology = terminology
         self.as_of = as_of
         self.patient = index.patient or {}
         self.patient_ref = patient_ref
@@ -849,7 +928,7 @@ class _PatientContext:
     def binding(self, inp: DataInput) -> Binding:
         b = self.bindings.get(inp)
         if b is None:
-            b = self.bindings[inp] = resolve_input(self.index, inp)
+            b = self.bindings[inp] = resolve_input(self.index, inp, self.terminology)
         return b
 
 
@@ -870,11 +949,16 @@ class Engine:
     ) -> None:
         self.trials: tuple[Trial, ...] = tuple(trials)
         self.terminology = terminology
+        #: resolves memberOf() in conditions and reads qualitative results
+        self._value_sets = terminology if terminology is not None else _trials_terminology(trials)
         compiled: list[tuple[Trial, tuple[_CompiledCriterion, ...]]] = []
         known: set[tuple[str, str]] = set()
         for trial in self.trials:
             problems: list[str] = []
-            crits = tuple(_compile(c, trial, problems, native_fhirpath) for c in trial.criteria)
+            crits = tuple(
+                _compile(c, trial, problems, native_fhirpath, self._value_sets)
+                for c in trial.criteria
+            )
             if problems:
                 raise TrialDefinitionError(trial.source or trial.reference, problems)
             compiled.append((trial, crits))
@@ -907,7 +991,7 @@ class Engine:
         """Evaluate one patient's record (the Patient and its resources) against every trial."""
         index = self.index(resources, as_of=as_of)
         pid = patient_id or (index.patient or {}).get("id") or "unknown"
-        ctx = _PatientContext(index, f"Patient/{pid}", as_of)
+        ctx = _PatientContext(index, f"Patient/{pid}", as_of, self._value_sets)
         return [self._evaluate_trial(trial, crits, ctx) for trial, crits in self._compiled]
 
     def evaluate_patient_record(self, record: PatientRecord, *, as_of: date) -> list[TrialResult]:
@@ -1030,10 +1114,17 @@ class Engine:
             used.insert(0, ctx.age_text)
         missing = [b.missing for _inp, b in bindings if b.missing]
         if len(truths) > 1:
-            why = "the answer depends on "
-            why += (
-                "the exact birth date" if cc.uses_age and len(ctx.age) > 1 else "a censored value"
-            )
+            undecided = [b.undecided for _inp, b in bindings if b.undecided]
+            if undecided:
+                why = "the answer depends on results that cannot be read as positive or negative"
+                used = [*used, *undecided]
+            else:
+                why = "the answer depends on "
+                why += (
+                    "the exact birth date"
+                    if cc.uses_age and len(ctx.age) > 1
+                    else "a censored value"
+                )
             return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
         truth = truths.pop() if truths else None
         if truth is None:
@@ -1066,6 +1157,23 @@ class Engine:
         else:
             reason = "; ".join(missing) if missing else f"{met} by the data found"
         return self._result(c, outcome, evidence, reason, [])
+
+
+def _trials_terminology(trials: Sequence[Trial]) -> Terminology:
+    """The repository's ValueSets plus those bundled with the trials (an engine built without a
+    terminology still resolves the ValueSets its conditions name)."""
+    from .terminology import Terminology
+
+    bundled = {
+        str(r["url"]).split("|", 1)[0]: r
+        for t in trials
+        for r in t.resources
+        if r.get("resourceType") == "ValueSet" and r.get("url")
+    }
+    if not bundled:
+        return _fallback_terminology()
+    base = Terminology.load()
+    return base.with_value_sets(bundled.values())
 
 
 def _group_reason(c: Criterion, outcome: Outcome, children: list[CriterionResult]) -> str:

@@ -18,7 +18,7 @@ The subset (everything the seed trials use):
 * literals: strings, numbers (integers stay ``int``, others are ``Decimal``), ``true``/``false``,
   ``{}``; unions of literals (``('a' | 'b')``);
 * ``exists()``, ``exists(criteria)``, ``empty()``, ``not()``, ``count()``, ``where(criteria)``,
-  ``iif(criterion, then[, else])``, ``startsWith('literal')``;
+  ``iif(criterion, then[, else])``, ``startsWith('literal')``, ``memberOf('ValueSet URL')``;
 * ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``*``, ``and``, ``or``, ``xor``,
   ``implies``.
 
@@ -33,17 +33,26 @@ wraps navigated values in nodes and keeps variable values bare, and a few rules 
 the two (``where`` on a ``None`` item, the duplicate-extension rule of comparisons); each
 compiled step therefore knows statically whether its items are navigated.
 
+``memberOf(url)`` is FHIR's terminology function: on a single Coding or CodeableConcept (any of
+its codings) it says whether the code is in the ValueSet, resolved through the
+:class:`~fhirmatch.terminology.Terminology` given to :func:`compile_expression`; on a single code
+string, or a Coding without a system, whether it is a code of the ValueSet when the ValueSet
+draws on one code system (else empty); on an empty or longer collection it is empty. The same
+function is given to fhirpathpy (its ``userInvocationTable``), so both evaluators agree. The URL
+must be a string literal.
+
 Errors raised while evaluating are ordinary exceptions (``ValueError``, ``TypeError``,
 ``decimal`` errors), as with fhirpathpy; callers treat any exception as "could not evaluate".
 """
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fhirpathpy
 from fhirpathpy.engine.evaluators import (
@@ -54,7 +63,10 @@ from fhirpathpy.engine.evaluators import (
 from fhirpathpy.engine.invocations.combining import union_op
 from fhirpathpy.parser import parse
 
-__all__ = ["CompiledExpression", "compile_expression"]
+if TYPE_CHECKING:
+    from .terminology import Terminology
+
+__all__ = ["CompiledExpression", "compile_expression", "member_of"]
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -107,6 +119,58 @@ def _arraify(value: Any) -> list[Any]:
     if isinstance(value, list):
         return value
     return [] if value is None else [value]
+
+
+# --------------------------------------------------------------------------- terminology
+
+#: the terminology ``memberOf`` resolves ValueSets with, while an expression is being compiled
+_TERMINOLOGY: contextvars.ContextVar[Terminology | None] = contextvars.ContextVar(
+    "fhirmatch_fhirpath_terminology", default=None
+)
+
+
+def member_of(terminology: Terminology | None, url: str, items: list[Any]) -> list[Any]:
+    """FHIR's ``memberOf(url)`` on a collection of plain JSON values (see the module doc).
+
+    Raises ``ValueError`` when there is no terminology or it does not know the ValueSet (a
+    condition error: the criterion becomes unknown, and ``trials check`` reports it earlier).
+    """
+    if terminology is None:
+        raise ValueError("memberOf(): no terminology to resolve ValueSets with")
+    if url not in terminology:
+        raise ValueError(f"memberOf(): unknown ValueSet {url}")
+    if len(items) != 1:
+        return []
+    item = items[0]
+    if isinstance(item, Mapping):
+        if isinstance(item.get("coding"), list):
+            answers = [_coding_member(terminology, url, c) for c in item["coding"]]
+            if True in answers:
+                return [True]
+            return [] if None in answers and not any(a is False for a in answers) else [False]
+        answer = _coding_member(terminology, url, item)
+        return [] if answer is None else [answer]
+    if isinstance(item, str):
+        return _bare_code(terminology, url, item)
+    return []
+
+
+def _bare_code(terminology: Terminology, url: str, code: str) -> list[Any]:
+    """A code without its system: a member when the ValueSet draws on one code system only."""
+    systems = {system for system, _code in terminology.expand(url)}
+    if len(systems) != 1:
+        return []
+    return [terminology.contains(url, systems.pop(), code)]
+
+
+def _coding_member(terminology: Terminology, url: str, coding: Any) -> bool | None:
+    if not isinstance(coding, Mapping) or not isinstance(coding.get("code"), str):
+        return None
+    system = coding.get("system")
+    if isinstance(system, str) and system:
+        return terminology.contains(url, system, coding["code"])
+    found = _bare_code(terminology, url, coding["code"])
+    return found[0] if found else None
 
 
 # --------------------------------------------------------------------------- the compiler
@@ -267,6 +331,8 @@ def _compile_function(target: _Code, node: dict[str, Any]) -> _Code:
         return _iif(target, *compiled)
     if name == "startsWith" and len(compiled) == 1:
         return _starts_with(target, compiled[0])
+    if name == "memberOf" and len(compiled) == 1:
+        return _member_of(target, compiled[0])
     raise _Unsupported(f"{name}() with {len(compiled)} parameters")
 
 
@@ -370,6 +436,19 @@ def _starts_with(target: _Code, prefix: _Code) -> _Code:
             raise ValueError("startsWith(): expected one string")
         string = value[0]
         return [bool(string) and string.startswith(text)]
+
+    return _Code(step, boolean=True)
+
+
+def _member_of(target: _Code, url: _Code) -> _Code:
+    if url.const is None or len(url.const) != 1 or not isinstance(url.const[0], str):
+        raise _Unsupported("memberOf() needs one string literal")
+    value_set: str = url.const[0]
+    terminology = _TERMINOLOGY.get()
+    inner = target.step
+
+    def step(focus: list[Any], env: Mapping[str, Any]) -> list[Any]:
+        return member_of(terminology, value_set, inner(focus, env))
 
     return _Code(step, boolean=True)
 
@@ -583,13 +662,16 @@ class CompiledExpression:
 
     __slots__ = ("_code", "_fallback", "expression", "native", "reason")
 
-    def __init__(self, expression: str, *, native: bool = True) -> None:
+    def __init__(
+        self, expression: str, *, native: bool = True, terminology: Terminology | None = None
+    ) -> None:
         self.expression = expression
         self._code: _Code | None = None
         self._fallback: Callable[..., list[Any]] | None = None
         #: why the expression is evaluated by fhirpathpy (None when compiled natively)
         self.reason: str | None = "native compilation disabled"
         if native:
+            token = _TERMINOLOGY.set(terminology)
             try:
                 tree = parse(expression)
                 kids = _children(tree)
@@ -599,8 +681,12 @@ class CompiledExpression:
                 self.reason = None
             except _Unsupported as exc:
                 self.reason = str(exc)
+            finally:
+                _TERMINOLOGY.reset(token)
         if self._code is None:
-            self._fallback = fhirpathpy.compile(expression)
+            self._fallback = fhirpathpy.compile(
+                expression, options={"userInvocationTable": _user_functions(terminology)}
+            )
         self.native = self._code is not None
 
     def __call__(self, resource: Any, variables: Mapping[str, Any] | None = None) -> list[Any]:
@@ -620,10 +706,24 @@ class CompiledExpression:
         return f"CompiledExpression({self.expression!r}, {how})"
 
 
-def compile_expression(expression: str, *, native: bool = True) -> CompiledExpression:
+def _user_functions(terminology: Terminology | None) -> dict[str, Any]:
+    """fhirmatch's functions for fhirpathpy (``memberOf``), bound to ``terminology``."""
+
+    def member(inputs: list[Any], url: Any) -> list[Any]:
+        if not isinstance(url, str):
+            raise ValueError("memberOf() needs a ValueSet URL")
+        return member_of(terminology, url, list(inputs))
+
+    return {"memberOf": {"fn": member, "arity": {1: ["String"]}}}
+
+
+def compile_expression(
+    expression: str, *, native: bool = True, terminology: Terminology | None = None
+) -> CompiledExpression:
     """Compile ``expression`` once; ``native=False`` forces evaluation by fhirpathpy.
+    ``terminology`` resolves the ValueSets ``memberOf()`` names.
 
     fhirpathpy's parser recovers from some syntax errors silently: check the syntax first
     (:func:`fhirmatch.trials.fhirpath_problems`) when the expression comes from outside.
     """
-    return CompiledExpression(expression, native=native)
+    return CompiledExpression(expression, native=native, terminology=terminology)

@@ -18,6 +18,8 @@ ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 AJCC = "http://cancerstaging.org"
+CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+WHO = "http://hl7.org/fhir/sid/icd-10"
 
 # (value set, (system, code) inside, (system, code) outside, descendant inside or None)
 CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]] = [
@@ -87,6 +89,13 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("anti-pd1", (ATC, "L01FF"), (RX, "2555"), None),
     ("allergy-mab-chemo", (RX, "194000"), (RX, "723"), None),
     ("drug-allergy", (SCT, "416098002"), (SCT, "91935009"), None),
+    ("negative-result", (SCT, "260385009"), (SCT, "10828004"), None),
+    ("condition-inactive", (CLINICAL, "resolved"), (CLINICAL, "active"), None),
+    ("pregnancy-status", (LOINC, "82810-3"), (LOINC, "2106-3"), None),
+    ("breastfeeding-status", (LOINC, "63895-7"), (LOINC, "82810-3"), None),
+    ("hcg-quantitative", (LOINC, "21198-7"), (LOINC, "2106-3"), None),
+    ("stage-iv-unspecified", (SCT, "1222837003"), (SCT, "1222841004"), None),
+    ("distant-metastasis", (ICD, "C78"), (ICD, "C77.1"), (ICD, "C78.7")),
 ]
 
 
@@ -115,6 +124,24 @@ def test_membership(
     assert not terminology.contains(url, *outside)
     if descendant is not None:
         assert terminology.contains(url, *descendant)
+
+
+def test_qualitative_answers_and_staging_codes_as_real_feeds_send_them(
+    terminology: Terminology,
+) -> None:
+    positive, negative = BASE + "positive-result", BASE + "negative-result"
+    interpretation = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    assert terminology.contains(positive, interpretation, "POS")
+    assert terminology.contains(negative, interpretation, "ND")
+    assert terminology.contains(positive, SCT, "77386006")  # US Core pregnancy status: pregnant
+    assert terminology.contains(negative, SCT, "60001007")  # not pregnant
+    for unknown in ("261665006", "82334004"):  # unknown, indeterminate: neither
+        assert not terminology.contains(positive, SCT, unknown)
+        assert not terminology.contains(negative, SCT, unknown)
+    assert terminology.contains(BASE + "m1", SCT, "1229916009")  # mCODE pM1
+    assert terminology.contains(BASE + "tnm-distant-metastases", SCT, "371497001")  # pM category
+    assert terminology.contains(BASE + "stage-ivb", SCT, "1222841004")  # AJCC stage IVB
+    assert terminology.contains(BASE + "distant-metastasis", WHO, "C79.3")  # WHO ICD-10 site
 
 
 def test_malignancy_exclusions(terminology: Terminology) -> None:
