@@ -708,11 +708,29 @@ def _fallback_terminology() -> Terminology:
     return _DEFAULT_TERMINOLOGY[0]
 
 
+def _start_date(resource: dict[str, Any]) -> str | None:
+    """When a resource (a treatment) began: its date, or the start of its period."""
+    for name in _DATE_FIELDS.get(resource.get("resourceType", ""), _GENERIC_DATE_FIELDS):
+        value = resource.get(name)
+        if isinstance(value, dict):
+            value = value.get("start") or value.get("end")
+        key = _date_key(value)
+        if key:
+            return key
+    return None
+
+
 def resolve_input(
-    index: PatientIndex, inp: DataInput, terminology: Terminology | None = None
+    index: PatientIndex,
+    inp: DataInput,
+    terminology: Terminology | None = None,
+    after: tuple[str | None, str] | None = None,
 ) -> Binding:
     """Resolve one data requirement against a patient's index (``terminology`` reads qualitative
-    results; the index's, or the repository's ValueSets, when not given)."""
+    results; the index's, or the repository's ValueSets, when not given). ``after`` is
+    ``(earliest date of the inputs named in inp.after, their names)``: only resources dated after
+    it count; when those inputs have no record, a found resource cannot be placed and the input
+    is empty with the reason."""
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
@@ -724,6 +742,16 @@ def resolve_input(
     if not matches:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+    if after is not None:
+        start, names = after
+        if start is None:
+            refs = tuple(_ref(r) for r in matches)
+            why = f"{inp.name}: cannot tell which results follow the start of {names} (no record)"
+            return Binding(([],), refs, "", why, True)
+        matches = [r for r in matches if (_resource_date(r) or "") > start]
+        if not matches:
+            why = f"no record of {label}{window} after the start of {names} ({start})"
+            return Binding(([],), (), "", why, False)
     if inp.qualitative:
         return _qualitative(
             inp, matches, terminology or index.terminology or _fallback_terminology()
@@ -822,6 +850,8 @@ class _CompiledCriterion:
     uses_patient: bool
     uses_uln: frozenset[str]
     children: tuple[_CompiledCriterion, ...]
+    #: inputs named only by other inputs' after-start-of (their records date the others)
+    anchors: frozenset[str] = frozenset()
 
 
 def _compile(
@@ -853,6 +883,12 @@ def _compile(
         uses_patient="%patient" in text,
         uses_uln=frozenset(i.name for i in criterion.inputs if f"%{i.name}.referenceRange" in text),
         children=children,
+        anchors=frozenset(
+            ref.name
+            for i in criterion.inputs
+            for ref in i.after
+            if f"%{ref.name}" not in text
+        ),
     )
 
 
@@ -928,7 +964,16 @@ class _PatientContext:
     def binding(self, inp: DataInput) -> Binding:
         b = self.bindings.get(inp)
         if b is None:
-            b = self.bindings[inp] = resolve_input(self.index, inp, self.terminology)
+            after = None
+            if inp.after:
+                starts = [
+                    d
+                    for ref in inp.after
+                    for r in self.binding(ref).variants[0]
+                    if (d := _start_date(r)) is not None
+                ]
+                after = (min(starts) if starts else None, ", ".join(a.name for a in inp.after))
+            b = self.bindings[inp] = resolve_input(self.index, inp, self.terminology, after)
         return b
 
 
@@ -1109,6 +1154,9 @@ class Engine:
         evidence = [e for _inp, b in bindings for e in b.evidence]
         if cc.uses_age or cc.uses_patient:
             evidence.insert(0, ctx.patient_ref)
+        if cc.anchors:
+            # inputs that only date others (after-start-of) decide nothing by themselves
+            bindings = [(inp, b) for inp, b in bindings if inp.name not in cc.anchors]
         used = [b.summary for _inp, b in bindings if b.summary]
         if cc.uses_age:
             used.insert(0, ctx.age_text)

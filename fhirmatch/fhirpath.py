@@ -19,8 +19,8 @@ The subset (everything the seed trials use):
   ``{}``; unions of literals (``('a' | 'b')``);
 * ``exists()``, ``exists(criteria)``, ``empty()``, ``not()``, ``count()``, ``where(criteria)``,
   ``iif(criterion, then[, else])``, ``startsWith('literal')``, ``memberOf('ValueSet URL')``;
-* ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``*``, ``and``, ``or``, ``xor``,
-  ``implies``.
+* ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``*``, ``+`` (numbers, strings), ``and``,
+  ``or``, ``xor``, ``implies``.
 
 Semantics are fhirpathpy's (2.x), not an idealised reading of the specification, so switching
 evaluator never changes an outcome. The quirks reproduced on purpose include: both operands of
@@ -219,6 +219,7 @@ _BINARY_KINDS = frozenset(
         "EqualityExpression",
         "InequalityExpression",
         "MultiplicativeExpression",
+        "AdditiveExpression",
         "MembershipExpression",
         "UnionExpression",
     }
@@ -595,6 +596,30 @@ def _multiply(left: _Code, right: _Code) -> Step:
     return step
 
 
+def _plus(left: _Code, right: _Code) -> Step:
+    """fhirpathpy's ``+`` on strings (concatenation) and numbers; empty when a side is empty."""
+    lstep, rstep, lnav, rnav = left.step, right.step, left.navigated, right.navigated
+
+    def step(focus: list[Any], env: Mapping[str, Any]) -> list[Any]:
+        a, b = lstep(focus, env), rstep(focus, env)
+        if not a or not b:
+            return []
+        if lnav and len(a) == 2 and "extension" in a[1]:
+            a = a[:1]
+        if rnav and len(b) == 2 and "extension" in b[1]:
+            b = b[:1]
+        if len(a) != 1 or len(b) != 1:
+            raise ValueError("+: expected singletons")
+        x, y = _data(a[0]), _data(b[0])
+        if isinstance(x, str) and isinstance(y, str):
+            return [x + y]
+        if _is_number(x) and _is_number(y):
+            return _arraify(x + y)
+        raise TypeError(f"cannot add {x.__class__.__name__} and {y.__class__.__name__}")
+
+    return step
+
+
 def _compile_binary(op: str, left: _Code, right: _Code) -> _Code:
     if op in _LOGIC:
         combine = _LOGIC[op]
@@ -614,6 +639,8 @@ def _compile_binary(op: str, left: _Code, right: _Code) -> _Code:
         return _Code(_membership(left, right), boolean=True)
     if op == "*":
         return _Code(_multiply(left, right))
+    if op == "+":
+        return _Code(_plus(left, right))
     if op == "|" and left.const is not None and right.const is not None:
         return _literal(list(union_op(None, left.const, right.const)))
     raise _Unsupported(f"operator {op!r} is not in the compiled subset")

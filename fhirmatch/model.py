@@ -37,6 +37,7 @@ EXT_QUALITATIVE = f"{EXT_BASE}/qualitative"
 EXT_POSITIVE_THRESHOLD = f"{EXT_BASE}/positive-threshold"
 EXT_NEGATIVE_THRESHOLD = f"{EXT_BASE}/negative-threshold"
 EXT_POSITIVE_IF_QUANTIFIED = f"{EXT_BASE}/positive-if-quantified"
+EXT_AFTER_START_OF = f"{EXT_BASE}/after-start-of"
 CS_CRITERION_KIND = f"{CS_BASE}/criterion-kind"
 
 
@@ -88,6 +89,9 @@ class DataInput:
     #: Observations are read as positive / negative by :mod:`fhirmatch.qualitative`
     qualitative: bool = False
     threshold: Threshold | None = None
+    #: only resources dated after the earliest record of these inputs (of the same criterion):
+    #: "a response assessment after the treatment started"
+    after: tuple[DataInput, ...] = ()
 
 
 @dataclass(frozen=True)

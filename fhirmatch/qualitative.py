@@ -14,7 +14,8 @@ extensions described in ``docs/trial-format.md``. A result is read from, in this
   (``mappings/valuesets/``: SNOMED CT findings and LOINC answer codes), else its ``text``;
 * ``valueString``: the common wordings, in any case (``positive``, ``pos``, ``detected``,
   ``reactive``, ``present``; ``negative``, ``neg``, ``not detected``, ``non-reactive``,
-  ``undetected``, ``absent``), or a number when the input states a threshold;
+  ``undetected``, ``absent``; for immune stains ``intact``, ``retained``, ``expressed`` and
+  ``loss``, ``lost``, ``not expressed``), or a number when the input states a threshold;
 * ``valueBoolean``;
 * ``interpretation``: a coding in the same ValueSets (HL7 ``POS``/``DET``, ``NEG``/``ND``);
 * ``valueQuantity`` / ``valueInteger`` against the input's stated threshold: positive at or above
@@ -63,7 +64,9 @@ UCUM = "http://unitsofmeasure.org"
 POSITIVE_CODING = {"system": SNOMED, "code": "10828004", "display": "Positive"}
 NEGATIVE_CODING = {"system": SNOMED, "code": "260385009", "display": "Negative"}
 
-_POSITIVE_WORDS = frozenset({"positive", "pos", "detected", "reactive", "present", "+"})
+_POSITIVE_WORDS = frozenset(
+    {"positive", "pos", "detected", "reactive", "present", "+", "intact", "retained", "expressed"}
+)
 _NEGATIVE_WORDS = frozenset(
     {
         "negative",
@@ -76,6 +79,10 @@ _NEGATIVE_WORDS = frozenset(
         "not reactive",
         "absent",
         "not present",
+        "loss",
+        "lost",
+        "loss of expression",
+        "not expressed",
         "-",
     }
 )

@@ -18,7 +18,7 @@ import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,6 +32,7 @@ from .errors import (
 )
 from .model import (
     CS_CRITERION_KIND,
+    EXT_AFTER_START_OF,
     EXT_ANALYTE,
     EXT_BASE,
     EXT_CLINICAL_STATUS,
@@ -148,6 +149,7 @@ _KNOWN_EXTENSIONS_INPUT = {
     EXT_POSITIVE_THRESHOLD,
     EXT_NEGATIVE_THRESHOLD,
     EXT_POSITIVE_IF_QUANTIFIED,
+    EXT_AFTER_START_OF,
 }
 #: ValueSets the engine itself reads (the qualitative-result reader)
 ENGINE_VALUE_SETS = frozenset(
@@ -623,9 +625,11 @@ class _Compiler:
                 self.problem(here, f"duplicate input id {di.name!r}")
             names.add(di.name)
             inputs.append(di)
+        inputs = self.link_after(inputs_raw, inputs, here)
         for var in sorted(fhirpath_variables(expression) - names - BUILTIN_VARIABLES):
             self.problem(here, f"FHIRPath uses %{var}, which is neither an input id nor built in")
-        for unused in sorted(names - fhirpath_variables(expression)):
+        anchors = {ref.name for i in inputs for ref in i.after}
+        for unused in sorted(names - fhirpath_variables(expression) - anchors):
             self.problem(here, f"input {unused!r} is not used by the condition")
         return Criterion(
             id=aid,
@@ -636,6 +640,43 @@ class _Compiler:
             note=note,
             drafted=drafted,
         )
+
+    def link_after(
+        self, raw: list[dict[str, Any]], inputs: list[DataInput], where: str
+    ) -> list[DataInput]:
+        """Attach the inputs each ``after-start-of`` extension names (same criterion, no chains)."""
+        by_name = {i.name: i for i in inputs}
+        out: list[DataInput] = []
+        for dr, di in zip(raw, inputs, strict=True):
+            names = [
+                str(x.get("valueString") or "")
+                for x in dr.get("extension") or []
+                if isinstance(x, dict) and x.get("url") == EXT_AFTER_START_OF
+            ]
+            refs: list[DataInput] = []
+            for name in names:
+                ref = by_name.get(name)
+                if ref is None or name == di.name:
+                    self.problem(
+                        where,
+                        f"input {di.name!r}: after-start-of {name!r} is not "
+                        "another input of this criterion",
+                    )
+                elif ref.after or any(
+                    x.get("url") == EXT_AFTER_START_OF
+                    for r in raw
+                    if r.get("id") == name
+                    for x in r.get("extension") or []
+                ):
+                    self.problem(
+                        where,
+                        f"input {di.name!r}: after-start-of {name!r}, which "
+                        "itself has after-start-of",
+                    )
+                else:
+                    refs.append(ref)
+            out.append(replace(di, after=tuple(refs)) if refs else di)
+        return out
 
     def data_input(self, dr: dict[str, Any], where: str) -> DataInput:
         name = str(dr.get("id") or "")
