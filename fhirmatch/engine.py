@@ -884,10 +884,7 @@ def _compile(
         uses_uln=frozenset(i.name for i in criterion.inputs if f"%{i.name}.referenceRange" in text),
         children=children,
         anchors=frozenset(
-            ref.name
-            for i in criterion.inputs
-            for ref in i.after
-            if f"%{ref.name}" not in text
+            ref.name for i in criterion.inputs for ref in i.after if f"%{ref.name}" not in text
         ),
     )
 
