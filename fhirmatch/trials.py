@@ -14,6 +14,7 @@ R4B models) and returns a :class:`CheckReport` instead of raising, for ``fhirmat
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -392,7 +393,9 @@ def _string_literals(node: dict[str, Any], allowed: bool, out: list[tuple[str, b
         _string_literals(kid, allowed, out)
 
 
+@functools.lru_cache(maxsize=2048)
 def _parse_tree(expression: str) -> dict[str, Any] | None:
+    """fhirpathpy's syntax tree of a condition, parsed once per process (callers only read it)."""
     from fhirpathpy.parser import parse
 
     try:
