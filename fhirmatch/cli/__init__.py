@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fhirmatch: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`fhirmatch trials show ID | head`): stop quietly; point stdout at
+        # devnull so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exitcodes.FAILURE
     except StateError as exc:
         print(f"fhirmatch: {exc}", file=sys.stderr)
         return exitcodes.STATE_ERROR
