@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data import seed_trials_dir
 from ..errors import ConfigurationError, TrialDefinitionError
 from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
@@ -127,7 +128,10 @@ def _only(trials: list[Trial], only: list[str] | None) -> list[Trial]:
 def run_command(args: argparse.Namespace) -> int:
     setup_logging(args)
     if bool(args.trials) == bool(args.trials_from_server):
-        raise ConfigurationError("give either --trials PATH… or --trials-from-server")
+        raise ConfigurationError(
+            "give either --trials PATH… or --trials-from-server "
+            f"(the seed trials bundled with fhirmatch are in {seed_trials_dir()})"
+        )
     options = MatchOptions(
         as_of=_as_of(args.as_of),
         patients=args.patient or (),
