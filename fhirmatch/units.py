@@ -41,12 +41,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import pint
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fhirmatch import data
 from fhirmatch.errors import DataFileError, UnitError
+
+if TYPE_CHECKING:
+    import pint
 
 __all__ = [
     "AnalyteInfo",
@@ -93,6 +94,7 @@ class _Units:
     """The pint registry with UCUM definitions, the UCUM parser, and the mapping tables."""
 
     def __init__(self) -> None:
+        import pint  # about a second to import and build: only when a unit is first needed
         import ucumvert
 
         defs_file = Path(ucumvert.__file__).resolve().parent / "pint_ucum_defs.txt"
@@ -109,7 +111,7 @@ class _Units:
         self.aliases = _read_table(_load_aliases, base / "units" / "aliases.csv")
         self.aliases_folded = {_fold(k): v for k, v in self.aliases.items()}
         self.rules = _read_table(_load_rules, base / "units" / "forbidden.json")
-        self.analytes = _read_table(_load_analytes, base / "analytes.json")
+        self.analytes = _analytes()
         self.parsed: dict[str, _ParsedUnit | UnitError] = {}
 
 
@@ -208,6 +210,12 @@ class AnalyteInfo:
     other_units: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=1)
+def _analytes() -> dict[str, AnalyteInfo]:
+    """The analyte table (read once; no unit registry needed)."""
+    return _read_table(_load_analytes, mappings_dir() / "analytes.json")
+
+
 def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
     data = json.loads(path.read_text(encoding="utf-8"))
     source = data.get("uln_source", "")
@@ -266,11 +274,12 @@ def _kinds(ucum: str, units: Any) -> frozenset[str]:
 def _parse_ucum(state: _Units, ucum: str) -> _ParsedUnit:
     """Parse a (case-sensitive) UCUM code; raise UnitError when it is not valid UCUM."""
     from lark.exceptions import LarkError
+    from pint.errors import PintError
 
     try:
         with state.lock:
             result = state.transformer.transform(state.parser.parse(ucum))
-    except (LarkError, pint.errors.PintError, AttributeError, TypeError, ValueError) as exc:
+    except (LarkError, PintError, AttributeError, TypeError, ValueError) as exc:
         raise UnitError(ucum, "not a known alias and not a valid UCUM code") from exc
     if not isinstance(result, state.reg.Quantity):
         # A bare annotation such as "{score}" means "1" (dimensionless).
@@ -366,6 +375,8 @@ def _check_rules(
 
 def _compute_factor(from_unit: str, to_unit: str, analyte: str | None) -> float | UnitError | str:
     """Return the multiplicative factor, a UnitError to raise, or _OFFSET for offset units."""
+    from pint.errors import PintError
+
     label = f"{from_unit} -> {to_unit}"
     try:
         src = _lookup(from_unit)
@@ -412,7 +423,7 @@ def _compute_factor(from_unit: str, to_unit: str, analyte: str | None) -> float 
             factor = float((quantity / target).to("dimensionless").magnitude)
     except UnitError as exc:
         return exc
-    except pint.errors.PintError as exc:
+    except PintError as exc:
         return UnitError(label, f"cannot convert: {type(exc).__name__}")
     return factor
 
@@ -483,7 +494,7 @@ def convert(value: float, from_unit: str, to_unit: str, *, analyte: str | None =
 
 
 def _analyte(code: str) -> AnalyteInfo:
-    info = _state().analytes.get(code)
+    info = _analytes().get(code)
     if info is None:
         raise UnitError(code, "unknown analyte (not in mappings/analytes.json)")
     return info
@@ -499,7 +510,7 @@ def analyte_info(analyte: str) -> AnalyteInfo:
 
 def known_analytes() -> Iterator[str]:
     """Yield the analyte codes defined in ``mappings/analytes.json``."""
-    yield from _state().analytes
+    yield from _analytes()
 
 
 def default_uln(analyte: str, *, sex: str | None = None) -> tuple[float, str] | None:
