@@ -642,8 +642,7 @@ def _screen_bulk(
             finished += len(batch)
             if progress:
                 progress(finished, 0)
-        for problem in problems:
-            log.warning("bulk data: %s", problem)
+        # the loader logged each problem of the export once, as it met it
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -31,7 +31,6 @@ optional ``problems`` list the caller passes.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import logging
@@ -78,6 +77,153 @@ SHARED_TYPES = frozenset(
         "StructureDefinition",
         "Group",
         "Bundle",
+    }
+)
+#: every resource type of FHIR R4B (https://hl7.org/fhir/R4B/resourcelist.html), the version whose
+#: models fhir.resources provides; a test checks it against fhir.resources
+RESOURCE_TYPES = frozenset(
+    {
+        "Account",
+        "ActivityDefinition",
+        "AdministrableProductDefinition",
+        "AdverseEvent",
+        "AllergyIntolerance",
+        "Appointment",
+        "AppointmentResponse",
+        "AuditEvent",
+        "Basic",
+        "Binary",
+        "BiologicallyDerivedProduct",
+        "BodyStructure",
+        "Bundle",
+        "CapabilityStatement",
+        "CarePlan",
+        "CareTeam",
+        "CatalogEntry",
+        "ChargeItem",
+        "ChargeItemDefinition",
+        "Citation",
+        "Claim",
+        "ClaimResponse",
+        "ClinicalImpression",
+        "ClinicalUseDefinition",
+        "CodeSystem",
+        "Communication",
+        "CommunicationRequest",
+        "CompartmentDefinition",
+        "Composition",
+        "ConceptMap",
+        "Condition",
+        "Consent",
+        "Contract",
+        "Coverage",
+        "CoverageEligibilityRequest",
+        "CoverageEligibilityResponse",
+        "DetectedIssue",
+        "Device",
+        "DeviceDefinition",
+        "DeviceMetric",
+        "DeviceRequest",
+        "DeviceUseStatement",
+        "DiagnosticReport",
+        "DocumentManifest",
+        "DocumentReference",
+        "Encounter",
+        "Endpoint",
+        "EnrollmentRequest",
+        "EnrollmentResponse",
+        "EpisodeOfCare",
+        "EventDefinition",
+        "Evidence",
+        "EvidenceReport",
+        "EvidenceVariable",
+        "ExampleScenario",
+        "ExplanationOfBenefit",
+        "FamilyMemberHistory",
+        "Flag",
+        "Goal",
+        "GraphDefinition",
+        "Group",
+        "GuidanceResponse",
+        "HealthcareService",
+        "ImagingStudy",
+        "Immunization",
+        "ImmunizationEvaluation",
+        "ImmunizationRecommendation",
+        "ImplementationGuide",
+        "Ingredient",
+        "InsurancePlan",
+        "Invoice",
+        "Library",
+        "Linkage",
+        "List",
+        "Location",
+        "ManufacturedItemDefinition",
+        "Measure",
+        "MeasureReport",
+        "Media",
+        "Medication",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "MedicationKnowledge",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicinalProductDefinition",
+        "MessageDefinition",
+        "MessageHeader",
+        "MolecularSequence",
+        "NamingSystem",
+        "NutritionOrder",
+        "NutritionProduct",
+        "Observation",
+        "ObservationDefinition",
+        "OperationDefinition",
+        "OperationOutcome",
+        "Organization",
+        "OrganizationAffiliation",
+        "PackagedProductDefinition",
+        "Parameters",
+        "Patient",
+        "PaymentNotice",
+        "PaymentReconciliation",
+        "Person",
+        "PlanDefinition",
+        "Practitioner",
+        "PractitionerRole",
+        "Procedure",
+        "Provenance",
+        "Questionnaire",
+        "QuestionnaireResponse",
+        "RegulatedAuthorization",
+        "RelatedPerson",
+        "RequestGroup",
+        "ResearchDefinition",
+        "ResearchElementDefinition",
+        "ResearchStudy",
+        "ResearchSubject",
+        "RiskAssessment",
+        "Schedule",
+        "SearchParameter",
+        "ServiceRequest",
+        "Slot",
+        "Specimen",
+        "SpecimenDefinition",
+        "StructureDefinition",
+        "StructureMap",
+        "Subscription",
+        "SubscriptionStatus",
+        "SubscriptionTopic",
+        "Substance",
+        "SubstanceDefinition",
+        "SupplyDelivery",
+        "SupplyRequest",
+        "Task",
+        "TerminologyCapabilities",
+        "TestReport",
+        "TestScript",
+        "ValueSet",
+        "VerificationResult",
+        "VisionPrescription",
     }
 )
 JSON_SUFFIXES = (".json", ".json.gz")
@@ -212,15 +358,8 @@ def iter_patient_records(
             yield check_record(rec)
 
 
-@functools.lru_cache(maxsize=512)
 def _known_type(resource_type: str) -> bool:
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        get_fhir_model_class(resource_type)
-    except ValueError:
-        return False
-    return True
+    return resource_type in RESOURCE_TYPES
 
 
 def _value_keys(resource: dict[str, Any]) -> list[str]:
@@ -236,10 +375,14 @@ def check_record(rec: PatientRecord, *, quiet: bool = False) -> PatientRecord:
       copies, common in overlapping exports, are kept once).
 
     A criterion that needed a dropped resource then finds no usable data: ``unknown``, never
-    a pass or fail decided by a guess. ``quiet``: collect the problems without logging them
-    (in worker processes; the caller logs them).
+    a pass or fail decided by a guess. The record's problems (these and those found while
+    grouping it) are logged here, once; ``quiet``: collect them without logging (in worker
+    processes; the caller logs them).
     """
     note = _collect if quiet else _note
+    if not quiet:
+        for problem in rec.problems:  # found while grouping (e.g. no Patient resource)
+            log.warning("%s", problem)
     kept: list[dict[str, Any]] = []
     seen: dict[tuple[str, str], int] = {}
     contradicted: set[tuple[str, str]] = set()
@@ -287,27 +430,72 @@ def load_patient_records(
     return list(iter_patient_records(paths, problems=problems))
 
 
-def _iter_json_file(path: Path, problems: list[str]) -> Iterator[PatientRecord]:
+def read_json_file(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """The FHIR resource or Bundle in a JSON file; None (reported) when it holds none."""
     try:
         with _open_text(path) as fh:
             data = json.load(fh)
     except UnicodeDecodeError:
         _problem(problems, f"{path}: not UTF-8 text; file skipped")
-        return
+        return None
     except (json.JSONDecodeError, EOFError, gzip.BadGzipFile) as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
         _problem(problems, f"{path}: not valid JSON{where}; file skipped")
-        return
+        return None
     except RecursionError:
         _problem(problems, f"{path}: JSON nested too deeply to read; file skipped")
-        return
+        return None
     except OSError as exc:
         _problem(problems, f"{path}: cannot be read ({exc.strerror or type(exc).__name__})")
-        return
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
         _problem(problems, f"{path}: not a FHIR resource or Bundle; file skipped")
-        return
-    yield from _group_bundle(data, str(path), problems)
+        return None
+    return data
+
+
+def _iter_json_file(path: Path, problems: list[str]) -> Iterator[PatientRecord]:
+    data = read_json_file(path, problems)
+    if data is not None:
+        yield from group_bundle(data, str(path), problems)
+
+
+def group_single_resources(
+    found: Sequence[tuple[Path, dict[str, Any]]], problems: list[str]
+) -> Iterator[PatientRecord]:
+    """Group resources read one per file (the way implementation guides ship examples) by
+    patient, across files; records in the order each patient was first seen.
+
+    Shared Medications are attached to the records that reference them, like NDJSON; other
+    resources without a patient reference are reported and skipped.
+    """
+    records: dict[str, PatientRecord] = {}
+    files: dict[str, list[Path]] = {}
+    medications: dict[str, dict[str, Any]] = {}
+    for path, res in found:
+        rtype = res["resourceType"]
+        if rtype == "Medication" and isinstance(res.get("id"), str):
+            medications[res["id"]] = res
+        if rtype in SHARED_TYPES:
+            continue
+        pid = patient_reference_of(res)
+        if pid is None:
+            _problem(problems, f"{path}: {_describe(res)} has no patient reference; skipped")
+            continue
+        rec = records.get(pid)
+        if rec is None:
+            rec = records[pid] = PatientRecord(pid)
+            files[pid] = []
+        rec.resources.append(res)
+        files[pid].append(path)
+    for pid, rec in records.items():
+        paths = files[pid]
+        if len(paths) == 1:
+            rec.source = str(paths[0])
+        else:
+            parent = os.path.commonpath([str(p.parent) for p in paths])
+            rec.source = f"{parent} ({len(paths)} files)"
+        yield _finish_ndjson(rec, medications)
 
 
 def _bundle_resources(
@@ -340,7 +528,7 @@ def _bundle_resources(
     return resources, full_urls
 
 
-def _group_bundle(
+def group_bundle(
     data: dict[str, Any], source: str, problems: list[str]
 ) -> Iterator[PatientRecord]:
     if data["resourceType"] == "Bundle":

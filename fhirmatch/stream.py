@@ -47,14 +47,16 @@ from .records import (
     Report,
     _expand_paths,
     _finish_ndjson,
-    _iter_json_file,
     _problem,
     check_record,
+    group_bundle,
+    group_single_resources,
     iter_contiguous_ndjson,
     iter_ndjson_slice,
     ndjson_is_contiguous,
     ndjson_patient,
     problem_text,
+    read_json_file,
 )
 
 if TYPE_CHECKING:
@@ -374,17 +376,30 @@ def plan_input(
     spill_dir: str | os.PathLike[str] | None = None,
     slice_bytes: int | None = None,
 ) -> Iterator[Iterator[PatientRecord] | Shuffle]:
-    """The input as parts, in order: record streams (Bundle files, patient-ordered NDJSON, small
+    """The input as parts, in order: record streams (each Bundle file; then the JSON files that
+    hold one resource each, grouped by patient across files; then patient-ordered NDJSON or small
     NDJSON grouped in memory) and at most one :class:`Shuffle` (NDJSON not ordered by patient).
 
     Records are unchecked (see :func:`fhirmatch.records.iter_patient_records`). Parts are
-    planned lazily: the NDJSON is scanned only when the parts before it have been consumed.
+    planned lazily: a file is read, and the NDJSON scanned, only when the parts before it have
+    been consumed. Single-resource files are held until every JSON file has been read (a
+    directory of examples is small; a large population comes as Bundles or NDJSON).
     """
     files = _expand_paths(paths, problems)
     ndjson = [f for f in files if f.name.endswith(NDJSON_SUFFIXES)]
+    singles: list[tuple[Path, dict[str, Any]]] = []
     for path in files:
-        if not path.name.endswith(NDJSON_SUFFIXES):
-            yield _iter_json_file(path, problems)
+        if path.name.endswith(NDJSON_SUFFIXES):
+            continue
+        data = read_json_file(path, problems)
+        if data is None:
+            continue
+        if data["resourceType"] == "Bundle":
+            yield group_bundle(data, str(path), problems)
+        else:
+            singles.append((path, data))
+    if singles:
+        yield group_single_resources(singles, problems)
     if not ndjson:
         return
     contiguous, medications = ndjson_is_contiguous(ndjson, types)

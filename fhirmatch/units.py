@@ -111,7 +111,7 @@ class _Units:
         self.aliases = _read_table(_load_aliases, base / "units" / "aliases.csv")
         self.aliases_folded = {_fold(k): v for k, v in self.aliases.items()}
         self.rules = _read_table(_load_rules, base / "units" / "forbidden.json")
-        self.analytes = _analytes()
+        self.analytes = _analytes_at(base / "analytes.json")
         self.parsed: dict[str, _ParsedUnit | UnitError] = {}
 
 
@@ -210,10 +210,18 @@ class AnalyteInfo:
     other_units: tuple[str, ...] = ()
 
 
-@functools.lru_cache(maxsize=1)
 def _analytes() -> dict[str, AnalyteInfo]:
-    """The analyte table (read once; no unit registry needed)."""
-    return _read_table(_load_analytes, mappings_dir() / "analytes.json")
+    """The analyte table: the registry's once it is built, else read (once per location)
+    without building the registry, which only unit conversions need."""
+    state = _STATE
+    if state is not None:
+        return state.analytes
+    return _analytes_at(mappings_dir() / "analytes.json")
+
+
+@functools.lru_cache(maxsize=4)
+def _analytes_at(path: Path) -> dict[str, AnalyteInfo]:
+    return _read_table(_load_analytes, path)
 
 
 def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
