@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -49,6 +49,7 @@ from .records import (
     _finish_ndjson,
     _problem,
     check_record,
+    decode_json,
     group_bundle,
     group_single_resources,
     iter_contiguous_ndjson,
@@ -153,8 +154,10 @@ class SliceOutcome:
 def spill_slice(task: SliceTask) -> SliceOutcome:
     """Run one map task: append each patient resource of the slice to its partition's file.
 
-    Runs anywhere the input and spill directory are visible (this process, a worker process or a
-    Dask worker); it never logs: problems are returned, with line numbers within the slice.
+    A line is decoded only as far as its patient (:func:`~fhirmatch.records.decode_head`); it is
+    decoded whole once, when its patient's record is built. Runs anywhere the input and spill
+    directory are visible (this process, a worker process or a Dask worker); it never logs:
+    problems are returned, with line numbers within the slice.
     """
     out = SliceOutcome(task.ordinal)
     path = Path(task.path)
@@ -163,7 +166,9 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
     def report(lineno: int, text: str) -> None:
         out.problems.append((lineno, text))
 
-    lines = iter_ndjson_slice(path, report, types=task.types, start=task.start, end=task.end)
+    lines = iter_ndjson_slice(
+        path, report, types=task.types, start=task.start, end=task.end, head=True
+    )
     try:
         while True:
             try:
@@ -183,7 +188,7 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
                 name = os.path.join(task.spill_dir, f"part-{k}.{task.ordinal}.ndjson")
                 fh = handles[k] = open(name, "ab")
                 out.spilled[k] = name
-            fh.write(pid.encode("utf-8") + b"\t" + body + b"\n")
+            fh.write(b"%s\t%d\t%s\n" % (pid.encode("utf-8"), lineno, body))
     finally:
         for fh in handles.values():
             fh.close()
@@ -223,44 +228,82 @@ def plan_slices(
 
 @dataclass(frozen=True)
 class PartitionTask:
-    """One reduce task: partition ``index``'s spill files ``(file, source)``, in input order."""
+    """One reduce task: partition ``index``'s spill files ``(file, source, first line - 1)``, in
+    input order (the third item turns a line number within the slice into one within the file)."""
 
     index: int
-    files: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, str, int], ...]
     medications: dict[str, dict[str, Any]]
 
 
-def group_partition(task: PartitionTask) -> Iterator[PatientRecord]:
+def group_partition(
+    task: PartitionTask, report: Callable[[str], None] | None = None
+) -> Iterator[PatientRecord]:
     """Group one partition's spill files by patient; unchecked records in first-seen order.
 
-    The lines are held as text; a patient's lines are decoded only when its record is built.
+    The lines are held as text; a patient's lines are decoded only when its record is built (for
+    most lines, the only time they are decoded). A line that turns out not to be a resource of
+    that patient after all (text that is not UTF-8 in elements the map phase skipped, or not JSON)
+    is passed to ``report`` as a problem naming the file and line, like the problems of the map
+    phase, and skipped.
     """
-    import json
-
-    lines: dict[bytes, list[bytes]] = {}
-    sources: dict[bytes, list[str]] = {}
-    for name, source in task.files:
+    lines: dict[bytes, list[tuple[int, int, bytes]]] = {}
+    sources: dict[bytes, list[int]] = {}
+    for n, (name, _source, _base) in enumerate(task.files):
         with open(name, "rb") as fh:
             for line in fh:
-                pid, body = line.rstrip(b"\n").split(b"\t", 1)
+                pid, num, body = line.rstrip(b"\n").split(b"\t", 2)
                 held = lines.get(pid)
                 if held is None:
-                    lines[pid] = [body]
-                    sources[pid] = [source]
+                    lines[pid] = [(n, int(num), body)]
+                    sources[pid] = [n]
                 else:
-                    held.append(body)
-                    if sources[pid][-1] != source and source not in sources[pid]:
-                        sources[pid].append(source)
+                    held.append((n, int(num), body))
+                    if sources[pid][-1] != n:
+                        sources[pid].append(n)
     for pid in list(lines):
-        bodies = lines.pop(pid)
-        rec = PatientRecord(pid.decode("utf-8"), source=", ".join(sources.pop(pid)))
-        rec.resources = [json.loads(b) for b in bodies]
+        held = lines.pop(pid)
+        patient = pid.decode("utf-8")
+        rec = PatientRecord(patient)
+        resources = rec.resources
+        for n, lineno, body in held:
+            try:
+                res = decode_json(body)
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                text = (
+                    "is not UTF-8; line skipped"
+                    if isinstance(exc, UnicodeDecodeError)
+                    else "is nested too deeply; skipped"
+                    if isinstance(exc, RecursionError)
+                    else "is not valid JSON; line skipped"
+                )
+                _report(report, task, n, lineno, text)
+                continue
+            # the map phase read this line's resourceType and patient from the same text, with
+            # the same decoder: the whole resource is of this patient
+            resources.append(res)
+        names = sources.pop(pid)
+        if not resources:
+            continue
+        seen: list[str] = []
+        for n in names:
+            if task.files[n][1] not in seen:
+                seen.append(task.files[n][1])
+        rec.source = ", ".join(seen)
         yield _finish_ndjson(rec, task.medications)
+
+
+def _report(
+    report: Callable[[str], None] | None, task: PartitionTask, n: int, lineno: int, text: str
+) -> None:
+    if report is not None:
+        _name, source, base = task.files[n]
+        report(problem_text(source, base + lineno, text))
 
 
 def remove_spill(task: PartitionTask) -> None:
     """Delete a partition's spill files once it has been grouped."""
-    for name, _source in task.files:
+    for name, _source, _base in task.files:
         with contextlib.suppress(OSError):
             os.unlink(name)
 
@@ -334,7 +377,7 @@ class Shuffle:
         if len(by_ordinal) != len(self._slices):
             raise RuntimeError("a map task of the grouping did not report")
         medications: dict[str, dict[str, Any]] = {}
-        per_partition: dict[int, list[tuple[str, str]]] = {}
+        per_partition: dict[int, list[tuple[str, str, int]]] = {}
         base = 0
         previous: Path | None = None
         for n, (path, _start, _end) in enumerate(self._slices):
@@ -343,10 +386,10 @@ class Shuffle:
                 base, previous = 0, path
             for lineno, text in outcome.problems:
                 _problem(problems, problem_text(path, base + lineno if lineno else 0, text))
-            base += outcome.lines
             medications.update(outcome.medications)
             for k, name in outcome.spilled.items():
-                per_partition.setdefault(k, []).append((name, str(path)))
+                per_partition.setdefault(k, []).append((name, str(path), base))
+            base += outcome.lines
         log.info(
             "grouping NDJSON by patient: %d slices, %d partitions",
             len(self._slices),
@@ -363,7 +406,7 @@ class Shuffle:
         with self:
             tasks = self.partition_tasks(map(spill_slice, self.slice_tasks()), problems)
             for task in tasks:
-                yield from group_partition(task)
+                yield from group_partition(task, lambda text: _problem(problems, text))
                 remove_spill(task)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -41,7 +40,12 @@ from typing import IO, TYPE_CHECKING, TextIO
 
 from ..engine import Engine
 from ..errors import ConfigurationError, TerminologyError
-from ..executors import add_executor_arguments, executor_from_args, partition_bytes
+from ..executors import (
+    add_executor_arguments,
+    executor_from_args,
+    freeze_heap,
+    partition_bytes,
+)
 from ..results import CriterionResult, EvaluationReport, TrialResult
 from . import exitcodes
 
@@ -261,15 +265,6 @@ def _stderr_reporting(progress: _Progress) -> Iterator[None]:
         logger.handlers[:], logger.level, logger.propagate = saved
 
 
-def _freeze_heap() -> None:
-    """Move everything built so far (modules, compiled trials) out of the collector's sight and
-    collect young objects less often: a run allocates millions of short-lived dicts without
-    cycles, and scanning them was 12-40% of the CPU."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``fhirmatch evaluate``; returns the exit code."""
     t0 = time.monotonic()
@@ -295,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     output = _Output(args.output)
     progress = _Progress(sys.stderr, sys.stderr.isatty() and not output.to_terminal)
     tally = _Tally()
-    _freeze_heap()
+    freeze_heap()
     try:
         with _stderr_reporting(progress), executor:
             evaluated = executor.evaluate_files(
