@@ -247,28 +247,31 @@ def group_partition(
     is passed to ``report`` as a problem naming the file and line, like the problems of the map
     phase, and skipped.
     """
-    lines: dict[bytes, list[tuple[int, int, bytes]]] = {}
-    sources: dict[bytes, list[int]] = {}
+    # per patient, its spill lines after the id ("line number\tJSON\n") and the index of the file
+    # each came from: bytes and ints, which the garbage collector does not track
+    lines: dict[bytes, list[bytes]] = {}
+    files: dict[bytes, list[int]] = {}
     for n, (name, _source, _base) in enumerate(task.files):
         with open(name, "rb") as fh:
             for line in fh:
-                pid, num, body = line.rstrip(b"\n").split(b"\t", 2)
+                pid, rest = line.split(b"\t", 1)
                 held = lines.get(pid)
                 if held is None:
-                    lines[pid] = [(n, int(num), body)]
-                    sources[pid] = [n]
+                    lines[pid] = [rest]
+                    files[pid] = [n]
                 else:
-                    held.append((n, int(num), body))
-                    if sources[pid][-1] != n:
-                        sources[pid].append(n)
+                    held.append(rest)
+                    files[pid].append(n)
     for pid in list(lines):
         held = lines.pop(pid)
+        where = files.pop(pid)
         patient = pid.decode("utf-8")
         rec = PatientRecord(patient)
         resources = rec.resources
-        for n, lineno, body in held:
+        for rest, n in zip(held, where, strict=True):
+            tab = rest.index(b"\t")
             try:
-                res = decode_json(body)
+                res = decode_json(memoryview(rest)[tab + 1 :])
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                 text = (
                     "is not UTF-8; line skipped"
@@ -277,14 +280,14 @@ def group_partition(
                     if isinstance(exc, RecursionError)
                     else "is not valid JSON; line skipped"
                 )
-                _report(report, task, n, lineno, text)
+                _report(report, task, n, int(rest[:tab]), text)
                 continue
             # the map phase read this line's resourceType and patient from the same text, with
             # the same decoder: the whole resource is of this patient
             resources.append(res)
-        names = sources.pop(pid)
         if not resources:
             continue
+        names = list(dict.fromkeys(where))
         seen: list[str] = []
         for n in names:
             if task.files[n][1] not in seen:
