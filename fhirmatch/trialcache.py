@@ -15,6 +15,10 @@ Any change gives a new key, so an entry is never stale; a definition that does n
 never cached (the error is raised as without the cache). The cache holds trial definitions and
 terminology only, never patient data.
 
+The same directory keeps the outcomes of unit conversions (:func:`load_unit_factors`), keyed by
+the mapping tables, versions and modules: a run whose data uses units seen before converts them
+without building the unit registry.
+
 Where: ``$FHIRMATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/fhirmatch``, else ``~/.cache/fhirmatch``;
 ``FHIRMATCH_CACHE=off`` turns it off. The directory is created owner-only (0700) and a cache file
 is read only when this user owns it and nobody else can write it; an unreadable, corrupt or
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from .model import Criterion, Trial
     from .terminology import Terminology
 
-__all__ = ["KEEP", "cache_dir", "load_compiled"]
+__all__ = ["KEEP", "cache_dir", "load_compiled", "load_unit_factors", "save_unit_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,10 @@ def _read(path: Path) -> _Entry | None:
 
 
 def _write(folder: Path, path: Path, entry: _Entry) -> None:
+    _write_pickle(folder, path, entry)
+
+
+def _write_pickle(folder: Path, path: Path, entry: object) -> None:
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -157,7 +165,8 @@ def _write(folder: Path, path: Path, entry: _Entry) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        entries = sorted(folder.glob("trials-*.pickle"), key=lambda p: p.stat().st_mtime)
+        prefix = path.name.split("-", 1)[0]
+        entries = sorted(folder.glob(f"{prefix}-*.pickle"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-KEEP]:
             with contextlib.suppress(OSError):
                 old.unlink()
@@ -199,3 +208,49 @@ def load_compiled(
         parsed = parsed_expressions(e for t in trials for e in _expressions(t.criteria))
         _write(folder, path, _Entry(tuple(trials), terminology, tuple(parsed)))
     return trials, terminology
+
+
+# --------------------------------------------------------------------------- unit conversions
+
+
+def _factors_path() -> Path | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        return folder / f"units-{_key([], [])[:40]}.pickle"
+    except OSError:
+        return None
+
+
+def load_unit_factors() -> int:
+    """Give :mod:`fhirmatch.units` the conversion outcomes an earlier run computed with the same
+    unit definitions, mapping tables and code (the key is :func:`_key` without trials), so a run
+    whose data uses only those units never builds the unit registry. Returns how many."""
+    from . import units
+
+    path = _factors_path()
+    if path is None:
+        return 0
+    try:
+        if not _trusted(path) or not _trusted(path.parent):
+            return 0
+        with path.open("rb") as fh:
+            known = pickle.load(fh)  # noqa: S301 - our own owner-only file (checked above)
+    except Exception:  # missing, corrupt or foreign: compute the conversions as usual
+        return 0
+    if not isinstance(known, dict):
+        return 0
+    units.remember_factors(known)
+    return len(known)
+
+
+def save_unit_factors() -> None:
+    """Keep the conversion outcomes this process computed, with those known before."""
+    from . import units
+
+    table = units.learnt_factors()
+    path = _factors_path()
+    if not table.pop("new")["count"] or path is None:
+        return
+    _write_pickle(path.parent, path, table)

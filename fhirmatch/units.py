@@ -354,7 +354,17 @@ def normalise_unit(text: str) -> str:
     ``"K/uL"`` -> ``"10*3/uL"``, ``"mg/dl"`` -> ``"mg/dL"``, ``" mmol/L "`` -> ``"mmol/L"``.
     Raises :class:`UnitError` for units that cannot be parsed.
     """
-    return _lookup(text).ucum
+    known = _KNOWN_UCUM.get(text) if isinstance(text, str) else None
+    if known is None:
+        try:
+            known = _lookup(text).ucum
+        except UnitError as exc:
+            known = exc
+        if isinstance(text, str):
+            _LEARNT_UCUM[text] = known
+    if isinstance(known, UnitError):
+        raise UnitError(known.unit, known.reason)
+    return known
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,9 +459,46 @@ def _iu_as_enzyme(reg: pint.UnitRegistry, units: Any) -> Any:
     return factor
 
 
+#: a conversion's outcome (factor, error, or offset) by ``(from unit, to unit, analyte)``
+FactorKey = tuple[str, str, str | None]
+Factor = float | UnitError | str
+#: outcomes known without the registry (:func:`remember_factors`, e.g. from an earlier run)
+_KNOWN: dict[FactorKey, Factor] = {}
+#: outcomes this process computed with the registry
+_LEARNT: dict[FactorKey, Factor] = {}
+#: the same for :func:`normalise_unit`: canonical UCUM (or why there is none) by unit text
+_KNOWN_UCUM: dict[str, str | UnitError] = {}
+_LEARNT_UCUM: dict[str, str | UnitError] = {}
+
+
 @functools.lru_cache(maxsize=4096)
-def _cached_factor(from_unit: str, to_unit: str, analyte: str | None) -> float | UnitError | str:
-    return _compute_factor(from_unit, to_unit, analyte)
+def _cached_factor(from_unit: str, to_unit: str, analyte: str | None) -> Factor:
+    key = (from_unit, to_unit, analyte)
+    known = _KNOWN.get(key)
+    if known is not None:
+        return known
+    outcome = _compute_factor(from_unit, to_unit, analyte)
+    _LEARNT[key] = outcome
+    return outcome
+
+
+def remember_factors(known: dict[str, dict[Any, Any]]) -> None:
+    """Outcomes of conversions (``"factors"``) and unit normalisations (``"ucum"``) computed
+    earlier with the same unit definitions and mapping tables (the caller guarantees that): those
+    then need no unit registry, whose construction takes about a second (see
+    :mod:`fhirmatch.trialcache`)."""
+    _KNOWN.update(known.get("factors", {}))
+    _KNOWN_UCUM.update(known.get("ucum", {}))
+
+
+def learnt_factors() -> dict[str, dict[Any, Any]]:
+    """What :func:`remember_factors` takes: the outcomes known to this process, with the number
+    computed here under ``"new"``."""
+    return {
+        "factors": {**_KNOWN, **_LEARNT},
+        "ucum": {**_KNOWN_UCUM, **_LEARNT_UCUM},
+        "new": {"count": len(_LEARNT) + len(_LEARNT_UCUM)},
+    }
 
 
 def _factor_or_raise(from_unit: str, to_unit: str, analyte: str | None) -> float | str:

@@ -284,9 +284,11 @@ def run(args: argparse.Namespace) -> int:
         executor = executor_from_args(args, trials, terminology, engine=engine)
     except ConfigurationError as exc:
         raise exitcodes.CliExit(exitcodes.CONFIG_ERROR, str(exc)) from exc
+    from ..trialcache import load_unit_factors, save_unit_factors
     from .common import warn_about_trials
 
     warn_about_trials(trials)  # once the configuration is known to be good
+    load_unit_factors()
     output = _Output(args.output)
     progress = _Progress(sys.stderr, sys.stderr.isatty() and not output.to_terminal)
     tally = _Tally()
@@ -324,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return BROKEN_PIPE
+    save_unit_factors()
     print(tally.summary(len(trials), time.monotonic() - t0), file=sys.stderr)
     return exitcodes.PARTIAL if tally.problems else exitcodes.OK
 

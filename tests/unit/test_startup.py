@@ -153,3 +153,31 @@ print(units._STATE is not None)
     ]
     assert runs[0][0] != "0"  # the first run parsed the conditions
     assert runs[1] == ["0", "False", "True", "True"]
+
+
+def test_unit_conversions_seen_before_need_no_unit_registry(tmp_path: Path) -> None:
+    """A second run over data with the same units converts them from the cache: pint is never
+    imported, and the results are the same."""
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
+    script = f"""
+import sys
+from fhirmatch.cli import main
+code = main(["evaluate", "--trials", {str(TRIALS)!r}, "--patients", {str(PATIENTS)!r},
+             "--as-of", "2026-11-01", "--format", "ndjson", "--output", sys.argv[1]])
+print(code, "pint" in sys.modules)
+"""
+    outs = []
+    for n in range(2):
+        out = tmp_path / f"out{n}.ndjson"
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outs.append((proc.stdout.split()[-2:], out.read_text(encoding="utf-8")))
+    assert outs[0][0] == ["0", "True"]  # the demo patients' labs need conversions
+    assert outs[1][0] == ["0", "False"]
+    assert outs[1][1] == outs[0][1]
+    assert list((tmp_path / "cache").glob("units-*.pickle"))
