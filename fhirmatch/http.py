@@ -295,6 +295,9 @@ class HttpTransport:
             {
                 "User-Agent": user_agent or f"fhirmatch/{__version__}",
                 "Accept": FHIR_JSON,
+                # Servers may answer a repeated search from a cache of earlier results (HAPI
+                # FHIR reuses them for 60 s by default): a screen must see the current data.
+                "Cache-Control": "no-cache",
             }
         )
         for name, value in (extra_headers or {}).items():

@@ -13,7 +13,7 @@ from fhirmatch.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = REPO / "fixtures" / "trials"
-JSON = {"Accept": "application/fhir+json"}
+JSON = {"Accept": "application/fhir+json", "Cache-Control": "no-cache"}
 
 
 def _versions(base: str, ref: str) -> int:
