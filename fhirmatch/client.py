@@ -24,6 +24,7 @@ from .errors import (
     ConfigurationError,
     DataError,
     FatalNetworkError,
+    PreconditionFailed,
 )
 from .http import HttpTransport, RetryPolicy, Timeouts, TransportStats, redact_url, same_origin
 
@@ -450,7 +451,21 @@ class FhirClient:
         headers = {"Prefer": "return=representation"}
         if if_match is not None:
             headers["If-Match"] = if_match if if_match.startswith("W/") else f'W/"{if_match}"'
-        response = self.transport.request("PUT", path, json_body=resource, headers=headers)
+        try:
+            response = self.transport.request("PUT", path, json_body=resource, headers=headers)
+        except FatalNetworkError as exc:
+            # the spec says 412; HAPI FHIR answers a stale If-Match with 409 Conflict
+            if if_match is not None and exc.status == 409 and not isinstance(
+                exc, PreconditionFailed
+            ):
+                raise PreconditionFailed(
+                    "HTTP 409 (version conflict on If-Match)",
+                    method=exc.method,
+                    url=exc.url,
+                    status=409,
+                    outcome=exc.outcome,
+                ) from exc
+            raise
         return _outcome(response)
 
     def conditional_update(self, resource: Mapping[str, Any], criteria: Params) -> EntryOutcome:

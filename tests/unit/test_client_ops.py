@@ -12,6 +12,7 @@ from responses import matchers
 
 from fhirmatch.client import ClientConfig, EntryOutcome, FhirClient, bundle_is_retry_safe
 from fhirmatch.errors import (
+    FatalNetworkError,
     PreconditionFailed,
     ResourceGone,
     ResourceNotFound,
@@ -129,6 +130,24 @@ def test_update_if_match_conflict(client: FhirClient) -> None:
         client.update({"resourceType": "Patient", "id": "7"}, if_match="3")
     assert info.value.outcome == "version conflict"
     assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_update_if_match_conflict_as_hapi_answers_it(client: FhirClient) -> None:
+    """HAPI FHIR answers a stale If-Match with 409 Conflict instead of 412."""
+    oo = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "HAPI-0989: not current"}]}
+    responses.put(f"{BASE}/Patient/7", status=409, json=oo)
+    with pytest.raises(PreconditionFailed) as info:
+        client.update({"resourceType": "Patient", "id": "7"}, if_match="3")
+    assert info.value.status == 409 and info.value.outcome == "HAPI-0989: not current"
+
+
+@responses.activate
+def test_conflict_without_if_match_is_not_a_precondition(client: FhirClient) -> None:
+    responses.put(f"{BASE}/Patient/7", status=409)
+    with pytest.raises(FatalNetworkError) as info:
+        client.update({"resourceType": "Patient", "id": "7"})
+    assert info.value.status == 409 and not isinstance(info.value, PreconditionFailed)
 
 
 @responses.activate
