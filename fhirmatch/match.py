@@ -118,6 +118,9 @@ class MatchOptions:
     bulk: bool = False
     bulk_group: str | None = None
     bulk_type_filter: bool = False
+    #: the longest wait between two status checks of the export (s); a server's longer
+    #: ``Retry-After`` is cut to this (HAPI FHIR always asks for 120 s, whatever the job)
+    bulk_poll_max: float = 60.0
     #: where the export is grouped by patient (spill files); default: the system's temp dir.
     #: With a remote Dask scheduler it must be storage every worker sees.
     spill_dir: str | None = None
@@ -136,6 +139,8 @@ class MatchOptions:
             raise ConfigurationError("the partition size must be positive")
         if self.chunk_size < 1:
             raise ConfigurationError("the chunk size must be positive")
+        if not self.bulk_poll_max > 0:
+            raise ConfigurationError("--bulk-poll-max must be a positive number of seconds")
         if self.bulk and (self.patients or self.patients_query):
             raise ConfigurationError(
                 "--bulk exports every patient (or a --bulk-group); not with --patient or "
@@ -517,7 +522,7 @@ def write_back_results(
             )
             for r in results
         ]
-        bundle = transaction_for(plans, dict(plan_refs))
+        bundle = transaction_for(plans, dict(plan_refs), version)
         if bundle is not None and not options.dry_run:
             try:
                 entries = client.transaction(bundle)
@@ -613,6 +618,7 @@ def _screen_bulk(
             group=options.bulk_group,
             workdir=workdir,
             type_filter=options.bulk_type_filter,
+            poll_max=options.bulk_poll_max,
         )
         problems: list[str] = []
         runner = executor or LocalExecutor(engine)
@@ -673,6 +679,7 @@ def _changed_by_bulk(
             since=since,
             workdir=workdir,
             type_filter=options.bulk_type_filter,
+            poll_max=options.bulk_poll_max,
         )
         changed: set[str] = set()
         for path in paths:

@@ -98,6 +98,16 @@ def test_top_level_help_lists_commands() -> None:
             "tcp://127.0.0.1:1",
         ],
         ["sandbox", "--port", "99999"],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--bulk",
+            "--bulk-poll-max",
+            "0",
+        ],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:
