@@ -62,16 +62,24 @@ def subject_identifier(study: str, patient: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{study}|{patient}"))
 
 
-def device_resource() -> dict[str, Any]:
-    """The Device that stands for this fhirmatch version as Provenance agent."""
-    return {
+def device_resource(version: FhirVersion = "R4") -> dict[str, Any]:
+    """The Device that stands for this fhirmatch version as Provenance agent (R5 renamed
+    ``deviceName`` to ``name`` and made ``type`` a list)."""
+    kind = {"text": "clinical trial eligibility screening software"}
+    device: dict[str, Any] = {
         "resourceType": "Device",
         "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": f"fhirmatch-{__version__}"}],
         "status": "active",
-        "deviceName": [{"name": "fhirmatch", "type": "manufacturer-name"}],
-        "version": [{"value": __version__}],
-        "type": {"text": "clinical trial eligibility screening software"},
     }
+    if version == "R5":
+        device["name"] = [{"value": "fhirmatch", "type": "user-friendly-name"}]
+        device["version"] = [{"value": __version__}]
+        device["type"] = [kind]
+    else:
+        device["deviceName"] = [{"name": "fhirmatch", "type": "manufacturer-name"}]
+        device["version"] = [{"value": __version__}]
+        device["type"] = kind
+    return device
 
 
 def _flatten(
@@ -258,8 +266,14 @@ def plan_subject(
 
 
 def provenance_resource(
-    plan: PlannedWrite, target: str, plan_definition: str | None, device: str
+    plan: PlannedWrite,
+    target: str,
+    plan_definition: str | None,
+    device: str,
+    version: FhirVersion = "R4",
 ) -> dict[str, Any]:
+    """The Provenance of one write: the Device as assembler, the PlanDefinition and the evidence
+    as sources. R5 has no ``reason``: the purpose goes to ``why``."""
     entities = []
     if plan_definition:
         entities.append({"role": "source", "what": {"reference": plan_definition}})
@@ -269,7 +283,6 @@ def provenance_resource(
         "target": [{"reference": target}],
         "recorded": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "activity": {"text": f"eligibility screening: {plan.trial_status}"},
-        "reason": [{"text": "clinical trial eligibility screening"}],
         "agent": [
             {
                 "type": {
@@ -284,20 +297,26 @@ def provenance_resource(
             }
         ],
     }
+    if version == "R5":
+        prov["why"] = "clinical trial eligibility screening"
+    else:
+        prov["reason"] = [{"text": "clinical trial eligibility screening"}]
     if entities:
         prov["entity"] = entities
     return prov
 
 
 def transaction_for(
-    plans: Sequence[PlannedWrite], plan_definitions: dict[str, str | None]
+    plans: Sequence[PlannedWrite],
+    plan_definitions: dict[str, str | None],
+    version: FhirVersion = "R4",
 ) -> dict[str, Any] | None:
     """One transaction Bundle writing every create/update in ``plans`` (one patient's), each
     ResearchSubject with its Provenance, and the Device conditionally; None if nothing to write."""
     writes = [p for p in plans if p.action in ("create", "update") and p.subject]
     if not writes:
         return None
-    device = device_resource()
+    device = device_resource(version)
     device_url = f"urn:uuid:{uuid.uuid4()}"
     ident = device["identifier"][0]
     entries: list[dict[str, Any]] = [
@@ -329,7 +348,7 @@ def transaction_for(
             if plan.existing_version:
                 request["ifMatch"] = f'W/"{plan.existing_version}"'
             entries.append({"resource": plan.subject, "request": request})
-        plan.provenance = provenance_resource(plan, target, pd, device_url)
+        plan.provenance = provenance_resource(plan, target, pd, device_url, version)
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{uuid.uuid4()}",
