@@ -28,6 +28,9 @@ from .errors import (
 )
 from .http import HttpTransport, RetryPolicy, Timeouts, TransportStats, redact_url, same_origin
 
+#: the least read timeout for ``GET /metadata`` (seconds)
+METADATA_READ_TIMEOUT = 60.0
+
 __all__ = [
     "Capabilities",
     "ClientConfig",
@@ -311,7 +314,12 @@ class FhirClient:
     def capabilities(self) -> Capabilities:
         """The server's CapabilityStatement (``GET /metadata``, read once and cached)."""
         if self._capabilities is None:
-            body = self._json(self.transport.request("GET", "metadata"), "metadata")
+            # read once per run, and slow to build on big servers (HAPI FHIR's lists every
+            # search parameter of every type: 1.5 MB, seconds on a busy server): a short
+            # --timeout meant for searches does not apply
+            read = max(self.transport.timeouts.read, METADATA_READ_TIMEOUT)
+            response = self.transport.request("GET", "metadata", read_timeout=read)
+            body = self._json(response, "metadata")
             if body.get("resourceType") != "CapabilityStatement":
                 raise DataError("metadata", "the server did not return a CapabilityStatement")
             self._capabilities = Capabilities(body)

@@ -308,3 +308,16 @@ def test_everything_fallback(client: FhirClient, supported: bool) -> None:
     result = client.everything("p1")
     # Procedure is listed but has no patient search parameter: skipped
     assert sorted(r["id"] for r in result.matches) == ["c1", "o1", "p1"]
+
+
+@responses.activate
+def test_metadata_gets_a_longer_read_timeout_than_searches() -> None:
+    """HAPI FHIR's CapabilityStatement is 1.5 MB and slow to build: a short --timeout meant for
+    searches does not cut it off."""
+    responses.get(f"{BASE}/metadata", json=capability())
+    responses.get(f"{BASE}/Patient", json={"resourceType": "Bundle", "type": "searchset"})
+    fast = FhirClient(ClientConfig(BASE, read_timeout=2.0, connect_timeout=1.0))
+    fast.capabilities()
+    fast.search("Patient", {"_id": "x"})
+    assert responses.calls[0].request.req_kwargs["timeout"] == (1.0, 60.0)
+    assert responses.calls[1].request.req_kwargs["timeout"] == (1.0, 2.0)
