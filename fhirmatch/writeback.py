@@ -273,7 +273,7 @@ def provenance_resource(
     version: FhirVersion = "R4",
 ) -> dict[str, Any]:
     """The Provenance of one write: the Device as assembler, the PlanDefinition and the evidence
-    as sources. R5 has no ``reason``: the purpose goes to ``why``."""
+    as sources. R5 renamed ``reason`` (the purpose of use) to ``authorization``."""
     entities = []
     if plan_definition:
         entities.append({"role": "source", "what": {"reference": plan_definition}})
@@ -298,7 +298,7 @@ def provenance_resource(
         ],
     }
     if version == "R5":
-        prov["why"] = "clinical trial eligibility screening"
+        prov["authorization"] = [{"concept": {"text": "clinical trial eligibility screening"}}]
     else:
         prov["reason"] = [{"text": "clinical trial eligibility screening"}]
     if entities:

@@ -115,5 +115,5 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
     device, prov = by_type["Device"], by_type["Provenance"]
     assert device["name"] == [{"value": "fhirmatch", "type": "user-friendly-name"}]
     assert isinstance(device["type"], list) and "deviceName" not in device
-    assert prov["why"] and "reason" not in prov
+    assert prov["authorization"][0]["concept"]["text"] and "reason" not in prov
     assert outcome.started == "2026-11-01T09:59:58.000Z"  # server clock less the margin
