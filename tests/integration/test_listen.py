@@ -2,8 +2,8 @@
 
 Each test writes its own patient (a copy of the ``demo-rectal-eligible`` fixture under a fresh id)
 whose NCT06767007 eligibility turns on the platelet count (``inc-platelets``: ≥ 100 × 10^9/L),
-then watches the ResearchSubject the listener writes. Only against the local sandbox: the server
-must reach the listener's endpoint on 127.0.0.1.
+then watches the ResearchSubject the listener writes. Only against a server on this machine (the
+sandbox, or a local HAPI FHIR): it must reach the listener's endpoint on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -28,7 +29,12 @@ from fhirmatch.writeback import SUBJECT_IDENTIFIER_SYSTEM, subject_identifier
 REPO = Path(__file__).resolve().parents[2]
 STUDY = "ResearchStudy/NCT06767007"
 AS_OF = dt.date(2026, 11, 1)
-JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+# no-cache: HAPI FHIR would answer a repeated search from its 60 s cache of results
+JSON = {
+    "Content-Type": "application/fhir+json",
+    "Accept": "application/fhir+json",
+    "Cache-Control": "no-cache",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,9 @@ def trials() -> list[Trial]:
 
 
 @pytest.fixture()
-def local_base(fhir_base_url: str, is_local_sandbox: bool) -> str:
-    if not is_local_sandbox:
-        pytest.skip("the server must reach a listener on 127.0.0.1: local sandbox only")
+def local_base(fhir_base_url: str) -> str:
+    if urlsplit(fhir_base_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        pytest.skip("the server must reach a listener on 127.0.0.1: local servers only")
     return fhir_base_url
 
 
@@ -96,7 +102,9 @@ def wait_for_status(base: str, pid: str, status: str | None, timeout: float = 15
 
 
 def subscriptions(base: str) -> set[str]:
-    page = requests.get(f"{base}/Subscription", params={"_count": "200"}, timeout=30).json()
+    page = requests.get(
+        f"{base}/Subscription", params={"_count": "200"}, headers=JSON, timeout=30
+    ).json()
     return {e["resource"]["id"] for e in page.get("entry", [])}
 
 
