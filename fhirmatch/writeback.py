@@ -42,7 +42,10 @@ from .results import CriterionResult, TrialResult
 SUBJECT_IDENTIFIER_SYSTEM = "https://fhirmatch.dev/fhir/sid/research-subject"
 DEVICE_IDENTIFIER_SYSTEM = "https://fhirmatch.dev/fhir/sid/device"
 EXT_ASSESSMENT = f"{EXT_BASE}/eligibility-assessment"
-R5_SUBJECT_STATE = "http://hl7.org/fhir/research-subject-state"
+#: R5's required binding (ValueSet research-subject-state) takes the code system from
+#: terminology.hl7.org, not hl7.org/fhir
+R5_SUBJECT_STATE = "http://terminology.hl7.org/CodeSystem/research-subject-state"
+R5_SUBJECT_STATE_TYPE = "http://terminology.hl7.org/CodeSystem/research-subject-state-type"
 _NAMESPACE = uuid.UUID("6f1c3a52-6d0e-4b8e-9f61-3c1b2f4f7a10")
 
 #: fhirmatch trial status -> ResearchSubject status (R4 ``status``, R5 ``progress.subjectState``)
@@ -197,7 +200,7 @@ def _subject_resource(
                 "type": {
                     "coding": [
                         {
-                            "system": "http://hl7.org/fhir/research-subject-state-type",
+                            "system": R5_SUBJECT_STATE_TYPE,
                             "code": "Enrollment",
                         }
                     ]

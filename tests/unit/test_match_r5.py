@@ -108,7 +108,10 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
     )
     assert subject["status"] == "active"
     assert subject["subject"] == {"reference": "Patient/p1"}
-    assert subject["progress"][0]["subjectState"]["coding"][0]["code"] == "candidate"
+    assert subject["progress"][0]["subjectState"]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/research-subject-state",
+        "code": "candidate",
+    }
     assert "individual" not in subject
     # the Device and Provenance of the same transaction in R5 shape too
     by_type = {e["resource"]["resourceType"]: e["resource"] for e in posted[0]["entry"]}
