@@ -191,18 +191,29 @@ def _content(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
 
 
+_PUBLISH_ORDER = {"ValueSet": 0, "PlanDefinition": 1, "ResearchStudy": 2}
+
+
+def _publish_order(resource: dict[str, Any]) -> int:
+    return _PUBLISH_ORDER.get(str(resource.get("resourceType")), len(_PUBLISH_ORDER))
+
+
 def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str]:
     """Upload each trial's ResearchStudy, PlanDefinition (and ValueSets) idempotently.
 
     Each resource is looked up by its identifier (ResearchStudy) or canonical URL
     (PlanDefinition, ValueSet); one the server holds with the same content is left alone (no new
-    version), otherwise it is written with a conditional update on the same criteria, keeping the
-    trial's own ids. Returns the study reference -> PlanDefinition reference map write-back cites.
+    version), one it holds with other content is written with a conditional update on the same
+    criteria, and a new one with ``PUT [type]/[id]``, keeping the trial's own ids (a conditional
+    update that creates lets HAPI FHIR choose the id). What is referred to is written first.
+    Returns the study reference -> PlanDefinition reference map write-back cites.
     """
     plan_refs: dict[str, str] = {}
     for trial in trials:
         changed = 0
-        for res in trial.resources:
+        # what is referred to first: servers that enforce referential integrity (HAPI FHIR)
+        # refuse a ResearchStudy whose protocol PlanDefinition they do not hold yet
+        for res in sorted(trial.resources, key=_publish_order):
             rtype = str(res.get("resourceType"))
             if rtype == "ResearchStudy" and res.get("identifier"):
                 ident = res["identifier"][0]
@@ -214,7 +225,12 @@ def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str
             held = list(client.iter_resources(rtype, criteria))
             if len(held) == 1 and _content(held[0]) == _content(res):
                 continue
-            client.conditional_update(res, criteria)
+            if not held and res.get("id"):
+                # a conditional update that matches nothing creates the resource, but HAPI
+                # FHIR then gives it an id of its own: the trial's references would break
+                client.update(res)
+            else:
+                client.conditional_update(res, criteria)
             changed += 1
         plan_refs[trial.reference] = f"PlanDefinition/{trial.plan_definition_id}"
         log.info("published %s (%d resources written)", trial.reference, changed)

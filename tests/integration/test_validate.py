@@ -21,7 +21,13 @@ import requests
 
 from fhirmatch.client import ClientConfig, FhirClient
 from fhirmatch.listen import NOTIFY_PATH, subscription_resource, watches_for
-from fhirmatch.match import MatchOptions, MatchOutcome, fetch_requirements, screen_patients
+from fhirmatch.match import (
+    MatchOptions,
+    MatchOutcome,
+    fetch_requirements,
+    publish_trials,
+    screen_patients,
+)
 from fhirmatch.model import Trial
 from fhirmatch.terminology import Terminology
 from fhirmatch.trials import load_trials
@@ -119,6 +125,7 @@ def screened(hapi_base: str, trials: list[Trial]) -> Iterator[tuple[FhirClient, 
             resp = requests.post(hapi_base, json=bundle, headers=JSON, timeout=120)
             assert resp.status_code == 200, resp.text[:300]
             pids.append(pid)
+        publish_trials(client, trials)  # HAPI refuses references to absent resources
         outcome = screen_patients(client, trials, pids, MatchOptions(as_of=AS_OF))
         assert outcome.skipped == {}
         assert any(p.action == "create" for p in outcome.planned)
