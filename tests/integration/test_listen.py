@@ -27,6 +27,8 @@ from fhirmatch.trials import load_trials
 from fhirmatch.writeback import SUBJECT_IDENTIFIER_SYSTEM, subject_identifier
 
 REPO = Path(__file__).resolve().parents[2]
+#: seconds for a server's late notifications of data stored before the Subscriptions
+SETTLE = 3.0
 STUDY = "ResearchStudy/NCT06767007"
 AS_OF = dt.date(2026, 11, 1)
 # no-cache: HAPI FHIR would answer a repeated search from its 60 s cache of results
@@ -135,10 +137,11 @@ def test_new_platelet_result_rescreens_the_patient_and_downtime_is_caught_up(
     assert (subject(local_base, pid) or {}).get("status") == "candidate"
 
     with Listener(client, trials, options) as listener:
-        # found by the start-up search from the checkpoint, not by a notification
+        # found by the start-up search from the checkpoint. (HAPI FHIR may also notify it: it
+        # matches a change queued before the Subscription existed against the Subscriptions
+        # active when it gets to it; a duplicate screen is harmless.)
         assert listener.stats.caught_up >= 1
         wait_for_status(local_base, pid, "ineligible")
-        assert listener.stats.notifications == 0
         assert listener.wait_idle(15)
     held = subject(local_base, pid)
     assert held is not None and held["status"] == "ineligible"
@@ -152,6 +155,11 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
     screened: list[str] = []
     options = ListenOptions(as_of=AS_OF, token="s3cret-hook-token", publish=False)
     with Listener(client, trials, options, on_screened=lambda p, o: screened.append(p)) as lis:
+        # HAPI FHIR notifies the patient's own data, stored just before the Subscriptions, when
+        # its matcher gets to it; let that settle and count from there
+        time.sleep(SETTLE)
+        assert lis.wait_idle(15)
+        baseline = screened.count(pid)
         url = lis.endpoint + f"/Observation/{plt['id']}"
         assert url.startswith("http://127.0.0.1:") and NOTIFY_PATH in url
         for auth in (None, "Bearer wrong"):
@@ -161,7 +169,7 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
             resp = requests.put(url, json=plt, headers=headers, timeout=10)
             assert resp.status_code == 401
         assert lis.stats.rejected == 2
-        assert lis.wait_idle(5) and screened == []
+        assert lis.wait_idle(5) and screened.count(pid) == baseline
 
         good = {
             "Content-Type": "application/fhir+json",
@@ -171,7 +179,7 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
             resp = requests.put(url, json=plt, headers=good, timeout=10)
             assert resp.status_code == 200
         assert lis.wait_idle(15)
-        assert 1 <= screened.count(pid) <= 2
+        assert 1 <= screened.count(pid) - baseline <= 2
         first = subject(local_base, pid)
         assert first is not None and first["status"] == "candidate"
 
