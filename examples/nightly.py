@@ -5,7 +5,8 @@
 
 With a state file the second and later runs re-screen only patients whose relevant data changed.
 Logs go to stderr; the last line of stdout is a one-line JSON summary. ``FHIR_BASE_URL`` may
-replace the URL argument and ``FHIRMATCH_AS_OF`` fixes the evaluation date.
+replace the URL argument and ``FHIRMATCH_AS_OF`` fixes the evaluation date. The trials are those
+in ``$FHIRMATCH_TRIALS``, else the seed trials bundled with fhirmatch.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from pathlib import Path
 import fhirmatch
 from fhirmatch.state import StateStore
 
-TRIALS = Path(__file__).resolve().parent.parent / "fixtures" / "trials"
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +33,7 @@ def main() -> int:
         parser.error("give the server URL (or set FHIR_BASE_URL)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     as_of = os.environ.get("FHIRMATCH_AS_OF")
-    trials = fhirmatch.load_trials([TRIALS])
+    trials = fhirmatch.load_trials(fhirmatch.default_trial_paths())
     options = fhirmatch.MatchOptions(
         as_of=dt.date.fromisoformat(as_of) if as_of else None,
         patients_query=args.patients_query,

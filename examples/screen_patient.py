@@ -3,7 +3,8 @@
     python examples/screen_patient.py http://127.0.0.1:8080/fhir PATIENT_ID [--dry-run]
 
 The server URL may also come from ``FHIR_BASE_URL``; ``FHIRMATCH_AS_OF`` (YYYY-MM-DD) fixes the
-evaluation date. Candidates are written back as ResearchSubjects unless ``--dry-run``.
+evaluation date. Candidates are written back as ResearchSubjects unless ``--dry-run``. The trials
+are those in ``$FHIRMATCH_TRIALS``, else the seed trials bundled with fhirmatch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import argparse
 import datetime as dt
 import json
 import os
-from pathlib import Path
 
 import fhirmatch
-
-TRIALS = Path(__file__).resolve().parent.parent / "fixtures" / "trials"
 
 
 def main() -> int:
@@ -31,7 +29,7 @@ def main() -> int:
     options = fhirmatch.MatchOptions(
         as_of=dt.date.fromisoformat(as_of) if as_of else None, dry_run=args.dry_run
     )
-    trials = fhirmatch.load_trials([TRIALS])
+    trials = fhirmatch.load_trials(fhirmatch.default_trial_paths())
     try:
         with fhirmatch.connect(args.server) as client:
             if not args.dry_run:

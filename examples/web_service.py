@@ -7,7 +7,8 @@
 ``fhirmatch match`` does) and answers JSON. One :class:`fhirmatch.Engine` and one client serve
 every request; the engine is immutable and thread-safe, so requests run concurrently. The server
 URL may come from ``FHIR_BASE_URL``; ``FHIRMATCH_AS_OF`` fixes the evaluation date. On start the
-script prints one line, ``listening on URL``.
+script prints one line, ``listening on URL``. The trials are those in ``$FHIRMATCH_TRIALS``, else
+the seed trials bundled with fhirmatch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,7 +26,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import fhirmatch
 
-TRIALS = Path(__file__).resolve().parent.parent / "fixtures" / "trials"
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
@@ -90,7 +89,7 @@ def main() -> int:
     if not args.server:
         parser.error("give the server URL (or set FHIR_BASE_URL)")
     logging.basicConfig(level=logging.INFO)
-    trials = fhirmatch.load_trials([TRIALS])
+    trials = fhirmatch.load_trials(fhirmatch.default_trial_paths())
     with fhirmatch.connect(args.server) as client:
         fhirmatch.publish_trials(client, trials)
         app = ScreeningApp(client, trials)

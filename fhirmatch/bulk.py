@@ -26,6 +26,8 @@ IG (v2):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import shutil
@@ -42,6 +44,7 @@ from .client import FhirClient
 from .errors import FatalNetworkError, NetworkError, TemporaryNetworkError
 from .http import parse_retry_after, redact_url, same_origin, url_path
 from .model import DataInput
+from .records import reference_id
 
 __all__ = [
     "BulkExporter",
@@ -332,6 +335,70 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
+def _export_with_medications(exporter: BulkExporter, request: ExportRequest) -> ExportManifest:
+    """Run ``request``; when a patient-level export with Medication is refused, export without
+    it and read the Medications the exported medication resources refer to with searches.
+
+    Medication is not in the Patient compartment, and HAPI FHIR refuses it in ``Patient/$export``
+    and ``Group/[id]/$export`` (400, HAPI-0512); the Bulk Data IG leaves such types to the server.
+    """
+    try:
+        return exporter.run(request)
+    except FatalNetworkError as exc:
+        if exc.status not in (400, 422) or "Medication" not in request.types:
+            raise
+        if request.level == "system" and not request.group:
+            raise
+        log.info(
+            "the server refused Medication in a patient-level export (HTTP %s); exporting "
+            "without it and reading the referenced Medications by search",
+            exc.status,
+        )
+    without = dataclasses.replace(
+        request, types=tuple(t for t in request.types if t != "Medication")
+    )
+    manifest = exporter.run(without)
+    path = fetch_referenced_medications(exporter.client, manifest.paths, exporter.workdir)
+    if path is not None:
+        manifest.files.append(("Medication", path))
+    return manifest
+
+
+def fetch_referenced_medications(
+    client: FhirClient, paths: Iterable[Path], workdir: Path, *, batch: int = 50
+) -> Path | None:
+    """Read the Medications that resources in the NDJSON ``paths`` refer to (``medication``
+    ``Reference`` of MedicationRequest, MedicationAdministration …) with ``Medication?_id=``
+    searches, and write them to one NDJSON file in ``workdir``; None when none is referenced."""
+    wanted: set[str] = set()
+    for path in paths:
+        with path.open("rb") as fh:
+            for line in fh:
+                if b'"medicationReference"' not in line:
+                    continue
+                try:
+                    res = json.loads(line)
+                except ValueError:
+                    continue  # the loader reports unreadable lines
+                ref = (res.get("medicationReference") or {}) if isinstance(res, dict) else {}
+                mid = reference_id(str(ref.get("reference", "")), "Medication")
+                if mid:
+                    wanted.add(mid)
+    if not wanted:
+        return None
+    out = workdir / "zz-referenced-Medication.ndjson"
+    found = 0
+    ids = sorted(wanted)
+    with out.open("w", encoding="utf-8") as fh:
+        for start in range(0, len(ids), batch):
+            chunk = ",".join(ids[start : start + batch])
+            for res in client.iter_resources("Medication", {"_id": chunk}):
+                fh.write(json.dumps(res, separators=(",", ":")) + "\n")
+                found += 1
+    log.info("read %d of %d referenced Medications by search", found, len(ids))
+    return out
+
+
 def export_patient_data(
     client: FhirClient,
     requirements: Iterable[DataInput],
@@ -341,6 +408,7 @@ def export_patient_data(
     workdir: str | Path | None = None,
     type_filter: bool = False,
     sleep: Callable[[float], None] = time.sleep,
+    poll_max: float = 60.0,
 ) -> list[Path]:
     """Export the data ``requirements`` need and return the downloaded NDJSON paths.
 
@@ -350,7 +418,7 @@ def export_patient_data(
     because servers differ in how they combine them (the IG OR-s repeated filters and reads
     ``code=a,b`` as a or b; the sekmet sandbox splits filter values on commas and AND-s them,
     which exports nothing), and a wrong filter silently loses data while no filter only costs
-    download volume.
+    download volume. ``poll_max`` caps one wait between status checks (seconds).
     """
     request = export_request_for(requirements, since=since, group=group)
     if not type_filter:
@@ -359,7 +427,8 @@ def export_patient_data(
         Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fhirmatch-bulk-"))
     )
     try:
-        manifest = BulkExporter(client, target, sleep=sleep).run(request)
+        exporter = BulkExporter(client, target, sleep=sleep, max_wait=poll_max)
+        manifest = _export_with_medications(exporter, request)
     except BaseException:
         if workdir is None:
             shutil.rmtree(target, ignore_errors=True)

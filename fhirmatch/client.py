@@ -24,8 +24,12 @@ from .errors import (
     ConfigurationError,
     DataError,
     FatalNetworkError,
+    PreconditionFailed,
 )
 from .http import HttpTransport, RetryPolicy, Timeouts, TransportStats, redact_url, same_origin
+
+#: the least read timeout for ``GET /metadata`` (seconds)
+METADATA_READ_TIMEOUT = 60.0
 
 __all__ = [
     "Capabilities",
@@ -310,7 +314,12 @@ class FhirClient:
     def capabilities(self) -> Capabilities:
         """The server's CapabilityStatement (``GET /metadata``, read once and cached)."""
         if self._capabilities is None:
-            body = self._json(self.transport.request("GET", "metadata"), "metadata")
+            # read once per run, and slow to build on big servers (HAPI FHIR's lists every
+            # search parameter of every type: 1.5 MB, seconds on a busy server): a short
+            # --timeout meant for searches does not apply
+            read = max(self.transport.timeouts.read, METADATA_READ_TIMEOUT)
+            response = self.transport.request("GET", "metadata", read_timeout=read)
+            body = self._json(response, "metadata")
             if body.get("resourceType") != "CapabilityStatement":
                 raise DataError("metadata", "the server did not return a CapabilityStatement")
             self._capabilities = Capabilities(body)
@@ -450,7 +459,23 @@ class FhirClient:
         headers = {"Prefer": "return=representation"}
         if if_match is not None:
             headers["If-Match"] = if_match if if_match.startswith("W/") else f'W/"{if_match}"'
-        response = self.transport.request("PUT", path, json_body=resource, headers=headers)
+        try:
+            response = self.transport.request("PUT", path, json_body=resource, headers=headers)
+        except FatalNetworkError as exc:
+            # the spec says 412; HAPI FHIR answers a stale If-Match with 409 Conflict
+            if (
+                if_match is not None
+                and exc.status == 409
+                and not isinstance(exc, PreconditionFailed)
+            ):
+                raise PreconditionFailed(
+                    "HTTP 409 (version conflict on If-Match)",
+                    method=exc.method,
+                    url=exc.url,
+                    status=409,
+                    outcome=exc.outcome,
+                ) from exc
+            raise
         return _outcome(response)
 
     def conditional_update(self, resource: Mapping[str, Any], criteria: Params) -> EntryOutcome:

@@ -60,12 +60,11 @@ from pydantic import BaseModel
 
 from . import units
 from .errors import TrialDefinitionError, UnitError
-from .fhirpath import compile_expression
+from .fhirpath import compile_expression, parse_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
-from .trials import fhirpath_problems
 
 if TYPE_CHECKING:
     from .terminology import Terminology
@@ -864,7 +863,7 @@ def _compile(
     evaluator: Evaluator | None = None
     expr = criterion.expression
     if expr and not criterion.is_manual and not criterion.is_group:
-        syntax = fhirpath_problems(expr)
+        syntax = parse_expression(expr).problems
         if syntax:
             problems.extend(f"{criterion.id}: FHIRPath condition: {p}" for p in syntax)
         else:

@@ -48,25 +48,33 @@ Errors raised while evaluating are ordinary exceptions (``ValueError``, ``TypeEr
 from __future__ import annotations
 
 import contextvars
+import copy
 import numbers
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-import fhirpathpy
+from fhirpathpy import apply_parsed_path
 from fhirpathpy.engine.evaluators import (
     boolean_literal,
     number_literal,
     string_literal,
 )
 from fhirpathpy.engine.invocations.combining import union_op
-from fhirpathpy.parser import parse
+from fhirpathpy.engine.util import set_paths
 
 if TYPE_CHECKING:
     from .terminology import Terminology
 
-__all__ = ["CompiledExpression", "compile_expression", "member_of"]
+__all__ = [
+    "CompiledExpression",
+    "ParsedExpression",
+    "compile_expression",
+    "member_of",
+    "parse_expression",
+]
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -680,6 +688,101 @@ def _result(items: list[Any], navigated: bool) -> list[Any]:
     return out
 
 
+@dataclass(frozen=True)
+class ParsedExpression:
+    """One FHIRPath expression parsed once: fhirpathpy's syntax tree, or why it has none.
+
+    ``problems`` lists every syntax error (ANTLR's messages with their column), input left over
+    after a complete expression, and anything fhirpathpy cannot turn into its tree; ``tree`` is
+    None exactly when there are problems.
+    """
+
+    expression: str
+    tree: dict[str, Any] | None
+    problems: tuple[str, ...]
+
+
+#: expressions parsed in this process (trial conditions: a few hundred at most)
+_PARSED: dict[str, ParsedExpression] = {}
+_PARSED_LOCK = threading.Lock()
+
+
+def parse_expression(expression: str) -> ParsedExpression:
+    """Parse ``expression`` with fhirpathpy's grammar, once per process.
+
+    fhirpathpy's own ``parse`` recovers silently from most syntax errors, so the expression is
+    parsed with an error listener that records every error, the whole input must be consumed,
+    and fhirpathpy's tree is then built from that same parse (ANTLR parsing is slow: about 0.1 s
+    per condition, so it is never done twice).
+    """
+    with _PARSED_LOCK:
+        done = _PARSED.get(expression)
+    if done is None:
+        done = _parse(expression)
+        with _PARSED_LOCK:
+            done = _PARSED.setdefault(expression, done)
+    return done
+
+
+def parsed_expressions(expressions: Iterable[str]) -> list[ParsedExpression]:
+    """The parses of ``expressions`` (for caching them with a compiled trial)."""
+    return [parse_expression(e) for e in expressions]
+
+
+def remember_parsed(parsed: Iterable[ParsedExpression]) -> None:
+    """Reuse parses made earlier (e.g. loaded from the compiled-trial cache)."""
+    with _PARSED_LOCK:
+        for p in parsed:
+            _PARSED.setdefault(p.expression, p)
+
+
+def _parse(expression: str) -> ParsedExpression:
+    from antlr4 import CommonTokenStream, InputStream, Token
+    from antlr4.error.ErrorListener import ErrorListener
+    from antlr4.tree.Tree import ParseTreeWalker
+    from fhirpathpy.parser.ASTPathListener import ASTPathListener
+    from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+    from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+    found: list[str] = []
+
+    class _Collect(ErrorListener):
+        def syntaxError(
+            self, recognizer: Any, offending: Any, line: int, column: int, msg: str, e: Any
+        ) -> None:
+            found.append(f"column {column + 1}: {msg}")
+
+    if not expression or not expression.strip():
+        return ParsedExpression(expression, None, ("empty expression",))
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(_Collect())
+    stream = CommonTokenStream(lexer)
+    parser = FHIRPathParser(stream)
+    parser.buildParseTrees = True
+    parser.removeErrorListeners()
+    parser.addErrorListener(_Collect())
+    root = None
+    try:
+        root = parser.expression()
+    except Exception as exc:  # ANTLR raises its own RecognitionException subclasses
+        found.append(f"cannot parse: {exc}")
+    if not found and stream.LA(1) != Token.EOF:
+        tok = stream.LT(1)
+        found.append(
+            f"column {tok.column + 1}: unexpected {tok.text!r} after a complete expression"
+        )
+    tree: dict[str, Any] | None = None
+    if not found:
+        try:
+            listener = ASTPathListener()
+            ParseTreeWalker().walk(listener, root)
+            tree = listener.parentStack[0]
+        except Exception as exc:  # fhirpathpy raises plain exceptions for unsupported constructs
+            found.append(f"fhirpathpy cannot compile it: {exc}")
+    return ParsedExpression(expression, tree if not found else None, tuple(found))
+
+
 class CompiledExpression:
     """A FHIRPath expression compiled once; call it with ``(resource, variables)``.
 
@@ -697,10 +800,13 @@ class CompiledExpression:
         self._fallback: Callable[..., list[Any]] | None = None
         #: why the expression is evaluated by fhirpathpy (None when compiled natively)
         self.reason: str | None = "native compilation disabled"
+        parsed = parse_expression(expression)
+        if parsed.tree is None:
+            raise ValueError(f"FHIRPath {expression!r}: {'; '.join(parsed.problems)}")
+        tree = parsed.tree
         if native:
             token = _TERMINOLOGY.set(terminology)
             try:
-                tree = parse(expression)
                 kids = _children(tree)
                 if len(kids) != 1:
                     raise _Unsupported("unexpected parse tree")
@@ -711,8 +817,12 @@ class CompiledExpression:
             finally:
                 _TERMINOLOGY.reset(token)
         if self._code is None:
-            self._fallback = fhirpathpy.compile(
-                expression, options={"userInvocationTable": _user_functions(terminology)}
+            # fhirpathpy.compile(expression) without parsing again; its own copy of the tree
+            self._fallback = set_paths(
+                apply_parsed_path,
+                parsedPath=copy.deepcopy(tree),
+                model=None,
+                options={"userInvocationTable": _user_functions(terminology)},
             )
         self.native = self._code is not None
 
@@ -750,7 +860,7 @@ def compile_expression(
     """Compile ``expression`` once; ``native=False`` forces evaluation by fhirpathpy.
     ``terminology`` resolves the ValueSets ``memberOf()`` names.
 
-    fhirpathpy's parser recovers from some syntax errors silently: check the syntax first
-    (:func:`fhirmatch.trials.fhirpath_problems`) when the expression comes from outside.
+    Raises ``ValueError`` listing the syntax problems of an expression that does not parse
+    (:func:`parse_expression`).
     """
     return CompiledExpression(expression, native=native, terminology=terminology)

@@ -295,6 +295,9 @@ class HttpTransport:
             {
                 "User-Agent": user_agent or f"fhirmatch/{__version__}",
                 "Accept": FHIR_JSON,
+                # Servers may answer a repeated search from a cache of earlier results (HAPI
+                # FHIR reuses them for 60 s by default): a screen must see the current data.
+                "Cache-Control": "no-cache",
             }
         )
         for name, value in (extra_headers or {}).items():
@@ -333,8 +336,11 @@ class HttpTransport:
         idempotent: bool | None = None,
         authenticated: bool = True,
         ok_statuses: frozenset[int] = frozenset(),
+        read_timeout: float | None = None,
     ) -> requests.Response:
         """Send one request with retries and return a 2xx (or ``ok_statuses``) response.
+
+        ``read_timeout`` replaces the transport's read timeout for this request.
 
         ``idempotent`` defaults to True for GET, HEAD, PUT and DELETE and for POSTs that are
         searches (``_search``) or conditional creates (``If-None-Exist``); pass it explicitly for
@@ -391,7 +397,11 @@ class HttpTransport:
                     json=json_body,
                     data=list(form) if form is not None else None,
                     headers=send_headers,
-                    timeout=self.timeouts.as_tuple(),
+                    timeout=(
+                        self.timeouts.as_tuple()
+                        if read_timeout is None
+                        else (self.timeouts.connect, read_timeout)
+                    ),
                 )
             except requests.exceptions.SSLError as exc:
                 raise FatalNetworkError(

@@ -71,6 +71,7 @@ __all__ = [
     "ListenOptions",
     "Listener",
     "Watch",
+    "subscription_resource",
     "watches_for",
 ]
 
@@ -180,6 +181,8 @@ class ListenOptions:
     ``token``: the bearer token the server must send (``channel.header``); None makes a random
     one per run. ``state_path``: the checkpoint file; None screens only what is notified while
     running. ``as_of``: a fixed evaluation date (default: each screen's today).
+    ``activation_timeout``: how long start-up waits for the server to mark the Subscriptions
+    ``active`` (servers that activate them asynchronously notify nothing before that).
     """
 
     host: str = "127.0.0.1"
@@ -197,6 +200,8 @@ class ListenOptions:
     delivery_grace: float = 30.0
     max_retry_delay: float = 60.0
     max_criteria_length: int = DEFAULT_MAX_CRITERIA_LENGTH
+    #: seconds to wait for the server to activate the Subscriptions before listening
+    activation_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -314,6 +319,23 @@ class ListenStats:
     failed_screens: int = 0
     caught_up: int = 0
     subscriptions: list[str] = field(default_factory=list)
+
+
+def subscription_resource(criteria: str, endpoint: str, token: str) -> dict[str, Any]:
+    """The R4 rest-hook Subscription the listener registers for one search ``criteria``: the
+    server PUTs/POSTs each matching resource (JSON) to ``endpoint`` with ``token`` as bearer."""
+    return {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": SUBSCRIPTION_REASON,
+        "criteria": criteria,
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "header": [f"Authorization: Bearer {token}"],
+        },
+    }
 
 
 class Listener:
@@ -585,20 +607,8 @@ class Listener:
 
     # -- subscriptions -------------------------------------------------------------------
     def _subscribe(self) -> None:
-        header = f"Authorization: Bearer {self._token}"
         for watch in self.watches:
-            sub = {
-                "resourceType": "Subscription",
-                "status": "requested",
-                "reason": SUBSCRIPTION_REASON,
-                "criteria": watch.criteria,
-                "channel": {
-                    "type": "rest-hook",
-                    "endpoint": self._endpoint,
-                    "payload": "application/fhir+json",
-                    "header": [header],
-                },
-            }
+            sub = subscription_resource(watch.criteria, self._endpoint, self._token)
             created = self.client.create(sub)
             sid = created.id
             if not sid:
@@ -607,14 +617,39 @@ class Listener:
                 )
             self.stats.subscriptions.append(sid)
             self._save_subscription_ids()
-            # servers activate a Subscription after storing it: read back what became of it
-            held = self.client.read("Subscription", sid)
-            if held.get("status") == "error":
-                raise ConfigurationError(
-                    f"the server refused the {watch.resource_type} Subscription: "
-                    f"{held.get('error', 'no reason given')}"
-                )
             log.info("Subscription/%s watches %s", sid, watch.resource_type)
+        self._await_active(list(self.stats.subscriptions))
+
+    def _await_active(self, ids: list[str]) -> None:
+        """Wait until the server has activated every Subscription: until then it notifies
+        nothing (HAPI FHIR stores it as ``requested`` and activates it seconds later)."""
+        deadline = time.monotonic() + self.options.activation_timeout
+        delay = 0.2
+        pending = ids
+        while True:
+            waiting: list[tuple[str, str]] = []
+            for sid in pending:
+                held = self.client.read("Subscription", sid)
+                status = str(held.get("status", ""))
+                if status in ("error", "off"):
+                    raise ConfigurationError(
+                        f"the server refused Subscription/{sid} ({status}): "
+                        f"{held.get('error', 'no reason given')}"
+                    )
+                if status != "active":
+                    waiting.append((sid, status))
+            if not waiting:
+                return
+            if time.monotonic() + delay > deadline:
+                sid, status = waiting[0]
+                raise ConfigurationError(
+                    f"the server did not activate Subscription/{sid} within "
+                    f"{self.options.activation_timeout:.0f} s (status {status or 'missing'})"
+                )
+            log.debug("waiting for %d Subscription(s) to become active", len(waiting))
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            pending = [sid for sid, _ in waiting]
 
     def _unsubscribe(self) -> None:
         left: list[str] = []

@@ -118,6 +118,9 @@ class MatchOptions:
     bulk: bool = False
     bulk_group: str | None = None
     bulk_type_filter: bool = False
+    #: the longest wait between two status checks of the export (s); a server's longer
+    #: ``Retry-After`` is cut to this (HAPI FHIR always asks for 120 s, whatever the job)
+    bulk_poll_max: float = 60.0
     #: where the export is grouped by patient (spill files); default: the system's temp dir.
     #: With a remote Dask scheduler it must be storage every worker sees.
     spill_dir: str | None = None
@@ -136,6 +139,8 @@ class MatchOptions:
             raise ConfigurationError("the partition size must be positive")
         if self.chunk_size < 1:
             raise ConfigurationError("the chunk size must be positive")
+        if not self.bulk_poll_max > 0:
+            raise ConfigurationError("--bulk-poll-max must be a positive number of seconds")
         if self.bulk and (self.patients or self.patients_query):
             raise ConfigurationError(
                 "--bulk exports every patient (or a --bulk-group); not with --patient or "
@@ -186,18 +191,29 @@ def _content(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
 
 
+_PUBLISH_ORDER = {"ValueSet": 0, "PlanDefinition": 1, "ResearchStudy": 2}
+
+
+def _publish_order(resource: dict[str, Any]) -> int:
+    return _PUBLISH_ORDER.get(str(resource.get("resourceType")), len(_PUBLISH_ORDER))
+
+
 def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str]:
     """Upload each trial's ResearchStudy, PlanDefinition (and ValueSets) idempotently.
 
     Each resource is looked up by its identifier (ResearchStudy) or canonical URL
     (PlanDefinition, ValueSet); one the server holds with the same content is left alone (no new
-    version), otherwise it is written with a conditional update on the same criteria, keeping the
-    trial's own ids. Returns the study reference -> PlanDefinition reference map write-back cites.
+    version), one it holds with other content is written with a conditional update on the same
+    criteria, and a new one with ``PUT [type]/[id]``, keeping the trial's own ids (a conditional
+    update that creates lets HAPI FHIR choose the id). What is referred to is written first.
+    Returns the study reference -> PlanDefinition reference map write-back cites.
     """
     plan_refs: dict[str, str] = {}
     for trial in trials:
         changed = 0
-        for res in trial.resources:
+        # what is referred to first: servers that enforce referential integrity (HAPI FHIR)
+        # refuse a ResearchStudy whose protocol PlanDefinition they do not hold yet
+        for res in sorted(trial.resources, key=_publish_order):
             rtype = str(res.get("resourceType"))
             if rtype == "ResearchStudy" and res.get("identifier"):
                 ident = res["identifier"][0]
@@ -209,7 +225,12 @@ def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str
             held = list(client.iter_resources(rtype, criteria))
             if len(held) == 1 and _content(held[0]) == _content(res):
                 continue
-            client.conditional_update(res, criteria)
+            if not held and res.get("id"):
+                # a conditional update that matches nothing creates the resource, but HAPI
+                # FHIR then gives it an id of its own: the trial's references would break
+                client.update(res)
+            else:
+                client.conditional_update(res, criteria)
             changed += 1
         plan_refs[trial.reference] = f"PlanDefinition/{trial.plan_definition_id}"
         log.info("published %s (%d resources written)", trial.reference, changed)
@@ -517,7 +538,7 @@ def write_back_results(
             )
             for r in results
         ]
-        bundle = transaction_for(plans, dict(plan_refs))
+        bundle = transaction_for(plans, dict(plan_refs), version)
         if bundle is not None and not options.dry_run:
             try:
                 entries = client.transaction(bundle)
@@ -613,6 +634,7 @@ def _screen_bulk(
             group=options.bulk_group,
             workdir=workdir,
             type_filter=options.bulk_type_filter,
+            poll_max=options.bulk_poll_max,
         )
         problems: list[str] = []
         runner = executor or LocalExecutor(engine)
@@ -642,8 +664,7 @@ def _screen_bulk(
             finished += len(batch)
             if progress:
                 progress(finished, 0)
-        for problem in problems:
-            log.warning("bulk data: %s", problem)
+        # the loader logged each problem of the export once, as it met it
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -674,6 +695,7 @@ def _changed_by_bulk(
             since=since,
             workdir=workdir,
             type_filter=options.bulk_type_filter,
+            poll_max=options.bulk_poll_max,
         )
         changed: set[str] = set()
         for path in paths:

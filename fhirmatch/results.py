@@ -8,7 +8,8 @@ The JSON shape (``EvaluationReport.model_dump(mode="json")``)::
       {"patient": "Patient/p1", "study": "ResearchStudy/NCT06767007", "status": "eligible",
        "criteria": [{"id": "inc-ecog", "kind": "inclusion", "text": "...", "outcome": "pass",
                      "evidence": ["Observation/o7"], "reason": "...", "criteria": []}],
-       "incomplete": null, "drafted": []}]}
+       "incomplete": null, "drafted": []}],
+     "problems": ["patients/p9.json: not valid JSON (line 3); file skipped"]}
 
 ``incomplete`` repeats the trial's ``definition-incomplete`` marker (what the definition lacks);
 ``drafted`` lists the criteria drafted by the importer that nobody has reviewed yet.
@@ -85,7 +86,9 @@ class TrialResult(BaseModel):
 
 
 class EvaluationReport(BaseModel):
-    """Every (patient, trial) result of one evaluation run at one as-of date."""
+    """Every (patient, trial) result of one evaluation run at one as-of date, and the problems
+    met reading the input (what was skipped, by file name, line and resource id)."""
 
     as_of: date
     results: list[TrialResult] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -47,14 +47,17 @@ from .records import (
     Report,
     _expand_paths,
     _finish_ndjson,
-    _iter_json_file,
     _problem,
     check_record,
+    decode_json,
+    group_bundle,
+    group_single_resources,
     iter_contiguous_ndjson,
     iter_ndjson_slice,
     ndjson_is_contiguous,
     ndjson_patient,
     problem_text,
+    read_json_file,
 )
 
 if TYPE_CHECKING:
@@ -151,8 +154,10 @@ class SliceOutcome:
 def spill_slice(task: SliceTask) -> SliceOutcome:
     """Run one map task: append each patient resource of the slice to its partition's file.
 
-    Runs anywhere the input and spill directory are visible (this process, a worker process or a
-    Dask worker); it never logs: problems are returned, with line numbers within the slice.
+    A line is decoded only as far as its patient (:func:`~fhirmatch.records.decode_head`); it is
+    decoded whole once, when its patient's record is built. Runs anywhere the input and spill
+    directory are visible (this process, a worker process or a Dask worker); it never logs:
+    problems are returned, with line numbers within the slice.
     """
     out = SliceOutcome(task.ordinal)
     path = Path(task.path)
@@ -161,7 +166,9 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
     def report(lineno: int, text: str) -> None:
         out.problems.append((lineno, text))
 
-    lines = iter_ndjson_slice(path, report, types=task.types, start=task.start, end=task.end)
+    lines = iter_ndjson_slice(
+        path, report, types=task.types, start=task.start, end=task.end, head=True
+    )
     try:
         while True:
             try:
@@ -181,7 +188,7 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
                 name = os.path.join(task.spill_dir, f"part-{k}.{task.ordinal}.ndjson")
                 fh = handles[k] = open(name, "ab")
                 out.spilled[k] = name
-            fh.write(pid.encode("utf-8") + b"\t" + body + b"\n")
+            fh.write(b"%s\t%d\t%s\n" % (pid.encode("utf-8"), lineno, body))
     finally:
         for fh in handles.values():
             fh.close()
@@ -221,44 +228,85 @@ def plan_slices(
 
 @dataclass(frozen=True)
 class PartitionTask:
-    """One reduce task: partition ``index``'s spill files ``(file, source)``, in input order."""
+    """One reduce task: partition ``index``'s spill files ``(file, source, first line - 1)``, in
+    input order (the third item turns a line number within the slice into one within the file)."""
 
     index: int
-    files: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, str, int], ...]
     medications: dict[str, dict[str, Any]]
 
 
-def group_partition(task: PartitionTask) -> Iterator[PatientRecord]:
+def group_partition(
+    task: PartitionTask, report: Callable[[str], None] | None = None
+) -> Iterator[PatientRecord]:
     """Group one partition's spill files by patient; unchecked records in first-seen order.
 
-    The lines are held as text; a patient's lines are decoded only when its record is built.
+    The lines are held as text; a patient's lines are decoded only when its record is built (for
+    most lines, the only time they are decoded). A line that turns out not to be a resource of
+    that patient after all (text that is not UTF-8 in elements the map phase skipped, or not JSON)
+    is passed to ``report`` as a problem naming the file and line, like the problems of the map
+    phase, and skipped.
     """
-    import json
-
+    # per patient, its spill lines after the id ("line number\tJSON\n") and the index of the file
+    # each came from: bytes and ints, which the garbage collector does not track
     lines: dict[bytes, list[bytes]] = {}
-    sources: dict[bytes, list[str]] = {}
-    for name, source in task.files:
+    files: dict[bytes, list[int]] = {}
+    for n, (name, _source, _base) in enumerate(task.files):
         with open(name, "rb") as fh:
             for line in fh:
-                pid, body = line.rstrip(b"\n").split(b"\t", 1)
+                pid, rest = line.split(b"\t", 1)
                 held = lines.get(pid)
                 if held is None:
-                    lines[pid] = [body]
-                    sources[pid] = [source]
+                    lines[pid] = [rest]
+                    files[pid] = [n]
                 else:
-                    held.append(body)
-                    if sources[pid][-1] != source and source not in sources[pid]:
-                        sources[pid].append(source)
+                    held.append(rest)
+                    files[pid].append(n)
     for pid in list(lines):
-        bodies = lines.pop(pid)
-        rec = PatientRecord(pid.decode("utf-8"), source=", ".join(sources.pop(pid)))
-        rec.resources = [json.loads(b) for b in bodies]
+        held = lines.pop(pid)
+        where = files.pop(pid)
+        patient = pid.decode("utf-8")
+        rec = PatientRecord(patient)
+        resources = rec.resources
+        for rest, n in zip(held, where, strict=True):
+            tab = rest.index(b"\t")
+            try:
+                res = decode_json(memoryview(rest)[tab + 1 :])
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                text = (
+                    "is not UTF-8; line skipped"
+                    if isinstance(exc, UnicodeDecodeError)
+                    else "is nested too deeply; skipped"
+                    if isinstance(exc, RecursionError)
+                    else "is not valid JSON; line skipped"
+                )
+                _report(report, task, n, int(rest[:tab]), text)
+                continue
+            # the map phase read this line's resourceType and patient from the same text, with
+            # the same decoder: the whole resource is of this patient
+            resources.append(res)
+        if not resources:
+            continue
+        names = list(dict.fromkeys(where))
+        seen: list[str] = []
+        for n in names:
+            if task.files[n][1] not in seen:
+                seen.append(task.files[n][1])
+        rec.source = ", ".join(seen)
         yield _finish_ndjson(rec, task.medications)
+
+
+def _report(
+    report: Callable[[str], None] | None, task: PartitionTask, n: int, lineno: int, text: str
+) -> None:
+    if report is not None:
+        _name, source, base = task.files[n]
+        report(problem_text(source, base + lineno, text))
 
 
 def remove_spill(task: PartitionTask) -> None:
     """Delete a partition's spill files once it has been grouped."""
-    for name, _source in task.files:
+    for name, _source, _base in task.files:
         with contextlib.suppress(OSError):
             os.unlink(name)
 
@@ -332,7 +380,7 @@ class Shuffle:
         if len(by_ordinal) != len(self._slices):
             raise RuntimeError("a map task of the grouping did not report")
         medications: dict[str, dict[str, Any]] = {}
-        per_partition: dict[int, list[tuple[str, str]]] = {}
+        per_partition: dict[int, list[tuple[str, str, int]]] = {}
         base = 0
         previous: Path | None = None
         for n, (path, _start, _end) in enumerate(self._slices):
@@ -341,10 +389,10 @@ class Shuffle:
                 base, previous = 0, path
             for lineno, text in outcome.problems:
                 _problem(problems, problem_text(path, base + lineno if lineno else 0, text))
-            base += outcome.lines
             medications.update(outcome.medications)
             for k, name in outcome.spilled.items():
-                per_partition.setdefault(k, []).append((name, str(path)))
+                per_partition.setdefault(k, []).append((name, str(path), base))
+            base += outcome.lines
         log.info(
             "grouping NDJSON by patient: %d slices, %d partitions",
             len(self._slices),
@@ -361,7 +409,7 @@ class Shuffle:
         with self:
             tasks = self.partition_tasks(map(spill_slice, self.slice_tasks()), problems)
             for task in tasks:
-                yield from group_partition(task)
+                yield from group_partition(task, lambda text: _problem(problems, text))
                 remove_spill(task)
 
 
@@ -374,17 +422,30 @@ def plan_input(
     spill_dir: str | os.PathLike[str] | None = None,
     slice_bytes: int | None = None,
 ) -> Iterator[Iterator[PatientRecord] | Shuffle]:
-    """The input as parts, in order: record streams (Bundle files, patient-ordered NDJSON, small
+    """The input as parts, in order: record streams (each Bundle file; then the JSON files that
+    hold one resource each, grouped by patient across files; then patient-ordered NDJSON or small
     NDJSON grouped in memory) and at most one :class:`Shuffle` (NDJSON not ordered by patient).
 
     Records are unchecked (see :func:`fhirmatch.records.iter_patient_records`). Parts are
-    planned lazily: the NDJSON is scanned only when the parts before it have been consumed.
+    planned lazily: a file is read, and the NDJSON scanned, only when the parts before it have
+    been consumed. Single-resource files are held until every JSON file has been read (a
+    directory of examples is small; a large population comes as Bundles or NDJSON).
     """
     files = _expand_paths(paths, problems)
     ndjson = [f for f in files if f.name.endswith(NDJSON_SUFFIXES)]
+    singles: list[tuple[Path, dict[str, Any]]] = []
     for path in files:
-        if not path.name.endswith(NDJSON_SUFFIXES):
-            yield _iter_json_file(path, problems)
+        if path.name.endswith(NDJSON_SUFFIXES):
+            continue
+        data = read_json_file(path, problems)
+        if data is None:
+            continue
+        if data["resourceType"] == "Bundle":
+            yield group_bundle(data, str(path), problems)
+        else:
+            singles.append((path, data))
+    if singles:
+        yield group_single_resources(singles, problems)
     if not ndjson:
         return
     contiguous, medications = ndjson_is_contiguous(ndjson, types)

@@ -288,48 +288,13 @@ def fhirpath_problems(expression: str) -> list[str]:
     """Syntax problems of a FHIRPath expression (empty list when it parses completely).
 
     ``fhirpathpy.compile`` recovers silently from most syntax errors, so the expression is parsed
-    here with the same ANTLR grammar and an error listener that records every error, and the
-    whole input must be consumed.
+    with the same ANTLR grammar and an error listener that records every error, and the whole
+    input must be consumed. The parse is kept (:func:`fhirmatch.fhirpath.parse_expression`): the
+    engine compiles the condition from it without parsing again.
     """
-    from antlr4 import CommonTokenStream, InputStream, Token
-    from antlr4.error.ErrorListener import ErrorListener
-    from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
-    from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+    from .fhirpath import parse_expression
 
-    found: list[str] = []
-
-    class _Collect(ErrorListener):
-        def syntaxError(
-            self, recognizer: Any, offending: Any, line: int, column: int, msg: str, e: Any
-        ) -> None:
-            found.append(f"column {column + 1}: {msg}")
-
-    if not expression or not expression.strip():
-        return ["empty expression"]
-    lexer = FHIRPathLexer(InputStream(expression))
-    lexer.removeErrorListeners()
-    lexer.addErrorListener(_Collect())
-    stream = CommonTokenStream(lexer)
-    parser = FHIRPathParser(stream)
-    parser.removeErrorListeners()
-    parser.addErrorListener(_Collect())
-    try:
-        parser.expression()
-    except Exception as exc:  # ANTLR raises its own RecognitionException subclasses
-        found.append(f"cannot parse: {exc}")
-    if not found and stream.LA(1) != Token.EOF:
-        tok = stream.LT(1)
-        found.append(
-            f"column {tok.column + 1}: unexpected {tok.text!r} after a complete expression"
-        )
-    if not found:
-        import fhirpathpy
-
-        try:
-            fhirpathpy.compile(expression)
-        except Exception as exc:  # fhirpathpy raises plain exceptions for unsupported constructs
-            found.append(f"fhirpathpy cannot compile it: {exc}")
-    return found
+    return list(parse_expression(expression).problems)
 
 
 _STRING = re.compile(r"'(?:[^'\\]|\\.)*'")

@@ -41,12 +41,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import pint
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fhirmatch import data
 from fhirmatch.errors import DataFileError, UnitError
+
+if TYPE_CHECKING:
+    import pint
 
 __all__ = [
     "AnalyteInfo",
@@ -93,6 +94,7 @@ class _Units:
     """The pint registry with UCUM definitions, the UCUM parser, and the mapping tables."""
 
     def __init__(self) -> None:
+        import pint  # about a second to import and build: only when a unit is first needed
         import ucumvert
 
         defs_file = Path(ucumvert.__file__).resolve().parent / "pint_ucum_defs.txt"
@@ -109,7 +111,7 @@ class _Units:
         self.aliases = _read_table(_load_aliases, base / "units" / "aliases.csv")
         self.aliases_folded = {_fold(k): v for k, v in self.aliases.items()}
         self.rules = _read_table(_load_rules, base / "units" / "forbidden.json")
-        self.analytes = _read_table(_load_analytes, base / "analytes.json")
+        self.analytes = _analytes_at(base / "analytes.json")
         self.parsed: dict[str, _ParsedUnit | UnitError] = {}
 
 
@@ -208,6 +210,20 @@ class AnalyteInfo:
     other_units: tuple[str, ...] = ()
 
 
+def _analytes() -> dict[str, AnalyteInfo]:
+    """The analyte table: the registry's once it is built, else read (once per location)
+    without building the registry, which only unit conversions need."""
+    state = _STATE
+    if state is not None:
+        return state.analytes
+    return _analytes_at(mappings_dir() / "analytes.json")
+
+
+@functools.lru_cache(maxsize=4)
+def _analytes_at(path: Path) -> dict[str, AnalyteInfo]:
+    return _read_table(_load_analytes, path)
+
+
 def _load_analytes(path: Path) -> dict[str, AnalyteInfo]:
     data = json.loads(path.read_text(encoding="utf-8"))
     source = data.get("uln_source", "")
@@ -266,11 +282,12 @@ def _kinds(ucum: str, units: Any) -> frozenset[str]:
 def _parse_ucum(state: _Units, ucum: str) -> _ParsedUnit:
     """Parse a (case-sensitive) UCUM code; raise UnitError when it is not valid UCUM."""
     from lark.exceptions import LarkError
+    from pint.errors import PintError
 
     try:
         with state.lock:
             result = state.transformer.transform(state.parser.parse(ucum))
-    except (LarkError, pint.errors.PintError, AttributeError, TypeError, ValueError) as exc:
+    except (LarkError, PintError, AttributeError, TypeError, ValueError) as exc:
         raise UnitError(ucum, "not a known alias and not a valid UCUM code") from exc
     if not isinstance(result, state.reg.Quantity):
         # A bare annotation such as "{score}" means "1" (dimensionless).
@@ -337,7 +354,17 @@ def normalise_unit(text: str) -> str:
     ``"K/uL"`` -> ``"10*3/uL"``, ``"mg/dl"`` -> ``"mg/dL"``, ``" mmol/L "`` -> ``"mmol/L"``.
     Raises :class:`UnitError` for units that cannot be parsed.
     """
-    return _lookup(text).ucum
+    known = _KNOWN_UCUM.get(text) if isinstance(text, str) else None
+    if known is None:
+        try:
+            known = _lookup(text).ucum
+        except UnitError as exc:
+            known = exc
+        if isinstance(text, str):
+            _LEARNT_UCUM[text] = known
+    if isinstance(known, UnitError):
+        raise UnitError(known.unit, known.reason)
+    return known
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +393,8 @@ def _check_rules(
 
 def _compute_factor(from_unit: str, to_unit: str, analyte: str | None) -> float | UnitError | str:
     """Return the multiplicative factor, a UnitError to raise, or _OFFSET for offset units."""
+    from pint.errors import PintError
+
     label = f"{from_unit} -> {to_unit}"
     try:
         src = _lookup(from_unit)
@@ -412,7 +441,7 @@ def _compute_factor(from_unit: str, to_unit: str, analyte: str | None) -> float 
             factor = float((quantity / target).to("dimensionless").magnitude)
     except UnitError as exc:
         return exc
-    except pint.errors.PintError as exc:
+    except PintError as exc:
         return UnitError(label, f"cannot convert: {type(exc).__name__}")
     return factor
 
@@ -430,9 +459,46 @@ def _iu_as_enzyme(reg: pint.UnitRegistry, units: Any) -> Any:
     return factor
 
 
+#: a conversion's outcome (factor, error, or offset) by ``(from unit, to unit, analyte)``
+FactorKey = tuple[str, str, str | None]
+Factor = float | UnitError | str
+#: outcomes known without the registry (:func:`remember_factors`, e.g. from an earlier run)
+_KNOWN: dict[FactorKey, Factor] = {}
+#: outcomes this process computed with the registry
+_LEARNT: dict[FactorKey, Factor] = {}
+#: the same for :func:`normalise_unit`: canonical UCUM (or why there is none) by unit text
+_KNOWN_UCUM: dict[str, str | UnitError] = {}
+_LEARNT_UCUM: dict[str, str | UnitError] = {}
+
+
 @functools.lru_cache(maxsize=4096)
-def _cached_factor(from_unit: str, to_unit: str, analyte: str | None) -> float | UnitError | str:
-    return _compute_factor(from_unit, to_unit, analyte)
+def _cached_factor(from_unit: str, to_unit: str, analyte: str | None) -> Factor:
+    key = (from_unit, to_unit, analyte)
+    known = _KNOWN.get(key)
+    if known is not None:
+        return known
+    outcome = _compute_factor(from_unit, to_unit, analyte)
+    _LEARNT[key] = outcome
+    return outcome
+
+
+def remember_factors(known: dict[str, dict[Any, Any]]) -> None:
+    """Outcomes of conversions (``"factors"``) and unit normalisations (``"ucum"``) computed
+    earlier with the same unit definitions and mapping tables (the caller guarantees that): those
+    then need no unit registry, whose construction takes about a second (see
+    :mod:`fhirmatch.trialcache`)."""
+    _KNOWN.update(known.get("factors", {}))
+    _KNOWN_UCUM.update(known.get("ucum", {}))
+
+
+def learnt_factors() -> dict[str, dict[Any, Any]]:
+    """What :func:`remember_factors` takes: the outcomes known to this process, with the number
+    computed here under ``"new"``."""
+    return {
+        "factors": {**_KNOWN, **_LEARNT},
+        "ucum": {**_KNOWN_UCUM, **_LEARNT_UCUM},
+        "new": {"count": len(_LEARNT) + len(_LEARNT_UCUM)},
+    }
 
 
 def _factor_or_raise(from_unit: str, to_unit: str, analyte: str | None) -> float | str:
@@ -483,7 +549,7 @@ def convert(value: float, from_unit: str, to_unit: str, *, analyte: str | None =
 
 
 def _analyte(code: str) -> AnalyteInfo:
-    info = _state().analytes.get(code)
+    info = _analytes().get(code)
     if info is None:
         raise UnitError(code, "unknown analyte (not in mappings/analytes.json)")
     return info
@@ -499,7 +565,7 @@ def analyte_info(analyte: str) -> AnalyteInfo:
 
 def known_analytes() -> Iterator[str]:
     """Yield the analyte codes defined in ``mappings/analytes.json``."""
-    yield from _state().analytes
+    yield from _analytes()
 
 
 def default_uln(analyte: str, *, sex: str | None = None) -> tuple[float, str] | None:

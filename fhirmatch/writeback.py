@@ -42,7 +42,10 @@ from .results import CriterionResult, TrialResult
 SUBJECT_IDENTIFIER_SYSTEM = "https://fhirmatch.dev/fhir/sid/research-subject"
 DEVICE_IDENTIFIER_SYSTEM = "https://fhirmatch.dev/fhir/sid/device"
 EXT_ASSESSMENT = f"{EXT_BASE}/eligibility-assessment"
-R5_SUBJECT_STATE = "http://hl7.org/fhir/research-subject-state"
+#: R5's required binding (ValueSet research-subject-state) takes the code system from
+#: terminology.hl7.org, not hl7.org/fhir
+R5_SUBJECT_STATE = "http://terminology.hl7.org/CodeSystem/research-subject-state"
+R5_SUBJECT_STATE_TYPE = "http://terminology.hl7.org/CodeSystem/research-subject-state-type"
 _NAMESPACE = uuid.UUID("6f1c3a52-6d0e-4b8e-9f61-3c1b2f4f7a10")
 
 #: fhirmatch trial status -> ResearchSubject status (R4 ``status``, R5 ``progress.subjectState``)
@@ -62,16 +65,24 @@ def subject_identifier(study: str, patient: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{study}|{patient}"))
 
 
-def device_resource() -> dict[str, Any]:
-    """The Device that stands for this fhirmatch version as Provenance agent."""
-    return {
+def device_resource(version: FhirVersion = "R4") -> dict[str, Any]:
+    """The Device that stands for this fhirmatch version as Provenance agent (R5 renamed
+    ``deviceName`` to ``name`` and made ``type`` a list)."""
+    kind = {"text": "clinical trial eligibility screening software"}
+    device: dict[str, Any] = {
         "resourceType": "Device",
         "identifier": [{"system": DEVICE_IDENTIFIER_SYSTEM, "value": f"fhirmatch-{__version__}"}],
         "status": "active",
-        "deviceName": [{"name": "fhirmatch", "type": "manufacturer-name"}],
-        "version": [{"value": __version__}],
-        "type": {"text": "clinical trial eligibility screening software"},
     }
+    if version == "R5":
+        device["name"] = [{"value": "fhirmatch", "type": "user-friendly-name"}]
+        device["version"] = [{"value": __version__}]
+        device["type"] = [kind]
+    else:
+        device["deviceName"] = [{"name": "fhirmatch", "type": "manufacturer-name"}]
+        device["version"] = [{"value": __version__}]
+        device["type"] = kind
+    return device
 
 
 def _flatten(
@@ -189,7 +200,7 @@ def _subject_resource(
                 "type": {
                     "coding": [
                         {
-                            "system": "http://hl7.org/fhir/research-subject-state-type",
+                            "system": R5_SUBJECT_STATE_TYPE,
                             "code": "Enrollment",
                         }
                     ]
@@ -258,8 +269,14 @@ def plan_subject(
 
 
 def provenance_resource(
-    plan: PlannedWrite, target: str, plan_definition: str | None, device: str
+    plan: PlannedWrite,
+    target: str,
+    plan_definition: str | None,
+    device: str,
+    version: FhirVersion = "R4",
 ) -> dict[str, Any]:
+    """The Provenance of one write: the Device as assembler, the PlanDefinition and the evidence
+    as sources. R5 renamed ``reason`` (the purpose of use) to ``authorization``."""
     entities = []
     if plan_definition:
         entities.append({"role": "source", "what": {"reference": plan_definition}})
@@ -269,7 +286,6 @@ def provenance_resource(
         "target": [{"reference": target}],
         "recorded": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "activity": {"text": f"eligibility screening: {plan.trial_status}"},
-        "reason": [{"text": "clinical trial eligibility screening"}],
         "agent": [
             {
                 "type": {
@@ -284,20 +300,26 @@ def provenance_resource(
             }
         ],
     }
+    if version == "R5":
+        prov["authorization"] = [{"concept": {"text": "clinical trial eligibility screening"}}]
+    else:
+        prov["reason"] = [{"text": "clinical trial eligibility screening"}]
     if entities:
         prov["entity"] = entities
     return prov
 
 
 def transaction_for(
-    plans: Sequence[PlannedWrite], plan_definitions: dict[str, str | None]
+    plans: Sequence[PlannedWrite],
+    plan_definitions: dict[str, str | None],
+    version: FhirVersion = "R4",
 ) -> dict[str, Any] | None:
     """One transaction Bundle writing every create/update in ``plans`` (one patient's), each
     ResearchSubject with its Provenance, and the Device conditionally; None if nothing to write."""
     writes = [p for p in plans if p.action in ("create", "update") and p.subject]
     if not writes:
         return None
-    device = device_resource()
+    device = device_resource(version)
     device_url = f"urn:uuid:{uuid.uuid4()}"
     ident = device["identifier"][0]
     entries: list[dict[str, Any]] = [
@@ -329,7 +351,7 @@ def transaction_for(
             if plan.existing_version:
                 request["ifMatch"] = f'W/"{plan.existing_version}"'
             entries.append({"resource": plan.subject, "request": request})
-        plan.provenance = provenance_resource(plan, target, pd, device_url)
+        plan.provenance = provenance_resource(plan, target, pd, device_url, version)
         entries.append(
             {
                 "fullUrl": f"urn:uuid:{uuid.uuid4()}",

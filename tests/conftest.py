@@ -29,6 +29,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_trial_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Compiled trials are cached in a directory of this test session, never the user's
+    (subprocesses the tests start inherit it)."""
+    saved = os.environ.get("FHIRMATCH_CACHE_DIR")
+    os.environ["FHIRMATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("trial-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FHIRMATCH_CACHE_DIR", None)
+    else:
+        os.environ["FHIRMATCH_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _restore_fhirmatch_logger() -> Iterator[None]:
     """``fhirmatch.cli.main`` gives the ``fhirmatch`` logger its own stderr handler and turns

@@ -13,7 +13,12 @@ from typing import Any
 import requests
 
 TAG_SYSTEM = "https://fhirmatch.dev/fhir/test-run"
-JSON_HEADERS = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+#: no-cache: HAPI FHIR answers a search repeated within 60 s from its cache unless told not to
+JSON_HEADERS = {
+    "Content-Type": "application/fhir+json",
+    "Accept": "application/fhir+json",
+    "Cache-Control": "no-cache",
+}
 
 
 def coding(system: str, code: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,7 +39,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(exitcodes.CONFIG_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``fhirmatch`` parser; with ``only``, just that subcommand is registered (its module
+    alone is imported: ``evaluate`` needs none of the HTTP, report or listener code)."""
     parser = _Parser(
         prog="fhirmatch",
         description="Screen FHIR R4 patient data against computable clinical-trial eligibility "
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fhirmatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else (only,):
         modname = f"{__name__}.{name.replace('-', '_')}"
         # every name in SUBCOMMANDS must exist once released (tests/unit/test_cli.py checks);
         # skipping absent modules keeps the CLI usable while a subcommand is being built
@@ -57,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names when it is its first argument (None: build them all)."""
+    return argv[0] if argv and argv[0] in SUBCOMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     try:
         if getattr(args, "config", None) is not None:
@@ -75,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fhirmatch: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`fhirmatch trials show ID | head`): stop quietly; point stdout at
+        # devnull so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exitcodes.FAILURE
     except StateError as exc:
         print(f"fhirmatch: {exc}", file=sys.stderr)
         return exitcodes.STATE_ERROR

@@ -23,11 +23,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..auth import build_auth
-from ..client import ClientConfig, FhirClient
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from ..client import FhirClient
     from ..model import Trial
 
 #: config keys that would put a secret in a file that is not a secret file
@@ -127,6 +126,10 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 def build_client(args: argparse.Namespace, *, strict: bool = False) -> FhirClient:
     """A FhirClient from the server options (raises ConfigurationError for bad ones)."""
+    # imported here: commands that need no server (evaluate) start without the HTTP stack
+    from ..auth import build_auth
+    from ..client import ClientConfig, FhirClient
+
     if not args.server:
         raise ConfigurationError("--server URL is required")
     if args.retries < 1:

@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
             exitcodes.CONFIG_ERROR, f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)"
         ) from None
     trials = load_file_trials([seed_trials_dir()], None)
-    print("starting the local FHIR sandbox and loading the fixtures…", file=sys.stderr)
+    print(
+        "starting the local FHIR sandbox and loading the seed trials and demo patients…",
+        file=sys.stderr,
+    )
     with start_sandbox(data_dir=args.data_dir, load=True) as sandbox:
         loaded = ", ".join(f"{n} {t}" for t, n in sorted(sandbox.loaded.items()))
         print(f"sandbox {sandbox.base_url}: loaded {loaded}", file=sys.stderr)

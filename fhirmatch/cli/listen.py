@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from ..data import seed_trials_dir
 from ..errors import ConfigurationError
 from ..listen import DEFAULT_MAX_CRITERIA_LENGTH, Listener, ListenOptions
 from ..match import load_trials_from_server
@@ -86,7 +87,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_command(args: argparse.Namespace) -> int:
     setup_logging(args)
     if bool(args.trials) == bool(args.trials_from_server):
-        raise ConfigurationError("give either --trials PATH… or --trials-from-server")
+        raise ConfigurationError(
+            "give either --trials PATH… or --trials-from-server "
+            f"(the seed trials bundled with fhirmatch are in {seed_trials_dir()})"
+        )
     token = None
     if args.hook_token_env:
         import os

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data import seed_trials_dir
 from ..errors import ConfigurationError, TrialDefinitionError
 from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
@@ -85,6 +86,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --bulk: also send _typeFilter code filters (only for servers that OR them "
         "as the Bulk Data IG says)",
     )
+    scale.add_argument(
+        "--bulk-poll-max",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --bulk: the longest wait between two export status checks, also when the "
+        "server's Retry-After asks for more (default 60)",
+    )
     add_executor_arguments(scale)
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE", help="write an HTML report here")
@@ -127,7 +136,10 @@ def _only(trials: list[Trial], only: list[str] | None) -> list[Trial]:
 def run_command(args: argparse.Namespace) -> int:
     setup_logging(args)
     if bool(args.trials) == bool(args.trials_from_server):
-        raise ConfigurationError("give either --trials PATH… or --trials-from-server")
+        raise ConfigurationError(
+            "give either --trials PATH… or --trials-from-server "
+            f"(the seed trials bundled with fhirmatch are in {seed_trials_dir()})"
+        )
     options = MatchOptions(
         as_of=_as_of(args.as_of),
         patients=args.patient or (),
@@ -140,6 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
         bulk=args.bulk or bool(args.bulk_group),
         bulk_group=args.bulk_group,
         bulk_type_filter=args.bulk_type_filter,
+        bulk_poll_max=args.bulk_poll_max,
         spill_dir=args.spill_dir,
         partition_bytes=partition_bytes(args),
     )

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "sandbox",
         help="run a local FHIR R4 server (127.0.0.1) loaded with the trials and demo patients",
         description="Start a real FHIR R4 server (sekmet-fhir) bound to 127.0.0.1 with its "
-        "workflow simulator disabled, load the trial definitions and demo patients from "
-        "fixtures/, print its base URL, and serve until Ctrl-C.",
+        "workflow simulator disabled, load the seed trials and demo patients bundled with "
+        "fhirmatch, print its base URL, and serve until Ctrl-C.",
     )
     p.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     p.add_argument(
@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keep the server's SQLite database here (default: a temporary directory, removed "
         "on exit)",
     )
-    p.add_argument("--no-load", action="store_true", help="do not load the fixtures")
+    p.add_argument(
+        "--no-load",
+        action="store_true",
+        help="start empty: do not load the seed trials and demo patients",
+    )
     p.set_defaults(func=run)
 
 

@@ -17,6 +17,8 @@ from fhirmatch.records import load_patient_records
 from fhirmatch.trials import load_trials
 
 REPO = Path(__file__).resolve().parents[2]
+#: check the export's status at least this often: HAPI FHIR asks for 120 s whatever the job
+POLL = 2.0
 
 
 def _patient(pid: str, rectal: bool) -> list[dict[str, Any]]:
@@ -83,7 +85,7 @@ def test_bulk_match_equals_rest_match(fhir_base_url: str, group: tuple[str, list
     gid, ids = group
     trials = load_trials([REPO / "fixtures" / "trials"])
     client = FhirClient(ClientConfig(fhir_base_url, allow_insecure_http=True))
-    common = {"dry_run": True, "publish": False}
+    common = {"dry_run": True, "publish": False, "bulk_poll_max": POLL}
     bulk = run_match(client, trials, MatchOptions(bulk=True, bulk_group=gid, **common))
     rest = run_match(client, trials, MatchOptions(patients=ids, **common))
 
@@ -108,7 +110,7 @@ def test_export_downloads_only_needed_types(
     trials = load_trials([REPO / "fixtures" / "trials"])
     client = FhirClient(ClientConfig(fhir_base_url, allow_insecure_http=True))
     reqs = [i for t in trials for i in t.all_inputs()]
-    paths = export_patient_data(client, reqs, group=gid, workdir=tmp_path / "x")
+    paths = export_patient_data(client, reqs, group=gid, workdir=tmp_path / "x", poll_max=POLL)
     records = {r.patient_id: r for r in load_patient_records(paths)}
     assert sorted(records) == sorted(ids)
     got = sorted(r["id"] for r in records[ids[0]].resources)
@@ -137,9 +139,15 @@ def test_parallel_bulk_run_writes_what_a_local_run_would(
     spill = tmp_path / "spill"
     spill.mkdir()
     options = MatchOptions(
-        bulk=True, bulk_group=gid, publish=True, partition_bytes=300, spill_dir=str(spill)
+        bulk=True,
+        bulk_group=gid,
+        publish=True,
+        partition_bytes=300,
+        spill_dir=str(spill),
+        bulk_poll_max=POLL,
     )
-    local_dry = run_match(client, trials, MatchOptions(bulk=True, bulk_group=gid, dry_run=True))
+    dry = MatchOptions(bulk=True, bulk_group=gid, dry_run=True, bulk_poll_max=POLL)
+    local_dry = run_match(client, trials, dry)
     with make_executor(executor, trials, workers=2) as ex:
         with caplog.at_level(logging.INFO, logger="fhirmatch.stream"):
             parallel = run_match(client, trials, options, executor=ex)
@@ -156,7 +164,7 @@ def test_parallel_bulk_run_writes_what_a_local_run_would(
     written = sorted((p.study, p.patient, p.action) for p in parallel.planned)
     assert written == sorted((p.study, p.patient, p.action) for p in local_dry.planned)
     assert {a for _s, _p, a in written} >= {"create"}
-    again = run_match(client, trials, MatchOptions(bulk=True, bulk_group=gid, dry_run=True))
+    again = run_match(client, trials, dry)
     actions = [p.action for p in again.planned]
     assert "unchanged" in actions and not {"create", "update"} & set(actions)
     assert key(again) == key(parallel)

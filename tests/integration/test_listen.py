@@ -2,8 +2,8 @@
 
 Each test writes its own patient (a copy of the ``demo-rectal-eligible`` fixture under a fresh id)
 whose NCT06767007 eligibility turns on the platelet count (``inc-platelets``: ≥ 100 × 10^9/L),
-then watches the ResearchSubject the listener writes. Only against the local sandbox: the server
-must reach the listener's endpoint on 127.0.0.1.
+then watches the ResearchSubject the listener writes. Only against a server on this machine (the
+sandbox, or a local HAPI FHIR): it must reach the listener's endpoint on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -26,9 +27,16 @@ from fhirmatch.trials import load_trials
 from fhirmatch.writeback import SUBJECT_IDENTIFIER_SYSTEM, subject_identifier
 
 REPO = Path(__file__).resolve().parents[2]
+#: seconds for a server's late notifications of data stored before the Subscriptions
+SETTLE = 3.0
 STUDY = "ResearchStudy/NCT06767007"
 AS_OF = dt.date(2026, 11, 1)
-JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+# no-cache: HAPI FHIR would answer a repeated search from its 60 s cache of results
+JSON = {
+    "Content-Type": "application/fhir+json",
+    "Accept": "application/fhir+json",
+    "Cache-Control": "no-cache",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +45,9 @@ def trials() -> list[Trial]:
 
 
 @pytest.fixture()
-def local_base(fhir_base_url: str, is_local_sandbox: bool) -> str:
-    if not is_local_sandbox:
-        pytest.skip("the server must reach a listener on 127.0.0.1: local sandbox only")
+def local_base(fhir_base_url: str) -> str:
+    if urlsplit(fhir_base_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        pytest.skip("the server must reach a listener on 127.0.0.1: local servers only")
     return fhir_base_url
 
 
@@ -96,7 +104,9 @@ def wait_for_status(base: str, pid: str, status: str | None, timeout: float = 15
 
 
 def subscriptions(base: str) -> set[str]:
-    page = requests.get(f"{base}/Subscription", params={"_count": "200"}, timeout=30).json()
+    page = requests.get(
+        f"{base}/Subscription", params={"_count": "200"}, headers=JSON, timeout=30
+    ).json()
     return {e["resource"]["id"] for e in page.get("entry", [])}
 
 
@@ -127,10 +137,11 @@ def test_new_platelet_result_rescreens_the_patient_and_downtime_is_caught_up(
     assert (subject(local_base, pid) or {}).get("status") == "candidate"
 
     with Listener(client, trials, options) as listener:
-        # found by the start-up search from the checkpoint, not by a notification
+        # found by the start-up search from the checkpoint. (HAPI FHIR may also notify it: it
+        # matches a change queued before the Subscription existed against the Subscriptions
+        # active when it gets to it; a duplicate screen is harmless.)
         assert listener.stats.caught_up >= 1
         wait_for_status(local_base, pid, "ineligible")
-        assert listener.stats.notifications == 0
         assert listener.wait_idle(15)
     held = subject(local_base, pid)
     assert held is not None and held["status"] == "ineligible"
@@ -144,6 +155,11 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
     screened: list[str] = []
     options = ListenOptions(as_of=AS_OF, token="s3cret-hook-token", publish=False)
     with Listener(client, trials, options, on_screened=lambda p, o: screened.append(p)) as lis:
+        # HAPI FHIR notifies the patient's own data, stored just before the Subscriptions, when
+        # its matcher gets to it; let that settle and count from there
+        time.sleep(SETTLE)
+        assert lis.wait_idle(15)
+        baseline = screened.count(pid)
         url = lis.endpoint + f"/Observation/{plt['id']}"
         assert url.startswith("http://127.0.0.1:") and NOTIFY_PATH in url
         for auth in (None, "Bearer wrong"):
@@ -153,7 +169,7 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
             resp = requests.put(url, json=plt, headers=headers, timeout=10)
             assert resp.status_code == 401
         assert lis.stats.rejected == 2
-        assert lis.wait_idle(5) and screened == []
+        assert lis.wait_idle(5) and screened.count(pid) == baseline
 
         good = {
             "Content-Type": "application/fhir+json",
@@ -163,7 +179,7 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
             resp = requests.put(url, json=plt, headers=good, timeout=10)
             assert resp.status_code == 200
         assert lis.wait_idle(15)
-        assert 1 <= screened.count(pid) <= 2
+        assert 1 <= screened.count(pid) - baseline <= 2
         first = subject(local_base, pid)
         assert first is not None and first["status"] == "candidate"
 

@@ -9,7 +9,11 @@ import requests
 
 from fhirmatch.sandbox import SandboxError, fixture_files, start_sandbox
 
-STRICT = {"Prefer": "handling=strict", "Accept": "application/fhir+json"}
+STRICT = {
+    "Prefer": "handling=strict",
+    "Accept": "application/fhir+json",
+    "Cache-Control": "no-cache",  # HAPI FHIR would reuse a cached search for 60 s
+}
 
 
 def test_metadata_answers_r4(fhir_base_url: str) -> None:
@@ -32,8 +36,9 @@ def test_identifier_search_filters_research_types(fhir_base_url: str, rtype: str
     elif rtype == "ResearchSubject":
         body |= {
             "status": "candidate",
-            "study": {"reference": "ResearchStudy/x"},
-            "individual": {"reference": "Patient/x"},
+            # resources the test session loaded: HAPI refuses references to absent ones
+            "study": {"reference": "ResearchStudy/NCT06767007"},
+            "individual": {"reference": "Patient/demo-escc-eligible"},
         }
     else:
         body["status"] = "draft"

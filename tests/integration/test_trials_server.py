@@ -1,4 +1,5 @@
-"""Trials on the server: ``trials publish`` is idempotent; ``--trials-from-server`` reads them."""
+"""Trials on the server: ``trials publish`` is idempotent (the bundled trials by default);
+``--trials-from-server`` reads them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fhirmatch.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = REPO / "fixtures" / "trials"
-JSON = {"Accept": "application/fhir+json"}
+JSON = {"Accept": "application/fhir+json", "Cache-Control": "no-cache"}
 
 
 def _versions(base: str, ref: str) -> int:
@@ -27,7 +28,11 @@ def test_publish_twice_changes_nothing(
     out = capsys.readouterr().out
     assert "ResearchStudy/NCT06767007 -> PlanDefinition/NCT06767007-eligibility" in out
     before = _versions(fhir_base_url, "PlanDefinition/NCT06767007-eligibility")
-    assert main(["trials", "publish", "--server", fhir_base_url, str(TRIALS)]) == 0
+    # without a path: the bundled seed trials, the same definitions
+    assert main(["trials", "publish", "--server", fhir_base_url]) == 0
+    assert "ResearchStudy/NCT06767007 -> PlanDefinition/NCT06767007-eligibility" in (
+        capsys.readouterr().out
+    )
     assert _versions(fhir_base_url, "PlanDefinition/NCT06767007-eligibility") == before
     found = requests.get(
         f"{fhir_base_url}/ResearchStudy",

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +122,18 @@ def test_sdist_holds_the_source_folders(built: tuple[Path, Path, Path]) -> None:
             f"{folder}/{rel}" for rel in _files(src.joinpath(*parts))
         }
     assert {"setup.py", "MANIFEST.in", "LICENSE", "NOTICE", "CHANGELOG.md"} <= names
+
+
+def test_the_version_is_defined_once(capsys: pytest.CaptureFixture[str]) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fhirmatch.__version__"}
+    from fhirmatch.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"fhirmatch {fhirmatch.__version__}\n"
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert f"## {fhirmatch.__version__} " in changelog

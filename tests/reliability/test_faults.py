@@ -101,9 +101,11 @@ def test_read_timeouts_are_retried(
     fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
 ) -> None:
     tag, ids = make_population(fhir_base_url, 4)
-    proxy.add(Fault("delay", path=OBSERVATION_SEARCH, seconds=1.5, times=2))
-    proxy.add(Fault("delay", method="GET", path=r"/ResearchSubject\?", seconds=1.5, times=1))
-    with fast_client(proxy.base_url, read_timeout=0.5) as client:
+    # a read timeout well above a busy server's slowest answer (HAPI FHIR's 1.5 MB
+    # CapabilityStatement takes up to a second), delays well above the timeout
+    proxy.add(Fault("delay", path=OBSERVATION_SEARCH, seconds=6.0, times=2))
+    proxy.add(Fault("delay", method="GET", path=r"/ResearchSubject\?", seconds=6.0, times=1))
+    with fast_client(proxy.base_url, read_timeout=3.0) as client:
         outcome = run_match(client, trials, options(tag))
         assert client.stats.retries >= 3
     assert proxy.count("delay") == 3
@@ -186,7 +188,14 @@ def test_patient_set_growing_while_paged(
     added: list[str] = []
 
     def insert_on_second_page(method: str, target: str) -> None:
-        if method == "GET" and "_offset" in target and "Patient" in target and not added:
+        # the second page: sekmet pages with _offset, HAPI FHIR with _getpages
+        second_page = "_offset" in target or "_getpages" in target
+        if (
+            method == "GET"
+            and second_page
+            and not added
+            and ("Patient" in target or "_getpages" in target)
+        ):
             new = [f"fr-{tag}-late{i}" for i in range(3)]
             resources = []
             for pid in new:

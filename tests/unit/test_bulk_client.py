@@ -145,3 +145,79 @@ def test_polling_gives_up_after_timeout(tmp_path: Path) -> None:
     with pytest.raises(TemporaryNetworkError, match="did not complete"):
         exporter.poll(STATUS)
     assert now[0] == 120.0  # two capped waits of 60 s, the third would pass the deadline
+
+
+@responses.activate
+def test_medication_refused_at_patient_level_is_read_by_search(tmp_path: Path) -> None:
+    """HAPI FHIR refuses Medication (outside the Patient compartment) in a patient-level export:
+    export the rest, then read the Medications the exported requests refer to."""
+    refused = responses.get(
+        f"{BASE}/Patient/$export",
+        status=400,
+        json={
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "processing", "diagnostics": "HAPI-0512"}],
+        },
+        match=[
+            matchers.query_param_matcher(
+                {"_type": "Medication,MedicationRequest,Observation,Patient"}
+            )
+        ],
+    )
+    kick = responses.get(
+        f"{BASE}/Patient/$export",
+        status=202,
+        headers={"Content-Location": STATUS},
+        match=[matchers.query_param_matcher({"_type": "MedicationRequest,Observation,Patient"})],
+    )
+    responses.get(
+        STATUS,
+        json={
+            "transactionTime": "2026-11-01T00:00:00Z",
+            "requiresAccessToken": False,
+            "output": [{"type": "MedicationRequest", "url": f"{BASE}/files/mr.ndjson"}],
+        },
+    )
+    lines = [
+        '{"resourceType":"MedicationRequest","id":"r1","medicationReference":'
+        '{"reference":"Medication/m1"},"subject":{"reference":"Patient/p"}}',
+        '{"resourceType":"MedicationRequest","id":"r2","medicationReference":'
+        '{"reference":"Medication/m2"},"subject":{"reference":"Patient/p"}}',
+        '{"resourceType":"MedicationRequest","id":"r3","medicationCodeableConcept":{"text":"x"}}',
+    ]
+    responses.get(f"{BASE}/files/mr.ndjson", body="\n".join(lines) + "\n")
+    responses.delete(STATUS, status=202)
+    search = responses.get(
+        f"{BASE}/Medication",
+        json={
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {"resource": {"resourceType": "Medication", "id": "m1"}},
+                {"resource": {"resourceType": "Medication", "id": "m2"}},
+            ],
+        },
+        match=[matchers.query_param_matcher({"_id": "m1,m2"})],
+    )
+    sleeps: list[float] = []
+    paths = export_patient_data(client(sleeps), REQS, workdir=tmp_path, sleep=sleeps.append)
+    assert refused.call_count == 1 and kick.call_count == 1 and search.call_count == 1
+    meds = [p for p in paths if p.name.endswith("Medication.ndjson")]
+    assert len(meds) == 1
+    assert [line[:40] for line in meds[0].read_text().splitlines()] == [
+        '{"resourceType":"Medication","id":"m1"}',
+        '{"resourceType":"Medication","id":"m2"}',
+    ]
+
+
+@responses.activate
+def test_medication_is_not_dropped_from_a_system_export(tmp_path: Path) -> None:
+    responses.get(f"{BASE}/$export", status=400)
+    exporter = BulkExporter(client([]), tmp_path, sleep=lambda s: None)
+    request = export_request_for(REQS, level="system")
+    from fhirmatch.bulk import _export_with_medications
+
+    with pytest.raises(FatalNetworkError):
+        _export_with_medications(exporter, request)
+    # asked with and without _typeFilter, never without Medication
+    assert responses.calls and all("_type=Medication" in c.request.url for c in responses.calls)

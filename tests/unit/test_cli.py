@@ -98,6 +98,16 @@ def test_top_level_help_lists_commands() -> None:
             "tcp://127.0.0.1:1",
         ],
         ["sandbox", "--port", "99999"],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--bulk",
+            "--bulk-poll-max",
+            "0",
+        ],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:
@@ -201,3 +211,19 @@ def test_evaluate_on_a_bulk_export_is_the_same_with_every_executor(tmp_path: Pat
     local = run()
     assert len({json.loads(line)["patient"] for line in local.splitlines()}) >= 20
     assert run("--executor", "processes", "--workers", "2") == local
+
+
+def test_a_reader_that_goes_away_is_no_traceback() -> None:
+    # `fhirmatch trials show ID | head -1`: the pipe is closed before fhirmatch writes
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fhirmatch", "trials", "show", "NCT06767007"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 5
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

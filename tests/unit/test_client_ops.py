@@ -12,6 +12,7 @@ from responses import matchers
 
 from fhirmatch.client import ClientConfig, EntryOutcome, FhirClient, bundle_is_retry_safe
 from fhirmatch.errors import (
+    FatalNetworkError,
     PreconditionFailed,
     ResourceGone,
     ResourceNotFound,
@@ -129,6 +130,24 @@ def test_update_if_match_conflict(client: FhirClient) -> None:
         client.update({"resourceType": "Patient", "id": "7"}, if_match="3")
     assert info.value.outcome == "version conflict"
     assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_update_if_match_conflict_as_hapi_answers_it(client: FhirClient) -> None:
+    """HAPI FHIR answers a stale If-Match with 409 Conflict instead of 412."""
+    oo = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": "HAPI-0989: not current"}]}
+    responses.put(f"{BASE}/Patient/7", status=409, json=oo)
+    with pytest.raises(PreconditionFailed) as info:
+        client.update({"resourceType": "Patient", "id": "7"}, if_match="3")
+    assert info.value.status == 409 and info.value.outcome == "HAPI-0989: not current"
+
+
+@responses.activate
+def test_conflict_without_if_match_is_not_a_precondition(client: FhirClient) -> None:
+    responses.put(f"{BASE}/Patient/7", status=409)
+    with pytest.raises(FatalNetworkError) as info:
+        client.update({"resourceType": "Patient", "id": "7"})
+    assert info.value.status == 409 and not isinstance(info.value, PreconditionFailed)
 
 
 @responses.activate
@@ -289,3 +308,16 @@ def test_everything_fallback(client: FhirClient, supported: bool) -> None:
     result = client.everything("p1")
     # Procedure is listed but has no patient search parameter: skipped
     assert sorted(r["id"] for r in result.matches) == ["c1", "o1", "p1"]
+
+
+@responses.activate
+def test_metadata_gets_a_longer_read_timeout_than_searches() -> None:
+    """HAPI FHIR's CapabilityStatement is 1.5 MB and slow to build: a short --timeout meant for
+    searches does not cut it off."""
+    responses.get(f"{BASE}/metadata", json=capability())
+    responses.get(f"{BASE}/Patient", json={"resourceType": "Bundle", "type": "searchset"})
+    fast = FhirClient(ClientConfig(BASE, read_timeout=2.0, connect_timeout=1.0))
+    fast.capabilities()
+    fast.search("Patient", {"_id": "x"})
+    assert responses.calls[0].request.req_kwargs["timeout"] == (1.0, 60.0)
+    assert responses.calls[1].request.req_kwargs["timeout"] == (1.0, 2.0)

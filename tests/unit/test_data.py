@@ -178,3 +178,13 @@ def test_installed_package_without_data_is_one_line_and_exit_2(tmp_path: Path) -
     assert "Traceback" not in proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "seed trials are missing" in err[0], err
+
+
+@pytest.mark.parametrize("command", ["match", "listen"])
+def test_server_commands_ask_for_trials_and_say_where_the_bundled_ones_are(
+    command: str, no_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # they write to a server, so they take trials only when told; the message shows the way
+    assert main([command, "--server", "http://127.0.0.1:1/fhir"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(REPO / "fixtures" / "trials") in err[0], err

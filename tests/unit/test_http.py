@@ -355,6 +355,14 @@ def test_extra_headers_cannot_carry_authorization() -> None:
         HttpTransport(BASE, extra_headers={"Authorization": "Bearer x"})
 
 
+@responses.activate
+def test_requests_ask_for_fresh_results_not_a_cached_search() -> None:
+    """HAPI FHIR answers a search repeated within 60 s from its cache unless told not to."""
+    responses.get(f"{BASE}/Patient", json={"resourceType": "Bundle", "type": "searchset"})
+    HttpTransport(BASE).request("GET", "Patient", params=[("identifier", "x|1")])
+    assert responses.calls[0].request.headers["Cache-Control"] == "no-cache"
+
+
 def test_redact_url_and_same_origin() -> None:
     assert redact_url("https://u:p@x.org/a?access_token=abc&code=1") == (
         "https://x.org/a?access_token=%2A%2A%2A&code=%2A%2A%2A"

@@ -108,6 +108,15 @@ def test_r5_server_gets_active_subject_with_progress_state() -> None:
     )
     assert subject["status"] == "active"
     assert subject["subject"] == {"reference": "Patient/p1"}
-    assert subject["progress"][0]["subjectState"]["coding"][0]["code"] == "candidate"
+    assert subject["progress"][0]["subjectState"]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/research-subject-state",
+        "code": "candidate",
+    }
     assert "individual" not in subject
+    # the Device and Provenance of the same transaction in R5 shape too
+    by_type = {e["resource"]["resourceType"]: e["resource"] for e in posted[0]["entry"]}
+    device, prov = by_type["Device"], by_type["Provenance"]
+    assert device["name"] == [{"value": "fhirmatch", "type": "user-friendly-name"}]
+    assert isinstance(device["type"], list) and "deviceName" not in device
+    assert prov["authorization"][0]["concept"]["text"] and "reason" not in prov
     assert outcome.started == "2026-11-01T09:59:58.000Z"  # server clock less the margin

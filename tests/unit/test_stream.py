@@ -312,7 +312,8 @@ def test_spill_keeps_the_original_line_text(tmp_path: Path) -> None:
     with Shuffle([path], partitions=1) as shuffle:
         (outcome,) = [spill_slice(t) for t in shuffle.slice_tasks()]
         (spilled,) = outcome.spilled.values()
-        assert Path(spilled).read_bytes() == b"p1\t" + rows[0].encode() + b"\n"
+        # patient id, line number (for problems found when it is decoded), the original text
+        assert Path(spilled).read_bytes() == b"p1\t1\t" + rows[0].encode() + b"\n"
     assert outcome.problems == [(2, "(Observation/o2) has no patient reference")]
 
 

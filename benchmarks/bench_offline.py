@@ -1,0 +1,169 @@
+"""Offline screening against its floor: `fhirmatch evaluate` end to end vs decoding the export.
+
+    .venv/bin/python benchmarks/bench_offline.py [--sizes 2000 8000] [--templates 5]
+        [--repeat 3] [--keep DIR]
+
+**The export.** For each size N, a Bulk Data export of N Synthea-sized patients, written by
+``bench_scale.write_export`` (NDJSON split by resource type, the types a fhirmatch ``$export`` asks
+for; about 0.21 MB and 250 resources per patient).
+
+**What is measured**, ``--repeat`` times per size, each pair in the same moment so a loaded machine
+slows both:
+
+1. **the floor**: orjson decoding every line of the export (files read in binary, one line at a
+   time, in this process, on one core); msgspec decoding the same lines is printed beside it
+   (the JSON library fhirmatch uses was chosen by this measurement);
+2. **evaluate**: ``fhirmatch evaluate --trials fixtures/trials --patients EXPORT --format ndjson
+   --output FILE`` as a fresh process with the local executor (one core): wall-clock seconds from
+   start to exit, start-up included, its CPU seconds and its peak RSS.
+
+Printed per run: both wall times and their ratio, both CPU times and their ratio (less sensitive
+to other work on the machine). The goal is a wall ratio of at most 3.
+
+**Start-up**: ``fhirmatch evaluate`` on an empty NDJSON file (it exits 2: no patients), once with
+an empty trial cache (compiles the trials) and then ``--startup-runs`` times with the cache
+filled; the median wall time of those is the figure (goal: at most 0.5 s).
+
+A first line describes the machine. Memory: the peak RSS of evaluate for each size shows whether
+it grows with the population.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import load_trials
+from bench_scale import machine, needed_types, write_export
+
+REPO = Path(__file__).resolve().parent.parent
+TRIALS = REPO / "fixtures" / "trials"
+AS_OF = "2026-11-01"
+
+
+def decode_all(folder: Path, loads: object) -> tuple[float, float, int]:
+    """(wall s, CPU s, lines) to decode every line of every file in ``folder`` with ``loads``."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".ndjson"))
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for path in files:
+        with path.open("rb") as fh:
+            for line in fh:
+                loads(line)  # type: ignore[operator]
+                n += 1
+    return time.perf_counter() - t0, time.process_time() - c0, n
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, float, int, int]:
+    """Run ``python -m fhirmatch ARGS``: (wall s, CPU s, peak RSS bytes, exit code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fhirmatch", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    if proc.returncode not in (0, 1, 2):
+        raise SystemExit(f"fhirmatch {' '.join(args)} failed:\n{err.decode()[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, proc.returncode
+
+
+def startup(tmp: Path, runs: int) -> tuple[float, list[float]]:
+    """(wall s with an empty trial cache, wall s of each run with the cache filled)."""
+    empty = tmp / "empty.ndjson"
+    empty.write_text("")
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp / "startup-cache")}
+    args = ["evaluate", "--trials", str(TRIALS), "--patients", str(empty), "--format", "json"]
+    cold = run_cli(args, env)
+    assert cold[3] == 2, "an empty input must exit 2"
+    return cold[0], [run_cli(args, env)[0] for _ in range(runs)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000])
+    ap.add_argument("--templates", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--startup-runs", type=int, default=7)
+    ap.add_argument("--keep", type=Path, help="keep the exports here and reuse them")
+    args = ap.parse_args()
+    print(machine(), flush=True)
+    types = needed_types(load_trials())
+    with tempfile.TemporaryDirectory(prefix="fhirmatch-bench-offline-") as raw:
+        tmp = Path(raw)
+        cold, warm = startup(tmp, args.startup_runs)
+        print(
+            f"start-up (evaluate, empty input): {statistics.median(warm):.2f} s median of "
+            f"{len(warm)} with the trial cache filled (min {min(warm):.2f}, max {max(warm):.2f}); "
+            f"{cold:.2f} s with an empty cache",
+            flush=True,
+        )
+        env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp / "startup-cache")}
+        print(
+            "| patients | NDJSON MB | run | orjson decode s | msgspec decode s | evaluate s "
+            "| ratio (wall) | orjson CPU s | evaluate CPU s | ratio (CPU) | evaluate peak RSS MB |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        for size in args.sizes:
+            base = args.keep if args.keep is not None else tmp
+            folder = base / f"offline-{size}"
+            marker = folder / ".complete"
+            if not marker.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                write_export(folder, size, args.templates, types)
+                marker.write_text("ok")
+            mb = sum(p.stat().st_size for p in folder.glob("*.ndjson")) / 1e6
+            out = tmp / "out.ndjson"
+            ratios = []
+            for run in range(1, args.repeat + 1):
+                floor_wall, floor_cpu, _n = decode_all(folder, orjson.loads)
+                ms_wall, _ms_cpu, _ = decode_all(folder, msgspec.json.Decoder().decode)
+                wall, cpu, rss, code = run_cli(
+                    [
+                        "evaluate",
+                        "--trials",
+                        str(TRIALS),
+                        "--patients",
+                        str(folder),
+                        "--as-of",
+                        AS_OF,
+                        "--format",
+                        "ndjson",
+                        "--output",
+                        str(out),
+                    ],
+                    env,
+                )
+                assert code == 0, f"evaluate exited {code}"
+                ratios.append(wall / floor_wall)
+                print(
+                    f"| {size} | {mb:.0f} | {run} | {floor_wall:.2f} | {ms_wall:.2f} | {wall:.2f} "
+                    f"| {wall / floor_wall:.2f} | {floor_cpu:.2f} | {cpu:.2f} "
+                    f"| {cpu / floor_cpu:.2f} | {rss / 1e6:.0f} |",
+                    flush=True,
+                )
+            print(f"N={size}: median wall ratio {statistics.median(ratios):.2f}", flush=True)
+            out.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

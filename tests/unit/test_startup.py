@@ -1,0 +1,183 @@
+"""Start-up: each FHIRPath condition is parsed once, the unit registry is built only when a unit
+is needed, compiled trials are cached by content hash, and resource types are known without
+importing fhir.resources."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from fhirmatch import fhirpath, trialcache
+from fhirmatch.engine import Engine
+from fhirmatch.records import RESOURCE_TYPES
+from fhirmatch.terminology import Terminology
+from fhirmatch.trials import default_mappings_dir, load_trials
+
+REPO = Path(__file__).resolve().parents[2]
+TRIALS = REPO / "fixtures" / "trials"
+PATIENTS = REPO / "fixtures" / "patients"
+
+
+def test_resource_types_are_those_of_fhir_resources() -> None:
+    from fhir.resources.R4B import fhirtypes, get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    expected = set()
+    for name in dir(fhirtypes):
+        if not name.endswith("Type"):
+            continue
+        try:
+            cls = get_fhir_model_class(name[:-4])
+        except ValueError:
+            continue
+        if issubclass(cls, Resource) and name[:-4] not in ("Resource", "DomainResource"):
+            expected.add(name[:-4])
+    assert expected == RESOURCE_TYPES
+
+
+def test_each_condition_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = fhirpath._parse
+
+    def counting(expression: str) -> fhirpath.ParsedExpression:
+        calls.append(expression)
+        return real(expression)
+
+    monkeypatch.setattr(fhirpath, "_parse", counting)
+    monkeypatch.setattr(fhirpath, "_PARSED", {})
+    trials = load_trials([TRIALS])
+    Engine(trials, Terminology.load([default_mappings_dir()]))
+    assert calls, "the conditions were not parsed at all"
+    assert len(calls) == len(set(calls))  # checked by the loader, compiled by the engine: once
+
+
+def test_a_condition_that_does_not_parse_has_no_tree_and_says_why() -> None:
+    parsed = fhirpath.parse_expression("%ecog.valueQuantity.value <= ")
+    assert parsed.tree is None and parsed.problems
+    with pytest.raises(ValueError, match="FHIRPath"):
+        fhirpath.compile_expression("%ecog.valueQuantity.value <= ")
+
+
+def _copy_trials(tmp_path: Path) -> Path:
+    folder = tmp_path / "trials"
+    shutil.copytree(TRIALS, folder)
+    return folder
+
+
+def test_cached_trials_equal_compiled_ones_and_evaluate_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FHIRMATCH_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _copy_trials(tmp_path)
+    first, term1 = trialcache.load_compiled([folder])
+    entries = list((tmp_path / "cache").glob("trials-*.pickle"))
+    assert len(entries) == 1
+    assert stat.S_IMODE(entries[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    second, term2 = trialcache.load_compiled([folder])
+    assert second == first and [t.resources for t in second] == [t.resources for t in first]
+    bundle = json.loads((PATIENTS / "demo-escc-eligible.json").read_text(encoding="utf-8"))
+    resources = [e["resource"] for e in bundle["entry"]]
+    as_of = date(2026, 11, 1)
+    a = Engine(first, term1).evaluate(resources, as_of=as_of)
+    b = Engine(second, term2).evaluate(resources, as_of=as_of)
+    assert [r.model_dump() for r in a] == [r.model_dump() for r in b]
+
+
+def test_a_changed_trial_file_is_compiled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FHIRMATCH_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _copy_trials(tmp_path)
+    before, _ = trialcache.load_compiled([folder])
+    target = sorted(folder.glob("*.json"))[0]
+    doc = json.loads(target.read_text(encoding="utf-8"))
+    for entry in doc["entry"]:
+        if entry["resource"]["resourceType"] == "ResearchStudy":
+            entry["resource"]["title"] = "A changed title"
+    target.write_text(json.dumps(doc), encoding="utf-8")
+    after, _ = trialcache.load_compiled([folder])
+    assert "A changed title" in {t.title for t in after}
+    assert "A changed title" not in {t.title for t in before}
+    assert len(list((tmp_path / "cache").glob("trials-*.pickle"))) == 2
+
+
+def test_a_corrupt_or_shared_cache_entry_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FHIRMATCH_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _copy_trials(tmp_path)
+    expected, _ = trialcache.load_compiled([folder])
+    (entry,) = (tmp_path / "cache").glob("trials-*.pickle")
+    entry.write_bytes(b"not a pickle")
+    assert trialcache.load_compiled([folder])[0] == expected
+    (entry,) = (tmp_path / "cache").glob("trials-*.pickle")
+    os.chmod(entry, 0o666)  # noqa: S103 - writable by others: never unpickled
+    assert trialcache._read(entry) is None
+    monkeypatch.setenv("FHIRMATCH_CACHE", "off")
+    assert trialcache.cache_dir() is None
+    assert trialcache.load_compiled([folder])[0] == expected
+
+
+def test_a_cached_start_parses_nothing_and_builds_no_unit_registry(tmp_path: Path) -> None:
+    """In a fresh process whose trials come from the cache: no ANTLR parse, pint not imported;
+    the first unit conversion then builds the registry."""
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
+    script = f"""
+import sys
+from fhirmatch import fhirpath, units
+from fhirmatch.engine import Engine
+from fhirmatch.trialcache import load_compiled
+parses = []
+real = fhirpath._parse
+fhirpath._parse = lambda e: parses.append(e) or real(e)
+trials, term = load_compiled([{str(TRIALS)!r}])
+Engine(trials, term)
+print(len(parses), "pint" in sys.modules, units._STATE is None)
+units.convert(1.0, "g/dL", "g/L")
+print(units._STATE is not None)
+"""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs[0][0] != "0"  # the first run parsed the conditions
+    assert runs[1] == ["0", "False", "True", "True"]
+
+
+def test_unit_conversions_seen_before_need_no_unit_registry(tmp_path: Path) -> None:
+    """A second run over data with the same units converts them from the cache: pint is never
+    imported, and the results are the same."""
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
+    script = f"""
+import sys
+from fhirmatch.cli import main
+code = main(["evaluate", "--trials", {str(TRIALS)!r}, "--patients", {str(PATIENTS)!r},
+             "--as-of", "2026-11-01", "--format", "ndjson", "--output", sys.argv[1]])
+print(code, "pint" in sys.modules)
+"""
+    outs = []
+    for n in range(2):
+        out = tmp_path / f"out{n}.ndjson"
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outs.append((proc.stdout.split()[-2:], out.read_text(encoding="utf-8")))
+    assert outs[0][0] == ["0", "True"]  # the demo patients' labs need conversions
+    assert outs[1][0] == ["0", "False"]
+    assert outs[1][1] == outs[0][1]
+    assert list((tmp_path / "cache").glob("units-*.pickle"))
