@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,8 +72,17 @@ def _no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    root = tmp_path_factory.mktemp("wheel")
+def installed() -> Iterator[Installed]:
+    # a private temporary folder, not pytest's numbered ones: another pytest session on the same
+    # machine may clean those up while this (long) module still uses its venv
+    root = Path(tempfile.mkdtemp(prefix="fhirmatch-wheel-"))
+    try:
+        yield from _install(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _install(root: Path) -> Iterator[Installed]:
     assert not root.resolve().is_relative_to(REPO.resolve())
     dist = root / "dist"
     build = subprocess.run(
@@ -103,7 +113,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     empty = root / "empty"
     empty.mkdir()
     yield Installed(root, empty)
-    shutil.rmtree(root / "venv", ignore_errors=True)
 
 
 def test_the_installed_package_is_the_wheel(installed: Installed) -> None:
