@@ -51,6 +51,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -118,13 +119,16 @@ _DROP_STATUS: dict[str, frozenset[str]] = {
     "MedicationRequest": frozenset({"cancelled", "entered-in-error"}),
     "MedicationStatement": frozenset({"not-taken", "entered-in-error"}),
     "MedicationAdministration": frozenset({"not-done", "entered-in-error"}),
+    "MedicationDispense": frozenset({"cancelled", "declined", "entered-in-error"}),
 }
 _DROP_VERIFICATION = frozenset({"entered-in-error", "refuted"})
 CURRENT_STATUSES = frozenset({"active", "recurrence", "relapse"})
 HISTORY_STATUSES = CURRENT_STATUSES | {"remission", "resolved", "inactive"}
 MEDICATION_TYPES = frozenset(
-    {"MedicationRequest", "MedicationStatement", "MedicationAdministration"}
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense"}
 )
+#: pseudo code system of medicine names found in a record's text (see mappings/medications)
+MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
 
 #: where each type keeps its clinically relevant date, in order of preference
 _DATE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -134,6 +138,7 @@ _DATE_FIELDS: dict[str, tuple[str, ...]] = {
     "MedicationRequest": ("authoredOn",),
     "MedicationStatement": ("effectiveDateTime", "effectivePeriod", "dateAsserted"),
     "MedicationAdministration": ("effectiveDateTime", "effectivePeriod"),
+    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
     "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
 }
 _GENERIC_DATE_FIELDS = ("effectiveDateTime", "effectivePeriod", "date", "recordedDate", "issued")
@@ -313,6 +318,7 @@ class PatientIndex:
     """
 
     __slots__ = (
+        "_names",
         "_order",
         "as_of",
         "by_ancestor",
@@ -332,8 +338,11 @@ class PatientIndex:
         terminology: Terminology | None = None,
         types: frozenset[str] | None = None,
         only_known: bool = False,
+        medication_names: re.Pattern[str] | None = None,
     ) -> None:
         self.as_of = as_of
+        #: finds the medicine names a trial asks for in a medication's text
+        self._names = medication_names
         #: per resource type, each indexed resource's position in the record (built on demand)
         self._order: dict[str, dict[int, int]] = {}
         self.patient: dict[str, Any] | None = None
@@ -396,20 +405,35 @@ class PatientIndex:
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
     ) -> Iterator[tuple[str, str]]:
+        concept: Any = None
         if "medicationCodeableConcept" in res:
-            yield from _codings(res["medicationCodeableConcept"])
-            return
-        ref = res.get("medicationReference")
-        text = ref.get("reference") if isinstance(ref, dict) else None
-        if isinstance(text, str):
-            mid = reference_id(text, "Medication") or (text[1:] if text.startswith("#") else None)
-            med = medications.get(mid or "")
-            if med is None and text.startswith("#"):
-                med = next((c for c in res.get("contained") or [] if c.get("id") == text[1:]), None)
-            if med is not None:
-                yield from _codings(med.get("code"))
-            else:
-                self.problems.append(f"{_ref(res)}: {text} not found in the record")
+            concept = res["medicationCodeableConcept"]
+        else:
+            ref = res.get("medicationReference")
+            text = ref.get("reference") if isinstance(ref, dict) else None
+            if isinstance(text, str):
+                mid = reference_id(text, "Medication") or (
+                    text[1:] if text.startswith("#") else None
+                )
+                med = medications.get(mid or "")
+                if med is None and text.startswith("#"):
+                    med = next(
+                        (c for c in res.get("contained") or [] if c.get("id") == text[1:]), None
+                    )
+                if med is not None:
+                    concept = med.get("code")
+                else:
+                    self.problems.append(f"{_ref(res)}: {text} not found in the record")
+            if concept is None and isinstance(ref, dict):
+                concept = {"text": ref.get("display")}  # a reference may only name the drug
+        yield from _codings(concept)
+        if self._names is not None and isinstance(concept, dict):
+            texts = [concept.get("text")]
+            texts += [c.get("display") for c in concept.get("coding") or [] if isinstance(c, dict)]
+            for text in texts:
+                if isinstance(text, str):
+                    for name in self._names.findall(text):
+                        yield MEDICATION_NAME_SYSTEM, name.lower()
 
     def _mapped_codes(self, res: dict[str, Any], terminology: Terminology) -> list[tuple[str, str]]:
         try:
@@ -474,6 +498,9 @@ class Binding:
     summary: str
     missing: str | None
     found: bool
+    #: why the value has two variants when it is not a censored value (records that may or may
+    #: not be members: a drug class code that also covers other drugs)
+    ambiguity: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -655,28 +682,69 @@ def _censored(value: float, comparator: str) -> tuple[float, float]:
     return low, max(_CENSOR_HIGH, low)
 
 
+def _extra_filters_ok(resource: dict[str, Any], inp: DataInput, index: PatientIndex) -> bool:
+    """Whether the resource's other filtered elements (``bodySite``) hold a code of their
+    ValueSets. Without a terminology nothing can be checked, so nothing passes."""
+    if not inp.extra_filters:
+        return True
+    term = index.terminology
+    if term is None:
+        return False
+    for path, url in inp.extra_filters:
+        value = resource.get(path)
+        concepts = value if isinstance(value, list) else [value]
+        if not any(term.matches(url, c) for c in concepts if isinstance(c, dict)):
+            return False
+    return True
+
+
+def _list_summary(inp: DataInput, records: list[dict[str, Any]]) -> str:
+    parts = [
+        f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
+        f" ({_resource_date(r) or 'no date'})"
+        for r in records[:5]
+    ]
+    more = f" and {len(records) - 5} more" if len(records) > 5 else ""
+    return "; ".join(parts) + more
+
+
 def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
     """Resolve one data requirement against a patient's index."""
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
-    matches = [
-        r
-        for r in index.find(inp.resource_type, inp.codes, inp.value_set)
-        if _window_ok(r, inp, as_of) and _clinical_status_ok(r, inp.clinical_status)
-    ]
-    if not matches:
+
+    def usable(r: dict[str, Any]) -> bool:
+        return (
+            _window_ok(r, inp, as_of)
+            and _clinical_status_ok(r, inp.clinical_status)
+            and _extra_filters_ok(r, inp, index)
+        )
+
+    matches = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if usable(r)]
+    possible: list[dict[str, Any]] = []
+    if inp.possible_codes:
+        certain = {id(r) for r in matches}
+        possible = [
+            r
+            for r in index.find(inp.resource_type, inp.possible_codes)
+            if id(r) not in certain and usable(r)
+        ]
+    if not matches and not possible:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
     if inp.select != "latest":
-        parts = [
-            f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
-            f" ({_resource_date(r) or 'no date'})"
-            for r in matches[:5]
-        ]
-        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-        summary = f"{inp.name}: " + "; ".join(parts) + more
-        return Binding((matches,), tuple(_ref(r) for r in matches), summary, None, True)
+        refs = tuple(_ref(r) for r in matches + possible)
+        summary = f"{inp.name}: " + (_list_summary(inp, matches) if matches else "none for sure")
+        if not possible:
+            return Binding((matches,), refs, summary, None, True)
+        maybe = _list_summary(inp, possible)
+        ambiguity = (
+            f"{maybe} counts for {inp.name}: it is coded only by a class that also covers "
+            "other drugs (review which drug was given)"
+        )
+        summary += f"; perhaps {maybe} (coded by a drug class only)"
+        return Binding((matches, matches + possible), refs, summary, None, True, ambiguity)
     obs = max(matches, key=_sort_key)
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
@@ -879,8 +947,12 @@ class Engine:
             compiled.append((trial, crits))
             for inp in trial.all_inputs():
                 known.update(inp.codes)
+                known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
         self._known_codes = frozenset(known)
+        self._medication_names = _name_pattern(
+            code for system, code in known if system == MEDICATION_NAME_SYSTEM
+        )
         self._types = frozenset(inp.resource_type for t in self.trials for inp in t.all_inputs())
 
     # -- public API
@@ -894,6 +966,7 @@ class Engine:
             terminology=self.terminology,
             types=self._types,
             only_known=True,
+            medication_names=self._medication_names,
         )
 
     def evaluate(
@@ -1030,9 +1103,13 @@ class Engine:
         missing = [b.missing for _inp, b in bindings if b.missing]
         if len(truths) > 1:
             why = "the answer depends on "
-            why += (
-                "the exact birth date" if cc.uses_age and len(ctx.age) > 1 else "a censored value"
-            )
+            ambiguous = [b.ambiguity for _inp, b in bindings if b.ambiguity]
+            if ambiguous:
+                why += "whether " + " and whether ".join(ambiguous)
+            elif cc.uses_age and len(ctx.age) > 1:
+                why += "the exact birth date"
+            else:
+                why += "a censored value"
             return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
         truth = truths.pop() if truths else None
         if truth is None:
@@ -1065,6 +1142,15 @@ class Engine:
         else:
             reason = "; ".join(missing) if missing else f"{met} by the data found"
         return self._result(c, outcome, evidence, reason, [])
+
+
+def _name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A regular expression finding any of ``names`` as a whole word (case-insensitive)."""
+    ordered = sorted(set(names), key=len, reverse=True)
+    if not ordered:
+        return None
+    body = "|".join(re.escape(n) for n in ordered)
+    return re.compile(rf"(?<![\w-])({body})(?![\w-])", re.IGNORECASE)
 
 
 def _group_reason(c: Criterion, outcome: Outcome, children: list[CriterionResult]) -> str:

@@ -30,6 +30,8 @@ inside the installed package, or the repository's top-level folder in a checkout
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,13 +41,29 @@ from typing import Any
 from fhirmatch.data import mappings_dir
 from fhirmatch.errors import TerminologyError
 
-__all__ = ["Terminology", "default_mappings_dir", "normalise_code", "normalise_system"]
+__all__ = [
+    "INGREDIENT_SYSTEM",
+    "MEDICATION_NAME_SYSTEM",
+    "MedicationCode",
+    "Terminology",
+    "default_mappings_dir",
+    "normalise_code",
+    "normalise_system",
+]
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ATC = "http://www.whocc.no/atc"
+#: medication ValueSets name ingredients in this code system (code: the INN in lower case)
+INGREDIENT_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient"
+#: pseudo code system of the medicine names found in a record's text (code: the name, lower case)
+MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
+#: header of a medicine table (``mappings/medications/*.csv``)
+MEDICATION_TABLE_HEADER = ("system", "code", "kind", "display", "ingredients", "source")
+_TABLE_SYSTEMS = {"rxnorm": RXNORM, "atc": ATC, "name": MEDICATION_NAME_SYSTEM}
 
 # Other names for the same code systems -> canonical FHIR URL (HL7 terminology, "Using ... with
 # FHIR" pages, and the HL7 OID registry).
@@ -224,6 +242,27 @@ class _CompiledValueSet:
     memo: dict[Key, bool]
 
 
+@dataclass(frozen=True)
+class MedicationCode:
+    """One row of a medicine table: a code and the ingredient(s) it stands for.
+
+    ``kind`` ``class`` (an ATC group) means *one of* the ingredients, unknown which; every other
+    kind (an RxNorm ingredient, brand name, clinical or branded drug, pack, an ATC substance, a
+    name found in text) means a medicine containing *all* of them.
+    """
+
+    system: str
+    code: str
+    kind: str
+    display: str
+    ingredients: frozenset[str]
+    source: str
+
+    @property
+    def is_class(self) -> bool:
+        return self.kind == "class"
+
+
 # --------------------------------------------------------------------------------------------
 # Terminology
 # --------------------------------------------------------------------------------------------
@@ -243,7 +282,13 @@ class Terminology:
         concept_maps: Iterable[dict[str, Any]] = (),
         *,
         sources: Mapping[str, str] | None = None,
+        medications: Iterable[MedicationCode] = (),
     ) -> None:
+        self._medications: dict[Key, MedicationCode] = {}
+        for row in medications:
+            key = _key(row.system, row.code)
+            if key is not None:
+                self._medications[key] = row
         self._resources = dict(value_sets)
         self._sources = dict(sources or {})
         self._compiled: dict[str, _CompiledValueSet] = {}
@@ -263,7 +308,9 @@ class Terminology:
 
     @classmethod
     def load(cls, paths: Iterable[Path | str] | None = None) -> Terminology:
-        """Load ValueSets and ConceptMaps from files and directories (recursively, ``*.json``).
+        """Load ValueSets and ConceptMaps from files and directories (recursively, ``*.json``),
+        and the medicine tables (``*.csv`` files whose header is
+        ``system,code,kind,display,ingredients,source``; other CSV files are skipped).
 
         ``paths`` defaults to :func:`default_mappings_dir`. JSON files that are neither a
         ValueSet, a ConceptMap nor a Bundle are skipped. Raises :class:`TerminologyError` for a
@@ -272,7 +319,11 @@ class Terminology:
         value_sets: dict[str, dict[str, Any]] = {}
         sources: dict[str, str] = {}
         concept_maps: list[dict[str, Any]] = []
-        for file in _json_files([default_mappings_dir()] if paths is None else paths):
+        medications: list[MedicationCode] = []
+        roots = [default_mappings_dir()] if paths is None else list(paths)
+        for table in _medication_tables(roots):
+            medications.extend(_read_medication_table(table))
+        for file in _json_files(roots):
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -292,7 +343,7 @@ class Terminology:
                         )
                     value_sets[url] = resource
                     sources[url] = str(file)
-        return cls(value_sets, concept_maps, sources=sources)
+        return cls(value_sets, concept_maps, sources=sources, medications=medications)
 
     # ---- value sets --------------------------------------------------------------------------
 
@@ -468,6 +519,53 @@ class Terminology:
             self._display_code.setdefault(key, code.strip())
         return key
 
+    # ---- medicines ---------------------------------------------------------------------------
+
+    def medication_code(self, system: str | None, code: str | None) -> MedicationCode | None:
+        """The medicine-table row of a code (RxNorm, ATC, or a name), if the tables have it."""
+        key = _key(system, code)
+        if key is not None and key[0] == MEDICATION_NAME_SYSTEM:
+            key = (key[0], key[1].lower())
+        return self._medications.get(key) if key is not None else None
+
+    @property
+    def medication_names(self) -> frozenset[str]:
+        """Every medicine name of the tables (lower case), for finding them in free text."""
+        return frozenset(c for s, c in self._medications if s == MEDICATION_NAME_SYSTEM)
+
+    def medication_codes(
+        self, codes: Iterable[tuple[str, str]]
+    ) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
+        """The codes that record a medicine made of the ingredients named in ``codes``.
+
+        ``codes`` is a medication ValueSet's expansion; its ingredients are the
+        :data:`INGREDIENT_SYSTEM` codes in it, and the ingredients the table gives for any other
+        code in it (an RxNorm ingredient listed directly). Returns ``(certain, possible)``:
+        ``certain`` holds every table code of a medicine containing one of those ingredients (an
+        RxNorm ingredient, brand, clinical or branded drug, pack, an ATC substance, a name) and
+        every class code whose members all are such ingredients; ``possible`` holds the class
+        codes that cover such an ingredient and others too (ATC L01FF holds PD-1 and PD-L1
+        antibodies), which cannot decide.
+        """
+        wanted: set[str] = set()
+        for system, code in codes:
+            if normalise_system(system) == INGREDIENT_SYSTEM:
+                wanted.add(code.strip().lower())
+            else:
+                row = self.medication_code(system, code)
+                if row is not None and not row.is_class:
+                    wanted |= row.ingredients
+        certain: set[tuple[str, str]] = {(INGREDIENT_SYSTEM, i) for i in sorted(wanted)}
+        possible: set[tuple[str, str]] = set()
+        for (system, code), row in self._medications.items():
+            if not row.ingredients & wanted:
+                continue
+            if row.is_class and not row.ingredients <= wanted:
+                possible.add((system, self._display_code.get((system, code), code)))
+            else:
+                certain.add((system, self._display_code.get((system, code), code)))
+        return frozenset(certain), frozenset(possible)
+
     # ---- concept maps ------------------------------------------------------------------------
 
     def _add_concept_map(self, concept_map: Mapping[str, Any]) -> None:
@@ -592,3 +690,41 @@ def _walk_contains(items: list[Any]) -> Iterator[tuple[str | None, Any]]:
         if not item.get("abstract") and item.get("code") is not None:
             yield item.get("system"), item.get("code")
         yield from _walk_contains(item.get("contains") or [])
+
+
+def _medication_tables(paths: Iterable[Path | str]) -> Iterator[Path]:
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*.csv") if p.is_file())
+        elif path.is_file() and path.suffix == ".csv":
+            yield path
+
+
+def _read_medication_table(path: Path) -> list[MedicationCode]:
+    """The rows of one medicine table; any other CSV file gives no rows."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TerminologyError(f"{path}: cannot read ({exc})") from exc
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = list(csv.reader(io.StringIO("\n".join(lines))))
+    if not rows or tuple(c.strip() for c in rows[0]) != MEDICATION_TABLE_HEADER:
+        return []
+    out: list[MedicationCode] = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(MEDICATION_TABLE_HEADER):
+            raise TerminologyError(f"{path}: row {n} has {len(row)} columns, expected 6")
+        system_name, code, kind, display, ingredients, source = (c.strip() for c in row)
+        system = _TABLE_SYSTEMS.get(system_name)
+        if system is None:
+            raise TerminologyError(
+                f"{path}: row {n}: system {system_name!r} is not one of {sorted(_TABLE_SYSTEMS)}"
+            )
+        names = frozenset(i.strip().lower() for i in ingredients.split("+") if i.strip())
+        if not code or not names or not source:
+            raise TerminologyError(f"{path}: row {n}: code, ingredients and source are required")
+        if system == MEDICATION_NAME_SYSTEM:
+            code = code.lower()
+        out.append(MedicationCode(system, code, kind, display, names, source))
+    return out

@@ -18,6 +18,7 @@ ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 AJCC = "http://cancerstaging.org"
+ING = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient"
 
 # (value set, (system, code) inside, (system, code) outside, descendant inside or None)
 CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]] = [
@@ -79,12 +80,12 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("radiotherapy", (SCT, "1217123003"), (SCT, "180256009"), None),
     ("thoracic-body-site", (SCT, "78904004"), (SCT, "12921003"), None),
     ("pelvic-body-site", (SCT, "12921003"), (SCT, "78904004"), None),
-    ("platinum", (RX, "2555"), (RX, "56946"), None),
-    ("taxane", (RX, "56946"), (RX, "2555"), None),
-    ("fluoropyrimidine", (RX, "194000"), (RX, "2555"), None),
-    ("doublet-partner", (RX, "4492"), (RX, "2555"), None),
-    ("chemotherapy-doublet", (RX, "1736854"), (RX, "3002"), None),
-    ("anti-pd1", (ATC, "L01FF"), (RX, "2555"), None),
+    ("platinum", (ING, "cisplatin"), (ING, "paclitaxel"), None),
+    ("taxane", (ING, "paclitaxel"), (ING, "cisplatin"), None),
+    ("fluoropyrimidine", (ING, "capecitabine"), (ING, "gemcitabine"), None),
+    ("doublet-partner", (ING, "fluorouracil"), (ING, "cisplatin"), None),
+    ("chemotherapy-doublet", (ING, "oxaliplatin"), (ING, "cyclophosphamide"), None),
+    ("anti-pd1", (ING, "camrelizumab"), (ING, "durvalumab"), None),
     ("allergy-mab-chemo", (RX, "194000"), (RX, "723"), None),
     ("drug-allergy", (SCT, "416098002"), (SCT, "91935009"), None),
 ]
