@@ -323,6 +323,8 @@ class PatientIndex:
     __slots__ = (
         "_names",
         "_order",
+        "_type_ancestors",
+        "_type_codes",
         "as_of",
         "by_ancestor",
         "by_code",
@@ -353,6 +355,9 @@ class PatientIndex:
         self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         #: ICD-10 resources under each category they descend from, with their own code
         self.by_ancestor: dict[tuple[str, str, str], list[tuple[dict[str, Any], str]]] = {}
+        #: per resource type, the (system, code) pairs and ICD ancestors the record holds
+        self._type_codes: dict[str, set[tuple[str, str]]] = {}
+        self._type_ancestors: dict[str, set[tuple[str, str]]] = {}
         self.terminology = terminology
         self.problems: list[str] = []
         resources = list(resources)
@@ -398,12 +403,16 @@ class PatientIndex:
                     and any(system != LOINC for system, _ in codes)
                 ):
                     codes.extend(self._mapped_codes(res, terminology))
+            type_codes = self._type_codes.setdefault(rtype, set())
             for system, code in codes:
                 self.by_code.setdefault((rtype, system, code), []).append(res)
+                type_codes.add((system, code))
                 if system in ICD10_SYSTEMS:
+                    type_ancestors = self._type_ancestors.setdefault(rtype, set())
                     for ancestor in icd_ancestors(code):
                         key = (rtype, system, ancestor)
                         self.by_ancestor.setdefault(key, []).append((res, code))
+                        type_ancestors.add((system, ancestor))
 
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
@@ -465,12 +474,21 @@ class PatientIndex:
         by_code = self.by_code
         by_ancestor = self.by_ancestor
         term = self.terminology
-        for system, code in codes:
+        # walk the smaller side: a value set may expand to thousands of codes (every ICD code
+        # below a block, every product of an ingredient), a record holds a few of each type
+        present = self._type_codes.get(resource_type, ())
+        wanted = [k for k in present if k in codes] if len(present) < len(codes) else codes
+        for system, code in wanted:
             hits = by_code.get((resource_type, system, code))
             if hits:
                 for r in hits:
                     seen[id(r)] = r
-            if by_ancestor and system in ICD10_SYSTEMS:
+        above = self._type_ancestors.get(resource_type, ())
+        if above:
+            wanted = [k for k in above if k in codes] if len(above) < len(codes) else codes
+            for system, code in wanted:
+                if system not in ICD10_SYSTEMS:
+                    continue
                 for r, own in by_ancestor.get((resource_type, system, code), ()):
                     if term is None or value_set is None or term.contains(value_set, system, own):
                         seen[id(r)] = r

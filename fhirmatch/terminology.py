@@ -35,6 +35,7 @@ inside the installed package, or the repository's top-level folder in a checkout
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import io
 import json
@@ -207,6 +208,7 @@ def normalise_code(system: str, code: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_coding(system: str, code: str) -> tuple[str, str]:
     """A record's coding in the form ValueSet expansions use: the canonical system URL (OIDs
     accepted), the code without surrounding whitespace, ICD-10(-CM) codes upper-case with their
