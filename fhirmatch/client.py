@@ -464,8 +464,10 @@ class FhirClient:
             response = self.transport.request("PUT", path, json_body=resource, headers=headers)
         except FatalNetworkError as exc:
             # the spec says 412; HAPI FHIR answers a stale If-Match with 409 Conflict
-            if if_match is not None and exc.status == 409 and not isinstance(
-                exc, PreconditionFailed
+            if (
+                if_match is not None
+                and exc.status == 409
+                and not isinstance(exc, PreconditionFailed)
             ):
                 raise PreconditionFailed(
                     "HTTP 409 (version conflict on If-Match)",

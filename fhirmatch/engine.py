@@ -63,6 +63,7 @@ from . import units
 from .errors import TrialDefinitionError, UnitError
 from .fhirpath import compile_expression, parse_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
+from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
 from .terminology import canonical_coding
@@ -519,6 +520,9 @@ class Binding:
     summary: str
     missing: str | None
     found: bool
+    #: qualitative results that could not be read as positive or negative (the variants read
+    #: them both ways), and why
+    undecided: str | None = None
     #: why the value has two variants when it is not a censored value (records that may or may
     #: not be members: a drug class code that also covers other drugs)
     ambiguity: str | None = None
@@ -734,8 +738,77 @@ def _list_summary(inp: DataInput, records: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
-def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
-    """Resolve one data requirement against a patient's index."""
+def _qualitative(
+    inp: DataInput, matches: list[dict[str, Any]], terminology: Terminology
+) -> Binding:
+    """Each Observation (or the latest) read by :func:`fhirmatch.qualitative.read_qualitative`:
+    ``%name`` holds copies whose ``valueCodeableConcept`` is the reading (SNOMED Positive or
+    Negative). A result that cannot be read is taken both ways (two variants), so the criterion
+    is decided only when the answer does not depend on it."""
+    chosen = [max(matches, key=_sort_key)] if inp.select == "latest" else matches
+    decided: list[dict[str, Any]] = []
+    unread: list[dict[str, Any]] = []
+    parts: list[str] = []
+    why: list[str] = []
+    for obs in chosen:
+        reading = read_qualitative(obs, terminology, inp.threshold)
+        base = {k: v for k, v in obs.items() if not k.startswith("value") and k != "interpretation"}
+        when = _resource_date(obs) or "no date"
+        if reading.result is None:
+            unread.append(base)
+            why.append(f"{_ref(obs)}: {reading.source}")
+            parts.append(f"{_ref(obs)} not readable ({when})")
+            continue
+        coding = POSITIVE_CODING if reading.result == "positive" else NEGATIVE_CODING
+        decided.append({**base, "valueCodeableConcept": {"coding": [dict(coding)]}})
+        parts.append(f"{_ref(obs)} {reading.result} ({when})")
+    more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
+    summary = f"{inp.name}: " + "; ".join(parts[:5]) + more
+    evidence = tuple(_ref(r) for r in chosen)
+    if not unread:
+        return Binding((decided,), evidence, summary, None, True)
+    both = tuple(
+        decided + [{**b, "valueCodeableConcept": {"coding": [dict(coding)]}} for b in unread]
+        for coding in (POSITIVE_CODING, NEGATIVE_CODING)
+    )
+    return Binding(both, evidence, summary, None, True, "; ".join(why))
+
+
+_DEFAULT_TERMINOLOGY: list[Terminology] = []
+
+
+def _fallback_terminology() -> Terminology:
+    """The repository's ValueSets, for engines built without a terminology."""
+    if not _DEFAULT_TERMINOLOGY:
+        from .terminology import Terminology
+
+        _DEFAULT_TERMINOLOGY.append(Terminology.load())
+    return _DEFAULT_TERMINOLOGY[0]
+
+
+def _start_date(resource: dict[str, Any]) -> str | None:
+    """When a resource (a treatment) began: its date, or the start of its period."""
+    for name in _DATE_FIELDS.get(resource.get("resourceType", ""), _GENERIC_DATE_FIELDS):
+        value = resource.get(name)
+        if isinstance(value, dict):
+            value = value.get("start") or value.get("end")
+        key = _date_key(value)
+        if key:
+            return key
+    return None
+
+
+def resolve_input(
+    index: PatientIndex,
+    inp: DataInput,
+    terminology: Terminology | None = None,
+    after: tuple[str | None, str] | None = None,
+) -> Binding:
+    """Resolve one data requirement against a patient's index (``terminology`` reads qualitative
+    results; the index's, or the repository's ValueSets, when not given). ``after`` is
+    ``(earliest date of the inputs named in inp.after, their names)``: only resources dated after
+    it count; when those inputs have no record, a found resource cannot be placed and the input
+    is empty with the reason."""
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
@@ -759,6 +832,20 @@ def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
     if not matches and not possible:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+    if after is not None:
+        start, names = after
+        if start is None:
+            refs = tuple(_ref(r) for r in matches)
+            why = f"{inp.name}: cannot tell which results follow the start of {names} (no record)"
+            return Binding(([],), refs, "", why, True)
+        matches = [r for r in matches if (_resource_date(r) or "") > start]
+        if not matches:
+            why = f"no record of {label}{window} after the start of {names} ({start})"
+            return Binding(([],), (), "", why, False)
+    if inp.qualitative:
+        return _qualitative(
+            inp, matches, terminology or index.terminology or _fallback_terminology()
+        )
     if inp.select != "latest":
         refs = tuple(_ref(r) for r in matches + possible)
         summary = f"{inp.name}: " + (_list_summary(inp, matches) if matches else "none for sure")
@@ -770,7 +857,9 @@ def resolve_input(index: PatientIndex, inp: DataInput) -> Binding:
             "other drugs (review which drug was given)"
         )
         summary += f"; perhaps {maybe} (coded by a drug class only)"
-        return Binding((matches, matches + possible), refs, summary, None, True, ambiguity)
+        return Binding(
+            (matches, matches + possible), refs, summary, None, True, ambiguity=ambiguity
+        )
     obs = max(matches, key=_sort_key)
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
@@ -856,10 +945,16 @@ class _CompiledCriterion:
     uses_patient: bool
     uses_uln: frozenset[str]
     children: tuple[_CompiledCriterion, ...]
+    #: inputs named only by other inputs' after-start-of (their records date the others)
+    anchors: frozenset[str] = frozenset()
 
 
 def _compile(
-    criterion: Criterion, trial: Trial, problems: list[str], native: bool = True
+    criterion: Criterion,
+    trial: Trial,
+    problems: list[str],
+    native: bool = True,
+    terminology: Terminology | None = None,
 ) -> _CompiledCriterion:
     evaluator: Evaluator | None = None
     expr = criterion.expression
@@ -869,12 +964,12 @@ def _compile(
             problems.extend(f"{criterion.id}: FHIRPath condition: {p}" for p in syntax)
         else:
             try:
-                evaluator = compile_expression(expr, native=native)
+                evaluator = compile_expression(expr, native=native, terminology=terminology)
             except Exception as exc:  # fhirpathpy raises many exception types
                 problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
     elif not criterion.is_manual and not criterion.is_group:
         problems.append(f"{criterion.id}: no condition and no manual-review reason")
-    children = tuple(_compile(c, trial, problems, native) for c in criterion.children)
+    children = tuple(_compile(c, trial, problems, native, terminology) for c in criterion.children)
     text = expr or ""
     return _CompiledCriterion(
         criterion=criterion,
@@ -883,6 +978,9 @@ def _compile(
         uses_patient="%patient" in text,
         uses_uln=frozenset(i.name for i in criterion.inputs if f"%{i.name}.referenceRange" in text),
         children=children,
+        anchors=frozenset(
+            ref.name for i in criterion.inputs for ref in i.after if f"%{ref.name}" not in text
+        ),
     )
 
 
@@ -917,10 +1015,26 @@ def _truth(result: list[Any]) -> bool | None:
 class _PatientContext:
     """Per-patient state for one evaluation: the index and the inputs resolved so far."""
 
-    __slots__ = ("age", "age_text", "as_of", "bindings", "index", "patient", "patient_ref")
+    __slots__ = (
+        "age",
+        "age_text",
+        "as_of",
+        "bindings",
+        "index",
+        "patient",
+        "patient_ref",
+        "terminology",
+    )
 
-    def __init__(self, index: PatientIndex, patient_ref: str, as_of: date) -> None:
+    def __init__(
+        self,
+        index: PatientIndex,
+        patient_ref: str,
+        as_of: date,
+        terminology: Terminology | None = None,
+    ) -> None:
         self.index = index
+        self.terminology = terminology
         self.as_of = as_of
         self.patient = index.patient or {}
         self.patient_ref = patient_ref
@@ -942,7 +1056,16 @@ class _PatientContext:
     def binding(self, inp: DataInput) -> Binding:
         b = self.bindings.get(inp)
         if b is None:
-            b = self.bindings[inp] = resolve_input(self.index, inp)
+            after = None
+            if inp.after:
+                starts = [
+                    d
+                    for ref in inp.after
+                    for r in self.binding(ref).variants[0]
+                    if (d := _start_date(r)) is not None
+                ]
+                after = (min(starts) if starts else None, ", ".join(a.name for a in inp.after))
+            b = self.bindings[inp] = resolve_input(self.index, inp, self.terminology, after)
         return b
 
 
@@ -963,11 +1086,16 @@ class Engine:
     ) -> None:
         self.trials: tuple[Trial, ...] = tuple(trials)
         self.terminology = terminology
+        #: resolves memberOf() in conditions and reads qualitative results
+        self._value_sets = terminology if terminology is not None else _trials_terminology(trials)
         compiled: list[tuple[Trial, tuple[_CompiledCriterion, ...]]] = []
         known: set[tuple[str, str]] = set()
         for trial in self.trials:
             problems: list[str] = []
-            crits = tuple(_compile(c, trial, problems, native_fhirpath) for c in trial.criteria)
+            crits = tuple(
+                _compile(c, trial, problems, native_fhirpath, self._value_sets)
+                for c in trial.criteria
+            )
             if problems:
                 raise TrialDefinitionError(trial.source or trial.reference, problems)
             compiled.append((trial, crits))
@@ -1005,7 +1133,7 @@ class Engine:
         """Evaluate one patient's record (the Patient and its resources) against every trial."""
         index = self.index(resources, as_of=as_of)
         pid = patient_id or (index.patient or {}).get("id") or "unknown"
-        ctx = _PatientContext(index, f"Patient/{pid}", as_of)
+        ctx = _PatientContext(index, f"Patient/{pid}", as_of, self._value_sets)
         return [self._evaluate_trial(trial, crits, ctx) for trial, crits in self._compiled]
 
     def evaluate_patient_record(self, record: PatientRecord, *, as_of: date) -> list[TrialResult]:
@@ -1123,6 +1251,9 @@ class Engine:
         evidence = [e for _inp, b in bindings for e in b.evidence]
         if cc.uses_age or cc.uses_patient:
             evidence.insert(0, ctx.patient_ref)
+        if cc.anchors:
+            # inputs that only date others (after-start-of) decide nothing by themselves
+            bindings = [(inp, b) for inp, b in bindings if inp.name not in cc.anchors]
         used = [b.summary for _inp, b in bindings if b.summary]
         if cc.uses_age:
             used.insert(0, ctx.age_text)
@@ -1130,8 +1261,12 @@ class Engine:
         if len(truths) > 1:
             why = "the answer depends on "
             ambiguous = [b.ambiguity for _inp, b in bindings if b.ambiguity]
+            undecided = [b.undecided for _inp, b in bindings if b.undecided]
             if ambiguous:
                 why += "whether " + " and whether ".join(ambiguous)
+            elif undecided:
+                why = "the answer depends on results that cannot be read as positive or negative"
+                used = [*used, *undecided]
             elif cc.uses_age and len(ctx.age) > 1:
                 why += "the exact birth date"
             else:
@@ -1177,6 +1312,23 @@ def _name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
         return None
     body = "|".join(re.escape(n) for n in ordered)
     return re.compile(rf"(?<![\w-])({body})(?![\w-])", re.IGNORECASE)
+
+
+def _trials_terminology(trials: Sequence[Trial]) -> Terminology:
+    """The repository's ValueSets plus those bundled with the trials (an engine built without a
+    terminology still resolves the ValueSets its conditions name)."""
+    from .terminology import Terminology
+
+    bundled = {
+        str(r["url"]).split("|", 1)[0]: r
+        for t in trials
+        for r in t.resources
+        if r.get("resourceType") == "ValueSet" and r.get("url")
+    }
+    if not bundled:
+        return _fallback_terminology()
+    base = Terminology.load()
+    return base.with_value_sets(bundled.values())
 
 
 def _group_reason(c: Criterion, outcome: Outcome, children: list[CriterionResult]) -> str:

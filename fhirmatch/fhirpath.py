@@ -18,9 +18,9 @@ The subset (everything the seed trials use):
 * literals: strings, numbers (integers stay ``int``, others are ``Decimal``), ``true``/``false``,
   ``{}``; unions of literals (``('a' | 'b')``);
 * ``exists()``, ``exists(criteria)``, ``empty()``, ``not()``, ``count()``, ``where(criteria)``,
-  ``iif(criterion, then[, else])``, ``startsWith('literal')``;
-* ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``*``, ``and``, ``or``, ``xor``,
-  ``implies``.
+  ``iif(criterion, then[, else])``, ``startsWith('literal')``, ``memberOf('ValueSet URL')``;
+* ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``*``, ``+`` (numbers, strings), ``and``,
+  ``or``, ``xor``, ``implies``.
 
 Semantics are fhirpathpy's (2.x), not an idealised reading of the specification, so switching
 evaluator never changes an outcome. The quirks reproduced on purpose include: both operands of
@@ -33,19 +33,28 @@ wraps navigated values in nodes and keeps variable values bare, and a few rules 
 the two (``where`` on a ``None`` item, the duplicate-extension rule of comparisons); each
 compiled step therefore knows statically whether its items are navigated.
 
+``memberOf(url)`` is FHIR's terminology function: on a single Coding or CodeableConcept (any of
+its codings) it says whether the code is in the ValueSet, resolved through the
+:class:`~fhirmatch.terminology.Terminology` given to :func:`compile_expression`; on a single code
+string, or a Coding without a system, whether it is a code of the ValueSet when the ValueSet
+draws on one code system (else empty); on an empty or longer collection it is empty. The same
+function is given to fhirpathpy (its ``userInvocationTable``), so both evaluators agree. The URL
+must be a string literal.
+
 Errors raised while evaluating are ordinary exceptions (``ValueError``, ``TypeError``,
 ``decimal`` errors), as with fhirpathpy; callers treat any exception as "could not evaluate".
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import numbers
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fhirpathpy import apply_parsed_path
 from fhirpathpy.engine.evaluators import (
@@ -56,7 +65,16 @@ from fhirpathpy.engine.evaluators import (
 from fhirpathpy.engine.invocations.combining import union_op
 from fhirpathpy.engine.util import set_paths
 
-__all__ = ["CompiledExpression", "ParsedExpression", "compile_expression", "parse_expression"]
+if TYPE_CHECKING:
+    from .terminology import Terminology
+
+__all__ = [
+    "CompiledExpression",
+    "ParsedExpression",
+    "compile_expression",
+    "member_of",
+    "parse_expression",
+]
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -111,6 +129,58 @@ def _arraify(value: Any) -> list[Any]:
     return [] if value is None else [value]
 
 
+# --------------------------------------------------------------------------- terminology
+
+#: the terminology ``memberOf`` resolves ValueSets with, while an expression is being compiled
+_TERMINOLOGY: contextvars.ContextVar[Terminology | None] = contextvars.ContextVar(
+    "fhirmatch_fhirpath_terminology", default=None
+)
+
+
+def member_of(terminology: Terminology | None, url: str, items: list[Any]) -> list[Any]:
+    """FHIR's ``memberOf(url)`` on a collection of plain JSON values (see the module doc).
+
+    Raises ``ValueError`` when there is no terminology or it does not know the ValueSet (a
+    condition error: the criterion becomes unknown, and ``trials check`` reports it earlier).
+    """
+    if terminology is None:
+        raise ValueError("memberOf(): no terminology to resolve ValueSets with")
+    if url not in terminology:
+        raise ValueError(f"memberOf(): unknown ValueSet {url}")
+    if len(items) != 1:
+        return []
+    item = items[0]
+    if isinstance(item, Mapping):
+        if isinstance(item.get("coding"), list):
+            answers = [_coding_member(terminology, url, c) for c in item["coding"]]
+            if True in answers:
+                return [True]
+            return [] if None in answers and not any(a is False for a in answers) else [False]
+        answer = _coding_member(terminology, url, item)
+        return [] if answer is None else [answer]
+    if isinstance(item, str):
+        return _bare_code(terminology, url, item)
+    return []
+
+
+def _bare_code(terminology: Terminology, url: str, code: str) -> list[Any]:
+    """A code without its system: a member when the ValueSet draws on one code system only."""
+    systems = {system for system, _code in terminology.expand(url)}
+    if len(systems) != 1:
+        return []
+    return [terminology.contains(url, systems.pop(), code)]
+
+
+def _coding_member(terminology: Terminology, url: str, coding: Any) -> bool | None:
+    if not isinstance(coding, Mapping) or not isinstance(coding.get("code"), str):
+        return None
+    system = coding.get("system")
+    if isinstance(system, str) and system:
+        return terminology.contains(url, system, coding["code"])
+    found = _bare_code(terminology, url, coding["code"])
+    return found[0] if found else None
+
+
 # --------------------------------------------------------------------------- the compiler
 
 
@@ -157,6 +227,7 @@ _BINARY_KINDS = frozenset(
         "EqualityExpression",
         "InequalityExpression",
         "MultiplicativeExpression",
+        "AdditiveExpression",
         "MembershipExpression",
         "UnionExpression",
     }
@@ -269,6 +340,8 @@ def _compile_function(target: _Code, node: dict[str, Any]) -> _Code:
         return _iif(target, *compiled)
     if name == "startsWith" and len(compiled) == 1:
         return _starts_with(target, compiled[0])
+    if name == "memberOf" and len(compiled) == 1:
+        return _member_of(target, compiled[0])
     raise _Unsupported(f"{name}() with {len(compiled)} parameters")
 
 
@@ -372,6 +445,19 @@ def _starts_with(target: _Code, prefix: _Code) -> _Code:
             raise ValueError("startsWith(): expected one string")
         string = value[0]
         return [bool(string) and string.startswith(text)]
+
+    return _Code(step, boolean=True)
+
+
+def _member_of(target: _Code, url: _Code) -> _Code:
+    if url.const is None or len(url.const) != 1 or not isinstance(url.const[0], str):
+        raise _Unsupported("memberOf() needs one string literal")
+    value_set: str = url.const[0]
+    terminology = _TERMINOLOGY.get()
+    inner = target.step
+
+    def step(focus: list[Any], env: Mapping[str, Any]) -> list[Any]:
+        return member_of(terminology, value_set, inner(focus, env))
 
     return _Code(step, boolean=True)
 
@@ -518,6 +604,30 @@ def _multiply(left: _Code, right: _Code) -> Step:
     return step
 
 
+def _plus(left: _Code, right: _Code) -> Step:
+    """fhirpathpy's ``+`` on strings (concatenation) and numbers; empty when a side is empty."""
+    lstep, rstep, lnav, rnav = left.step, right.step, left.navigated, right.navigated
+
+    def step(focus: list[Any], env: Mapping[str, Any]) -> list[Any]:
+        a, b = lstep(focus, env), rstep(focus, env)
+        if not a or not b:
+            return []
+        if lnav and len(a) == 2 and "extension" in a[1]:
+            a = a[:1]
+        if rnav and len(b) == 2 and "extension" in b[1]:
+            b = b[:1]
+        if len(a) != 1 or len(b) != 1:
+            raise ValueError("+: expected singletons")
+        x, y = _data(a[0]), _data(b[0])
+        if isinstance(x, str) and isinstance(y, str):
+            return [x + y]
+        if _is_number(x) and _is_number(y):
+            return _arraify(x + y)
+        raise TypeError(f"cannot add {x.__class__.__name__} and {y.__class__.__name__}")
+
+    return step
+
+
 def _compile_binary(op: str, left: _Code, right: _Code) -> _Code:
     if op in _LOGIC:
         combine = _LOGIC[op]
@@ -537,6 +647,8 @@ def _compile_binary(op: str, left: _Code, right: _Code) -> _Code:
         return _Code(_membership(left, right), boolean=True)
     if op == "*":
         return _Code(_multiply(left, right))
+    if op == "+":
+        return _Code(_plus(left, right))
     if op == "|" and left.const is not None and right.const is not None:
         return _literal(list(union_op(None, left.const, right.const)))
     raise _Unsupported(f"operator {op!r} is not in the compiled subset")
@@ -680,7 +792,9 @@ class CompiledExpression:
 
     __slots__ = ("_code", "_fallback", "expression", "native", "reason")
 
-    def __init__(self, expression: str, *, native: bool = True) -> None:
+    def __init__(
+        self, expression: str, *, native: bool = True, terminology: Terminology | None = None
+    ) -> None:
         self.expression = expression
         self._code: _Code | None = None
         self._fallback: Callable[..., list[Any]] | None = None
@@ -691,6 +805,7 @@ class CompiledExpression:
             raise ValueError(f"FHIRPath {expression!r}: {'; '.join(parsed.problems)}")
         tree = parsed.tree
         if native:
+            token = _TERMINOLOGY.set(terminology)
             try:
                 kids = _children(tree)
                 if len(kids) != 1:
@@ -699,10 +814,15 @@ class CompiledExpression:
                 self.reason = None
             except _Unsupported as exc:
                 self.reason = str(exc)
+            finally:
+                _TERMINOLOGY.reset(token)
         if self._code is None:
             # fhirpathpy.compile(expression) without parsing again; its own copy of the tree
             self._fallback = set_paths(
-                apply_parsed_path, parsedPath=copy.deepcopy(tree), model=None, options=None
+                apply_parsed_path,
+                parsedPath=copy.deepcopy(tree),
+                model=None,
+                options={"userInvocationTable": _user_functions(terminology)},
             )
         self.native = self._code is not None
 
@@ -723,10 +843,24 @@ class CompiledExpression:
         return f"CompiledExpression({self.expression!r}, {how})"
 
 
-def compile_expression(expression: str, *, native: bool = True) -> CompiledExpression:
+def _user_functions(terminology: Terminology | None) -> dict[str, Any]:
+    """fhirmatch's functions for fhirpathpy (``memberOf``), bound to ``terminology``."""
+
+    def member(inputs: list[Any], url: Any) -> list[Any]:
+        if not isinstance(url, str):
+            raise ValueError("memberOf() needs a ValueSet URL")
+        return member_of(terminology, url, list(inputs))
+
+    return {"memberOf": {"fn": member, "arity": {1: ["String"]}}}
+
+
+def compile_expression(
+    expression: str, *, native: bool = True, terminology: Terminology | None = None
+) -> CompiledExpression:
     """Compile ``expression`` once; ``native=False`` forces evaluation by fhirpathpy.
+    ``terminology`` resolves the ValueSets ``memberOf()`` names.
 
     Raises ``ValueError`` listing the syntax problems of an expression that does not parse
     (:func:`parse_expression`).
     """
-    return CompiledExpression(expression, native=native)
+    return CompiledExpression(expression, native=native, terminology=terminology)

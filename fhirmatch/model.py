@@ -33,7 +33,36 @@ EXT_DEFINITION_INCOMPLETE = f"{EXT_BASE}/definition-incomplete"
 #: reviewed it yet (sub-extensions ``span``: the text it was drafted from, ``rule``: the
 #: recogniser); a reviewer removes it
 EXT_DRAFTED = f"{EXT_BASE}/drafted"
+EXT_QUALITATIVE = f"{EXT_BASE}/qualitative"
+EXT_POSITIVE_THRESHOLD = f"{EXT_BASE}/positive-threshold"
+EXT_NEGATIVE_THRESHOLD = f"{EXT_BASE}/negative-threshold"
+EXT_POSITIVE_IF_QUANTIFIED = f"{EXT_BASE}/positive-if-quantified"
+EXT_AFTER_START_OF = f"{EXT_BASE}/after-start-of"
 CS_CRITERION_KIND = f"{CS_BASE}/criterion-kind"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How a numeric result reads as positive or negative (see :mod:`fhirmatch.qualitative`)."""
+
+    #: positive at or above this value (above it when ``strict``), in ``unit``
+    positive: float | None = None
+    unit: str | None = None
+    strict: bool = False
+    #: negative below this value; between it and ``positive`` the result is equivocal
+    negative: float | None = None
+    #: positive when quantified above zero, negative when reported below a limit (``<15``)
+    if_quantified: bool = False
+    analyte: str | None = None
+
+    def describe(self) -> str:
+        if self.if_quantified:
+            return "positive when quantified, negative when below the assay's limit"
+        unit = f" {self.unit}" if self.unit else ""
+        text = f"positive {'>' if self.strict else '>='} {self.positive:g}{unit}"
+        if self.negative is not None:
+            text += f", negative < {self.negative:g}{unit}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -64,6 +93,12 @@ class DataInput:
     select: Literal["latest", "all"] = "all"
     clinical_status: ClinicalStatusNeed = "any"
     required: bool = False
+    #: Observations are read as positive / negative by :mod:`fhirmatch.qualitative`
+    qualitative: bool = False
+    threshold: Threshold | None = None
+    #: only resources dated after the earliest record of these inputs (of the same criterion):
+    #: "a response assessment after the treatment started"
+    after: tuple[DataInput, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -402,7 +402,8 @@ class Terminology:
             except TerminologyError as exc:
                 self._problems[url] = str(exc)
         self._translations: dict[Key, list[tuple[str, str, str | None]]] = {}
-        for concept_map in concept_maps:
+        self._concept_maps = list(concept_maps)
+        for concept_map in self._concept_maps:
             self._add_concept_map(concept_map)
         self._mapped_systems = frozenset(system for system, _ in self._translations)
 
@@ -447,6 +448,29 @@ class Terminology:
                     sources[url] = str(file)
         return cls(value_sets, concept_maps, sources=sources, medications=medications)
 
+    def with_value_sets(self, value_sets: Iterable[Mapping[str, Any]]) -> Terminology:
+        """A new terminology with these ValueSets added (a trial's bundled ones, for example).
+
+        Raises :class:`TerminologyError` when one has no url or differs from a loaded ValueSet
+        with the same url.
+        """
+        merged = dict(self._resources)
+        sources = dict(self._sources)
+        for vs in value_sets:
+            url = vs.get("url")
+            if not isinstance(url, str) or not url:
+                raise TerminologyError("ValueSet without a url")
+            url = url.split("|", 1)[0]
+            if url in merged and merged[url] != vs:
+                raise TerminologyError(f"ValueSet {url} is defined twice")
+            merged[url] = dict(vs)
+        return Terminology(
+            merged,
+            self._concept_maps,
+            sources=sources,
+            medications=self._medications.values(),
+        )
+
     # ---- value sets --------------------------------------------------------------------------
 
     @property
@@ -458,6 +482,16 @@ class Terminology:
     def value_set_urls(self) -> frozenset[str]:
         """Canonical URLs of every loaded ValueSet (including ones listed in :attr:`problems`)."""
         return frozenset(self._resources)
+
+    def referenced_value_sets(self, url: str) -> frozenset[str]:
+        """The ValueSets ``url`` includes or excludes (``compose.*.valueSet``), directly."""
+        resource = self._resources.get(url.split("|", 1)[0]) or {}
+        compose = resource.get("compose") or {}
+        out: set[str] = set()
+        for part in [*(compose.get("include") or []), *(compose.get("exclude") or [])]:
+            if isinstance(part, Mapping):
+                out.update(str(ref).split("|", 1)[0] for ref in part.get("valueSet") or [])
+        return frozenset(out)
 
     def __contains__(self, url: object) -> bool:
         return isinstance(url, str) and url.split("|", 1)[0] in self._resources

@@ -14,11 +14,12 @@ R4B models) and returns a :class:`CheckReport` instead of raising, for ``fhirmat
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,12 +33,17 @@ from .errors import (
 )
 from .model import (
     CS_CRITERION_KIND,
+    EXT_AFTER_START_OF,
     EXT_ANALYTE,
     EXT_BASE,
     EXT_CLINICAL_STATUS,
     EXT_DEFINITION_INCOMPLETE,
     EXT_DRAFTED,
     EXT_MANUAL_REVIEW,
+    EXT_NEGATIVE_THRESHOLD,
+    EXT_POSITIVE_IF_QUANTIFIED,
+    EXT_POSITIVE_THRESHOLD,
+    EXT_QUALITATIVE,
     EXT_REQUIRED,
     EXT_TARGET_UNIT,
     ClinicalStatusNeed,
@@ -45,6 +51,7 @@ from .model import (
     CriterionKind,
     DataInput,
     Selection,
+    Threshold,
     Trial,
 )
 
@@ -58,7 +65,9 @@ __all__ = [
     "CheckReport",
     "TrialResources",
     "check_trials",
+    "code_literals",
     "compile_trial",
+    "computable_leaves",
     "default_mappings_dir",
     "default_trials_paths",
     "definition_incomplete",
@@ -66,7 +75,9 @@ __all__ = [
     "fhirpath_variables",
     "load_trial_resources",
     "load_trials",
+    "member_of_urls",
     "trial_warnings",
+    "value_sets_used",
 ]
 
 #: free-text modelling note on an action (``valueMarkdown``); becomes :attr:`Criterion.note`
@@ -93,6 +104,7 @@ KNOWN_CODE_SYSTEMS = frozenset(
         "http://ncithesaurus-stage.nci.nih.gov",
         "http://unitsofmeasure.org",
         "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+        "http://terminology.hl7.org/CodeSystem/condition-clinical",
     }
 )
 
@@ -134,7 +146,24 @@ CLINICAL_STATUS_VALUES = ("current", "history", "any")
 #: days per UCUM duration unit accepted in ``dateFilter.valueDuration`` (mo = 30 d, a = 365 d)
 DURATION_DAYS = {"d": 1, "wk": 7, "mo": 30, "a": 365}
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_KNOWN_EXTENSIONS_INPUT = {EXT_TARGET_UNIT, EXT_ANALYTE, EXT_CLINICAL_STATUS, EXT_REQUIRED}
+_KNOWN_EXTENSIONS_INPUT = {
+    EXT_TARGET_UNIT,
+    EXT_ANALYTE,
+    EXT_CLINICAL_STATUS,
+    EXT_REQUIRED,
+    EXT_QUALITATIVE,
+    EXT_POSITIVE_THRESHOLD,
+    EXT_NEGATIVE_THRESHOLD,
+    EXT_POSITIVE_IF_QUANTIFIED,
+    EXT_AFTER_START_OF,
+}
+#: ValueSets the engine itself reads (the qualitative-result reader)
+ENGINE_VALUE_SETS = frozenset(
+    {
+        "https://fhirmatch.dev/fhir/ValueSet/positive-result",
+        "https://fhirmatch.dev/fhir/ValueSet/negative-result",
+    }
+)
 
 
 def default_mappings_dir() -> Path:
@@ -283,6 +312,136 @@ def fhirpath_variables(expression: str) -> set[str]:
     return {m.group(1) or m.group(2) for m in _VAR.finditer(text)}
 
 
+def _tree_children(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(node.get("children") or [])
+
+
+def _function_name(node: dict[str, Any]) -> str | None:
+    """The name of a ``FunctionInvocation``/``Functn`` node."""
+    if node.get("type") == "FunctionInvocation":
+        kids = _tree_children(node)
+        node = kids[0] if kids else {}
+    if node.get("type") == "Functn":
+        kids = _tree_children(node)
+        if kids and kids[0].get("type") == "Identifier":
+            return str(kids[0].get("text"))
+    return None
+
+
+def _last_member(node: dict[str, Any]) -> str | None:
+    """``url`` for ``url`` or ``extension.url``: the last member name a path ends with."""
+    while True:
+        kind = node.get("type")
+        kids = _tree_children(node)
+        if kind == "Identifier":
+            return str(node.get("text"))
+        if kind == "InvocationExpression" and len(kids) == 2:
+            node = kids[1]
+        elif kind in ("TermExpression", "InvocationTerm", "MemberInvocation") and len(kids) == 1:
+            node = kids[0]
+        else:
+            return None
+
+
+def _string_literals(node: dict[str, Any], allowed: bool, out: list[tuple[str, bool]]) -> None:
+    kind = node.get("type")
+    kids = _tree_children(node)
+    if kind == "StringLiteral":
+        out.append((str(node.get("text", "")), allowed))
+        return
+    if kind == "Functn" and _function_name(node) == "memberOf":
+        for kid in kids:
+            _string_literals(kid, True, out)
+        return
+    if kind == "EqualityExpression" and len(kids) == 2:
+        # ``extension.where(url = '...')``: an extension URL, not a code
+        is_url = [_last_member(k) == "url" for k in kids]
+        for kid, other_is_url in zip(kids, reversed(is_url), strict=True):
+            _string_literals(kid, allowed or other_is_url, out)
+        return
+    for kid in kids:
+        _string_literals(kid, allowed, out)
+
+
+@functools.lru_cache(maxsize=2048)
+def _parse_tree(expression: str) -> dict[str, Any] | None:
+    """fhirpathpy's syntax tree of a condition, parsed once per process (callers only read it)."""
+    from fhirpathpy.parser import parse
+
+    try:
+        tree = parse(expression)
+    except Exception:  # syntax errors are reported by fhirpath_problems
+        return None
+    return tree if isinstance(tree, dict) else None
+
+
+def code_literals(expression: str) -> list[str]:
+    """String literals of a condition that are codes (criteria must name ValueSets instead).
+
+    Allowed: the ValueSet URL of ``memberOf('...')`` and an extension URL compared with ``url``
+    (``extension.where(url = '...')``). Anything else (``code = 'C61'``, ``'POS'``,
+    ``startsWith('C61')``, clinical-status codes) is a code literal.
+    """
+    tree = _parse_tree(expression)
+    if tree is None:
+        return []
+    found: list[tuple[str, bool]] = []
+    _string_literals(tree, False, found)
+    return [text for text, allowed in found if not allowed]
+
+
+def member_of_urls(expression: str) -> list[str]:
+    """The ValueSet URLs a condition names with ``memberOf('...')``."""
+    tree = _parse_tree(expression)
+    if tree is None:
+        return []
+    found: list[tuple[str, bool]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if node.get("type") == "Functn" and _function_name(node) == "memberOf":
+            _string_literals(node, True, found)
+            return
+        for kid in _tree_children(node):
+            walk(kid)
+
+    walk(tree)
+    return [text.strip("'") for text, _allowed in found]
+
+
+def value_sets_used(trials: Iterable[Trial]) -> set[str]:
+    """Canonical URLs of the ValueSets the trials' criteria name (inputs and ``memberOf``)."""
+    used: set[str] = set()
+
+    def walk(criteria: Iterable[Criterion]) -> None:
+        for c in criteria:
+            used.update(i.value_set.split("|", 1)[0] for i in c.inputs if i.value_set)
+            if c.expression:
+                used.update(member_of_urls(c.expression))
+            walk(c.children)
+
+    for trial in trials:
+        walk(trial.criteria)
+    return used
+
+
+def computable_leaves(trials: Iterable[Trial]) -> tuple[int, int]:
+    """(computable, all) leaf criteria (groups are not counted, their sub-criteria are)."""
+    done = total = 0
+
+    def walk(criteria: Iterable[Criterion]) -> None:
+        nonlocal done, total
+        for c in criteria:
+            if c.is_group:
+                walk(c.children)
+                continue
+            total += 1
+            done += not c.is_manual
+
+    for trial in trials:
+        walk(trial.criteria)
+    return done, total
+
+
 # --------------------------------------------------------------------------------------------
 # compiling
 
@@ -415,8 +574,22 @@ class _Compiler:
         if expr_el.get("language") != "text/fhirpath":
             self.problem(here, f"condition language {expr_el.get('language')!r}: use text/fhirpath")
         expression = str(expr_el.get("expression") or "")
-        for p in fhirpath_problems(expression):
+        syntax = fhirpath_problems(expression)
+        for p in syntax:
             self.problem(here, f"FHIRPath {expression!r}: {p}")
+        if not syntax:
+            literals = code_literals(expression)
+            if literals:
+                self.problem(
+                    here,
+                    f"code literal(s) {', '.join(dict.fromkeys(literals))} in the condition: "
+                    "put the codes in a ValueSet and name it with memberOf('<ValueSet URL>')",
+                )
+            for url in member_of_urls(expression):
+                if self.terminology is not None and url not in self.terminology:
+                    self.problem(here, f"memberOf('{url}'): no such ValueSet")
+                elif self.terminology is not None:
+                    self.expand(url, here)
         inputs: list[DataInput] = []
         names: set[str] = set()
         for i, dr in enumerate(inputs_raw):
@@ -425,9 +598,11 @@ class _Compiler:
                 self.problem(here, f"duplicate input id {di.name!r}")
             names.add(di.name)
             inputs.append(di)
+        inputs = self.link_after(inputs_raw, inputs, here)
         for var in sorted(fhirpath_variables(expression) - names - BUILTIN_VARIABLES):
             self.problem(here, f"FHIRPath uses %{var}, which is neither an input id nor built in")
-        for unused in sorted(names - fhirpath_variables(expression)):
+        anchors = {ref.name for i in inputs for ref in i.after}
+        for unused in sorted(names - fhirpath_variables(expression) - anchors):
             self.problem(here, f"input {unused!r} is not used by the condition")
         return Criterion(
             id=aid,
@@ -438,6 +613,43 @@ class _Compiler:
             note=note,
             drafted=drafted,
         )
+
+    def link_after(
+        self, raw: list[dict[str, Any]], inputs: list[DataInput], where: str
+    ) -> list[DataInput]:
+        """Attach the inputs each ``after-start-of`` extension names (same criterion, no chains)."""
+        by_name = {i.name: i for i in inputs}
+        out: list[DataInput] = []
+        for dr, di in zip(raw, inputs, strict=True):
+            names = [
+                str(x.get("valueString") or "")
+                for x in dr.get("extension") or []
+                if isinstance(x, dict) and x.get("url") == EXT_AFTER_START_OF
+            ]
+            refs: list[DataInput] = []
+            for name in names:
+                ref = by_name.get(name)
+                if ref is None or name == di.name:
+                    self.problem(
+                        where,
+                        f"input {di.name!r}: after-start-of {name!r} is not "
+                        "another input of this criterion",
+                    )
+                elif ref.after or any(
+                    x.get("url") == EXT_AFTER_START_OF
+                    for r in raw
+                    if r.get("id") == name
+                    for x in r.get("extension") or []
+                ):
+                    self.problem(
+                        where,
+                        f"input {di.name!r}: after-start-of {name!r}, which "
+                        "itself has after-start-of",
+                    )
+                else:
+                    refs.append(ref)
+            out.append(replace(di, after=tuple(refs)) if refs else di)
+        return out
 
     def data_input(self, dr: dict[str, Any], where: str) -> DataInput:
         name = str(dr.get("id") or "")
@@ -514,6 +726,13 @@ class _Compiler:
             status = "any"
         req_ext = _ext(dr, EXT_REQUIRED)
         required = bool(req_ext.get("valueBoolean")) if req_ext else False
+        threshold = self.threshold(dr, analyte, where)
+        qual_ext = _ext(dr, EXT_QUALITATIVE)
+        qualitative = threshold is not None or bool(qual_ext and qual_ext.get("valueBoolean"))
+        if qualitative and rtype != "Observation":
+            self.problem(where, "only Observations can be read as qualitative results")
+        if qualitative and unit is not None:
+            self.problem(where, "a qualitative input has no target unit (state a threshold)")
         return DataInput(
             name=name,
             resource_type=rtype,
@@ -528,6 +747,52 @@ class _Compiler:
             select="latest" if limit == 1 else "all",
             clinical_status=cast(ClinicalStatusNeed, status),
             required=required,
+            qualitative=qualitative,
+            threshold=threshold,
+        )
+
+    def threshold(self, dr: dict[str, Any], analyte: str | None, where: str) -> Threshold | None:
+        """The positive/negative threshold extensions of a qualitative input, checked."""
+        quantified = _ext(dr, EXT_POSITIVE_IF_QUANTIFIED)
+        pos = _ext(dr, EXT_POSITIVE_THRESHOLD)
+        neg = _ext(dr, EXT_NEGATIVE_THRESHOLD)
+        if quantified is not None and quantified.get("valueBoolean"):
+            if pos or neg:
+                self.problem(where, "positive-if-quantified takes no other threshold")
+            return Threshold(if_quantified=True, analyte=analyte)
+        if pos is None:
+            if neg is not None:
+                self.problem(where, "negative-threshold needs a positive-threshold")
+            return None
+        q = pos.get("valueQuantity") or {}
+        value = q.get("value")
+        unit = q.get("code") or q.get("unit")
+        comparator = q.get("comparator") or ">="
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            self.problem(where, "positive-threshold needs valueQuantity.value")
+            return None
+        if comparator not in (">=", ">"):
+            self.problem(where, f"positive-threshold comparator {comparator!r}: use >= or >")
+        if unit is not None:
+            self.check_unit(str(unit), where)
+        negative = None
+        if neg is not None:
+            nq = neg.get("valueQuantity") or {}
+            nvalue = nq.get("value")
+            if not isinstance(nvalue, int | float) or isinstance(nvalue, bool):
+                self.problem(where, "negative-threshold needs valueQuantity.value")
+            elif (nq.get("code") or nq.get("unit")) != unit:
+                self.problem(where, "negative-threshold must use the positive threshold's unit")
+            elif nvalue > value:
+                self.problem(where, "negative-threshold is above the positive threshold")
+            else:
+                negative = float(nvalue)
+        return Threshold(
+            positive=float(value),
+            unit=str(unit) if unit is not None else None,
+            strict=comparator == ">",
+            negative=negative,
+            analyte=analyte,
         )
 
     def expand(self, url: str, where: str) -> frozenset[tuple[str, str]]:
@@ -682,6 +947,10 @@ class CheckReport:
     #: what does not stop a trial from loading but must be seen: incomplete definitions,
     #: drafted criteria nobody reviewed yet
     warnings: dict[str, list[str]] = field(default_factory=dict)
+    #: ValueSets loaded (from ``mappings/`` and the trial files) that no criterion names, neither
+    #: directly nor through another ValueSet, and the engine does not read: editing them changes
+    #: nothing
+    unused_value_sets: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -762,6 +1031,10 @@ def check_trials(
         warnings = trial_warnings(trial)
         if warnings:
             report.warnings.setdefault(tr.source, []).extend(warnings)
+    if terminology is not None and report.trials:
+        report.unused_value_sets = sorted(
+            terminology.value_set_urls - _closure(terminology, value_sets_used(report.trials))
+        )
     return report
 
 
@@ -780,6 +1053,18 @@ def trial_warnings(trial: Trial) -> list[str]:
             f"{', '.join(drafted)}"
         )
     return out
+
+
+def _closure(terminology: Terminology, urls: Iterable[str]) -> set[str]:
+    """``urls``, the engine's own ValueSets, and every ValueSet they include, recursively."""
+    todo = [*urls, *ENGINE_VALUE_SETS]
+    seen: set[str] = set()
+    while todo:
+        url = todo.pop()
+        if url not in seen:
+            seen.add(url)
+            todo.extend(terminology.referenced_value_sets(url))
+    return seen
 
 
 def _iter_files_checked(paths: Sequence[str | Path], report: CheckReport) -> Iterator[Path]:

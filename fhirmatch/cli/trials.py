@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..model import EXT_DRAFTED, EXT_MANUAL_REVIEW, Criterion, DataInput, Trial
-from ..trials import check_trials, default_trials_paths, load_trials
+from ..trials import check_trials, computable_leaves, default_trials_paths, load_trials
 from . import exitcodes
 
 _WIDTH = 100
@@ -198,6 +198,20 @@ def run_check(args: argparse.Namespace) -> int:
     for source, warnings in report.warnings.items():
         for warning in warnings:
             print(f"fhirmatch: warning: {source}: {warning}", file=sys.stderr)
+    if report.trials:
+        done, total = computable_leaves(report.trials)
+        print(
+            f"{done} of {total} leaf criteria computable ({100 * done / total:.0f}%) "
+            f"in {len(report.trials)} trial(s)."
+        )
+    if report.unused_value_sets:
+        print(
+            f"fhirmatch: warning: {len(report.unused_value_sets)} ValueSet(s) no criterion uses "
+            "(editing them changes nothing):",
+            file=sys.stderr,
+        )
+        for url in report.unused_value_sets:
+            print(f"  - {url}", file=sys.stderr)
     if report.ok:
         print(f"{len(report.trials)} trial(s) valid.")
         return exitcodes.OK

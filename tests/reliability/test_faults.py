@@ -190,8 +190,11 @@ def test_patient_set_growing_while_paged(
     def insert_on_second_page(method: str, target: str) -> None:
         # the second page: sekmet pages with _offset, HAPI FHIR with _getpages
         second_page = "_offset" in target or "_getpages" in target
-        if method == "GET" and second_page and not added and (
-            "Patient" in target or "_getpages" in target
+        if (
+            method == "GET"
+            and second_page
+            and not added
+            and ("Patient" in target or "_getpages" in target)
         ):
             new = [f"fr-{tag}-late{i}" for i in range(3)]
             resources = []

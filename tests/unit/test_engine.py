@@ -470,3 +470,105 @@ def test_latest_result_of_one_day_is_decided_by_time_and_offset() -> None:
     assert (
         max([obs("d", "2026-10-30"), obs("t", "2026-10-30T00:01:00Z")], key=_sort_key)["id"] == "t"
     )
+
+
+# ---------------------------------------------------------------------- after-start-of
+
+
+def test_after_start_of_keeps_only_results_after_the_first_treatment_record() -> None:
+    from fhirmatch.terminology import Terminology
+    from fhirmatch.trials import compile_trial
+
+    base = "https://fhirmatch.dev/fhir/"
+    status_vs = base + "ValueSet/cancer-disease-status"
+    worse = f"{base}ValueSet/disease-progression"
+    plan = {
+        "resourceType": "PlanDefinition",
+        "id": "t-eligibility",
+        "action": [
+            {
+                "id": "exc-progression",
+                "description": "Progression after the treatment started",
+                "code": [
+                    {
+                        "coding": [
+                            {"system": base + "CodeSystem/criterion-kind", "code": "exclusion"}
+                        ]
+                    }
+                ],
+                "input": [
+                    {
+                        "id": "tx",
+                        "type": "MedicationRequest",
+                        "codeFilter": [
+                            {"path": "medication", "valueSet": base + "ValueSet/anti-pd1"}
+                        ],
+                    },
+                    {
+                        "id": "status",
+                        "type": "Observation",
+                        "extension": [
+                            {
+                                "url": base + "StructureDefinition/after-start-of",
+                                "valueString": "tx",
+                            }
+                        ],
+                        "codeFilter": [{"path": "code", "valueSet": status_vs}],
+                    },
+                ],
+                "condition": [
+                    {
+                        "kind": "applicability",
+                        "expression": {
+                            "language": "text/fhirpath",
+                            "expression": (
+                                f"%status.where(valueCodeableConcept.memberOf('{worse}')).exists()"
+                            ),
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    study = {"resourceType": "ResearchStudy", "id": "t", "status": "active"}
+    terminology = Terminology.load()
+    t = compile_trial(study, plan, terminology)
+    status_input = t.criteria[0].inputs[1]
+    assert [a.name for a in status_input.after] == ["tx"]
+    engine = Engine([t], terminology)
+
+    def obs(oid: str, day: str, code: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": oid,
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "97509-4"}]},
+            "effectiveDateTime": day,
+            "valueCodeableConcept": {
+                "coding": [{"system": "http://snomed.info/sct", "code": code}]
+            },
+        }
+
+    pd1 = {
+        "resourceType": "MedicationRequest",
+        "id": "rx",
+        "status": "completed",
+        "authoredOn": "2026-05-01",
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1547545"}]
+        },
+    }
+    patient = {"resourceType": "Patient", "id": "p", "birthDate": "1960-01-01"}
+
+    def outcome(*resources: dict[str, Any]) -> tuple[str, str]:
+        [res] = engine.evaluate([patient, *resources], as_of=AS_OF)
+        return res.criteria[0].outcome, res.criteria[0].reason
+
+    before = obs("o1", "2026-04-01", "271299001")  # worsened before the treatment: not counted
+    after = obs("o2", "2026-08-01", "271299001")
+    assert outcome(pd1, before)[0] == "pass"
+    assert outcome(pd1, before, after)[0] == "fail"
+    assert outcome(pd1, obs("o3", "2026-08-01", "268910001"))[0] == "pass"
+    undated, why = outcome(after)  # no treatment record: cannot tell what follows it
+    assert undated == "unknown" and "cannot tell which results follow the start of tx" in why
+    assert outcome(pd1)[0] == "pass"  # no status at all: closed-world exclusion

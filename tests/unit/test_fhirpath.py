@@ -367,3 +367,48 @@ def test_engine_results_are_complete_pydantic_models(engines: tuple[Any, Any, An
             assert list(criterion.model_dump()) == list(CriterionResult.model_fields)
         with pytest.raises(ValueError, match="frozen"):
             result.status = "eligible"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- memberOf
+
+
+def test_member_of_is_compiled_and_agrees_with_fhirpathpy() -> None:
+    from fhirmatch.terminology import Terminology
+
+    terminology = Terminology.load()
+    base = "https://fhirmatch.dev/fhir/ValueSet/"
+    prostate = {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C61"}
+    lung = {"system": "http://snomed.info/sct", "code": "39607008"}
+    cond = {"code": {"coding": [prostate]}, "bodySite": [{"coding": [lung]}, {"text": "left"}]}
+    status = {"clinicalStatus": {"coding": [{"code": "resolved"}]}}  # no system, as feeds send it
+    env = {"c": [cond], "s": [status], "none": []}
+    cases = {
+        f"%c.code.memberOf('{base}prostate-cancer')": [True],
+        f"%c.code.coding.memberOf('{base}prostate-cancer')": [True],
+        f"%c.code.memberOf('{base}esophageal-cancer')": [False],
+        f"%c.bodySite.memberOf('{base}thoracic-body-site')": [],  # two items: empty
+        f"%c.bodySite.where(memberOf('{base}thoracic-body-site')).exists()": [True],
+        f"%c.where(code.memberOf('{base}prostate-cancer')).exists()": [True],
+        f"%s.clinicalStatus.memberOf('{base}condition-inactive')": [True],
+        f"%c.code.coding.code.memberOf('{base}prostate-cancer')": [],  # two systems: empty
+        f"%none.code.memberOf('{base}prostate-cancer')": [],
+    }
+    for expression, expected in cases.items():
+        fast = compile_expression(expression, terminology=terminology)
+        slow = compile_expression(expression, native=False, terminology=terminology)
+        assert fast.native and not slow.native
+        assert fast({}, env) == expected, expression
+        assert slow({}, env) == expected, expression
+
+
+def test_member_of_without_terminology_or_with_an_unknown_value_set_is_an_error() -> None:
+    from fhirmatch.terminology import Terminology
+
+    env = {"c": [{"code": {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]}}]}
+    for native in (True, False):
+        with pytest.raises(Exception, match="no terminology"):
+            compile_expression("%c.code.memberOf('https://x/vs')", native=native)({}, env)
+        with pytest.raises(Exception, match="unknown ValueSet"):
+            compile_expression(
+                "%c.code.memberOf('https://x/vs')", native=native, terminology=Terminology.load()
+            )({}, env)

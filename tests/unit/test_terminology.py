@@ -259,3 +259,28 @@ def test_mappings_dir_can_be_overridden(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("FHIRMATCH_MAPPINGS", str(tmp_path))
     terminology = Terminology.load()
     assert terminology.value_set_urls == {BASE + "only"}
+
+
+def test_with_value_sets_adds_a_trials_bundled_value_sets_and_keeps_the_maps() -> None:
+    base = Terminology.load()
+    bundled = {
+        "resourceType": "ValueSet",
+        "url": "https://example.org/fhir/ValueSet/local-stage",
+        "compose": {
+            "include": [
+                {"system": "http://snomed.info/sct", "concept": [{"code": "1222841004"}]},
+                {"valueSet": ["https://fhirmatch.dev/fhir/ValueSet/m1"]},
+            ]
+        },
+    }
+    extended = base.with_value_sets([bundled])
+    assert "https://example.org/fhir/ValueSet/local-stage" not in base
+    assert extended.contains(bundled["url"], "http://snomed.info/sct", "1229916009")  # via m1
+    assert extended.referenced_value_sets(bundled["url"]) == {
+        "https://fhirmatch.dev/fhir/ValueSet/m1"
+    }
+    local = "http://hospital.example.org/fhir/CodeSystem/lab-codes"
+    assert extended.translate(local, "PLT") == base.translate(local, "PLT") != []
+    clash = {**bundled, "url": "https://fhirmatch.dev/fhir/ValueSet/m1"}
+    with pytest.raises(TerminologyError, match="defined twice"):
+        base.with_value_sets([clash])

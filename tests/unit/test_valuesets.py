@@ -20,6 +20,9 @@ RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 AJCC = "http://cancerstaging.org"
 ING = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient"
+CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+UCUM = "http://unitsofmeasure.org"
+V3I = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 # (value set, (system, code) inside, (system, code) outside, descendant inside or None)
 CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]] = [
@@ -100,6 +103,60 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("malignancy-history-unclear-for-rectal", (ICD, "Z85.048"), (ICD, "Z85.038"), None),
     ("radiotherapy-history", (ICD, "Z92.3"), (ICD, "Z92.21"), (WHO, "Z92.3")),
     ("transplant-type-unclear", (ICD, "Z94.81"), (ICD, "Z94.0"), (WHO, "Z94.8")),
+    ("negative-result", (SCT, "260385009"), (SCT, "10828004"), None),
+    ("condition-inactive", (CLINICAL, "resolved"), (CLINICAL, "active"), None),
+    ("pregnancy-status", (LOINC, "82810-3"), (LOINC, "2106-3"), None),
+    ("breastfeeding-status", (LOINC, "63895-7"), (LOINC, "82810-3"), None),
+    ("hcg-quantitative", (LOINC, "21198-7"), (LOINC, "2106-3"), None),
+    ("distant-metastasis", (ICD, "C78"), (ICD, "C77.1"), (ICD, "C78.7")),
+    ("cancer-disease-status", (LOINC, "97509-4"), (LOINC, "82810-3"), None),
+    ("disease-progression", (SCT, "271299001"), (SCT, "268910001"), None),
+    ("disease-response", (SCT, "268910001"), (SCT, "359746009"), None),
+    ("msi-status", (LOINC, "81695-9"), (LOINC, "81691-8"), None),
+    ("msi-stable", (LOINC, "LA14122-8"), (LOINC, "LA26202-4"), None),
+    ("msi-high", (LOINC, "LA26203-2"), (LOINC, "LA26202-4"), None),
+    ("mmr-ihc-mlh1", (LOINC, "81691-8"), (LOINC, "81692-6"), None),
+    ("mmr-ihc-msh2", (LOINC, "81692-6"), (LOINC, "81693-4"), None),
+    ("mmr-ihc-msh6", (LOINC, "81693-4"), (LOINC, "81694-2"), None),
+    ("mmr-ihc-pms2", (LOINC, "81694-2"), (LOINC, "81691-8"), None),
+    ("mmr-ihc", (LOINC, "81694-2"), (LOINC, "81695-9"), None),
+    ("unit-cgy", (UCUM, "cGy"), (UCUM, "Gy"), None),
+    ("unit-gy", (UCUM, "Gy"), (UCUM, "cGy"), None),
+    ("chemo-immunotherapy", (RX, "2555"), (RX, "723"), None),
+    ("disease-not-progressed", (SCT, "359746009"), (SCT, "271299001"), None),
+    ("disease-status-value", (SCT, "709137006"), (SCT, "10828004"), None),
+    ("stage-below-iv", (SCT, "1222805004"), (SCT, "1222837003"), None),
+    ("metastasis-site-lung", (ICD, "C78.0"), (ICD, "C78.1"), (ICD, "C78.02")),
+    ("metastasis-site-mediastinum", (ICD, "C78.1"), (ICD, "C78.0"), None),
+    ("metastasis-site-pleura", (ICD, "C78.2"), (ICD, "C78.3"), None),
+    ("metastasis-site-small-intestine", (ICD, "C78.4"), (ICD, "C78.5"), None),
+    ("metastasis-site-large-intestine", (ICD, "C78.5"), (ICD, "C78.4"), None),
+    ("metastasis-site-peritoneum", (ICD, "C78.6"), (ICD, "C78.7"), None),
+    ("metastasis-site-liver", (SCT, "94381002"), (ICD, "C78.6"), (WHO, "C78.7")),
+    ("metastasis-site-kidney", (ICD, "C79.0"), (ICD, "C79.1"), (ICD, "C79.01")),
+    ("metastasis-site-urinary", (ICD, "C79.1"), (ICD, "C79.0"), (ICD, "C79.11")),
+    ("metastasis-site-skin", (ICD, "C79.2"), (ICD, "C79.3"), None),
+    ("metastasis-site-brain", (ICD, "C79.3"), (ICD, "C79.5"), (ICD, "C79.31")),
+    ("metastasis-site-nervous-system", (ICD, "C79.4"), (ICD, "C79.3"), (ICD, "C79.49")),
+    ("metastasis-site-bone", (ICD, "C79.5"), (ICD, "C79.3"), (ICD, "C79.51")),
+    ("metastasis-site-ovary", (ICD, "C79.6"), (ICD, "C79.7"), (ICD, "C79.61")),
+    ("metastasis-site-adrenal", (ICD, "C79.7"), (ICD, "C79.6"), (ICD, "C79.71")),
+    ("metastasis-site-known", (ICD, "C78.7"), (ICD, "C77.1"), (ICD, "C79.51")),
+    ("cardiovascular-disease-serious", (ICD, "I50"), (ICD, "I10"), (ICD, "I21.4")),
+    ("infection", (ICD, "A41"), (ICD, "C15"), (WHO, "J18.9")),
+    ("ulceration", (ICD, "K25"), (ICD, "K29"), (ICD, "L89.152")),
+    ("diabetes-mellitus", (SCT, "44054006"), (ICD, "E03"), (ICD, "E11.9")),
+    ("mental-disorder-serious", (ICD, "F32"), (ICD, "F17.210"), (ICD, "F20.9")),
+    ("heart-failure-or-cardiomyopathy", (ICD, "I50"), (ICD, "I10"), (ICD, "I50.9")),
+    ("chronic-lung-disease", (ICD, "J44"), (ICD, "J45"), (ICD, "J44.9")),
+    ("liver-disease", (ICD, "K74"), (ICD, "K80"), (ICD, "K74.60")),
+    ("kidney-failure", (ICD, "N18"), (ICD, "N20"), (ICD, "N18.6")),
+    ("hematopoietic-disease", (ICD, "D64"), (ICD, "D10"), (ICD, "C91.00")),
+    ("cachexia", (ICD, "R64"), (ICD, "R63"), None),
+    ("condition-recurrence", (CLINICAL, "recurrence"), (CLINICAL, "active"), None),
+    ("adenocarcinoma-morphology", (SCT, "35917007"), (SCT, "28899001"), None),
+    ("m0", (SCT, "1229901006"), (SCT, "1229903009"), None),
+    ("interpretation-abnormal", (V3I, "H"), (V3I, "N"), None),
 ]
 
 
@@ -128,6 +185,24 @@ def test_membership(
     assert not terminology.contains(url, *outside)
     if descendant is not None:
         assert terminology.contains(url, *descendant)
+
+
+def test_qualitative_answers_and_staging_codes_as_real_feeds_send_them(
+    terminology: Terminology,
+) -> None:
+    positive, negative = BASE + "positive-result", BASE + "negative-result"
+    interpretation = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    assert terminology.contains(positive, interpretation, "POS")
+    assert terminology.contains(negative, interpretation, "ND")
+    assert terminology.contains(positive, SCT, "77386006")  # US Core pregnancy status: pregnant
+    assert terminology.contains(negative, SCT, "60001007")  # not pregnant
+    for unknown in ("261665006", "82334004"):  # unknown, indeterminate: neither
+        assert not terminology.contains(positive, SCT, unknown)
+        assert not terminology.contains(negative, SCT, unknown)
+    assert terminology.contains(BASE + "m1", SCT, "1229916009")  # mCODE pM1
+    assert terminology.contains(BASE + "tnm-distant-metastases", SCT, "371497001")  # pM category
+    assert terminology.contains(BASE + "stage-ivb", SCT, "1222841004")  # AJCC stage IVB
+    assert terminology.contains(BASE + "distant-metastasis", WHO, "C79.3")  # WHO ICD-10 site
 
 
 def test_malignancy_exclusions(terminology: Terminology) -> None:
