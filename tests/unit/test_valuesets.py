@@ -122,7 +122,7 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("mmr-ihc", (LOINC, "81694-2"), (LOINC, "81695-9"), None),
     ("unit-cgy", (UCUM, "cGy"), (UCUM, "Gy"), None),
     ("unit-gy", (UCUM, "Gy"), (UCUM, "cGy"), None),
-    ("chemo-immunotherapy", (RX, "2555"), (RX, "723"), None),
+    ("chemo-immunotherapy", (ING, "cisplatin"), (ING, "cyclophosphamide"), None),
     ("disease-not-progressed", (SCT, "359746009"), (SCT, "271299001"), None),
     ("disease-status-value", (SCT, "709137006"), (SCT, "10828004"), None),
     ("stage-below-iv", (SCT, "1222805004"), (SCT, "1222837003"), None),
