@@ -217,6 +217,14 @@ def freeze_heap() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+def _known_units() -> None:
+    """In a worker: the unit conversions earlier runs remembered (no unit registry to build for
+    them; see :func:`fhirmatch.trialcache.load_unit_factors`)."""
+    from .trialcache import load_unit_factors
+
+    load_unit_factors()
+
+
 def _batches(records: Iterable[PatientRecord], size: int) -> Iterator[list[PatientRecord]]:
     batch: list[PatientRecord] = []
     for record in records:
@@ -314,6 +322,7 @@ _WORKER_ENGINE: Engine | None = None
 def _init_process(trials: Sequence[Trial], terminology: Terminology | None) -> None:
     global _WORKER_ENGINE  # one engine per worker process, built once
     _WORKER_ENGINE = Engine(trials, terminology)
+    _known_units()
     freeze_heap()
 
 
@@ -409,6 +418,7 @@ def _dask_engine(definitions: tuple[str, tuple[Trial, ...], Terminology | None])
         engine = _DASK_ENGINES.get(digest)
         if engine is None:
             engine = _DASK_ENGINES[digest] = Engine(trials, terminology)
+            _known_units()
             freeze_heap()
     return engine
 

@@ -197,3 +197,33 @@ def test_workers_and_the_cli_freeze_the_start_up_heap() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+def test_worker_processes_reuse_remembered_unit_conversions(tmp_path: Path) -> None:
+    """After a run that converted the demo patients' units, a worker process evaluates them
+    without importing pint (in a fresh process: workers fork from a server that keeps the
+    environment it started with)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
+    patients = REPO / "fixtures" / "patients"
+    script = f"""
+from datetime import date
+from fhirmatch.cli import main
+from fhirmatch.executors import ProcessExecutor
+from fhirmatch.trialcache import load_compiled
+args = ["evaluate", "--patients", {str(patients)!r}, "--as-of", "2026-11-01"]
+assert main([*args, "--format", "ndjson", "--output", {str(tmp_path / "out.ndjson")!r}]) == 0
+trials, terminology = load_compiled([{str(REPO / "fixtures" / "trials")!r}])
+with ProcessExecutor(trials, terminology, workers=1) as ex:
+    done = list(ex.evaluate_files([{str(patients)!r}], as_of=date(2026, 11, 1)))
+    imported = ex.pool.submit(eval, "'pint' in __import__('sys').modules").result()
+print(len(done), imported)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.split() == ["21", "False"]
+    assert list((tmp_path / "cache").glob("units-*.pickle"))
