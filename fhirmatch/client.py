@@ -55,6 +55,7 @@ DEFAULT_EVERYTHING_TYPES = (
     "MedicationRequest",
     "MedicationStatement",
     "MedicationAdministration",
+    "MedicationDispense",
     "Procedure",
     "AllergyIntolerance",
     "Encounter",

@@ -51,6 +51,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -65,6 +66,7 @@ from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
+from .terminology import canonical_coding
 
 if TYPE_CHECKING:
     from .terminology import Terminology
@@ -119,13 +121,16 @@ _DROP_STATUS: dict[str, frozenset[str]] = {
     "MedicationRequest": frozenset({"cancelled", "entered-in-error"}),
     "MedicationStatement": frozenset({"not-taken", "entered-in-error"}),
     "MedicationAdministration": frozenset({"not-done", "entered-in-error"}),
+    "MedicationDispense": frozenset({"cancelled", "declined", "entered-in-error"}),
 }
 _DROP_VERIFICATION = frozenset({"entered-in-error", "refuted"})
 CURRENT_STATUSES = frozenset({"active", "recurrence", "relapse"})
 HISTORY_STATUSES = CURRENT_STATUSES | {"remission", "resolved", "inactive"}
 MEDICATION_TYPES = frozenset(
-    {"MedicationRequest", "MedicationStatement", "MedicationAdministration"}
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense"}
 )
+#: pseudo code system of medicine names found in a record's text (see mappings/medications)
+MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
 
 #: where each type keeps its clinically relevant date, in order of preference
 _DATE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -135,6 +140,7 @@ _DATE_FIELDS: dict[str, tuple[str, ...]] = {
     "MedicationRequest": ("authoredOn",),
     "MedicationStatement": ("effectiveDateTime", "effectivePeriod", "dateAsserted"),
     "MedicationAdministration": ("effectiveDateTime", "effectivePeriod"),
+    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
     "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
 }
 _GENERIC_DATE_FIELDS = ("effectiveDateTime", "effectivePeriod", "date", "recordedDate", "issued")
@@ -236,12 +242,14 @@ def _tail(url: str | None) -> str:
 
 
 def _codings(cc: Any) -> Iterator[tuple[str, str]]:
+    """The codings of a CodeableConcept as (system, code), in the form ValueSet expansions use
+    (canonical system URL for OIDs and aliases, ICD-10 codes with their dot)."""
     if isinstance(cc, dict):
         for coding in cc.get("coding") or []:
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
-                    yield system, code
+                    yield canonical_coding(system, code)
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -314,7 +322,10 @@ class PatientIndex:
     """
 
     __slots__ = (
+        "_names",
         "_order",
+        "_type_ancestors",
+        "_type_codes",
         "as_of",
         "by_ancestor",
         "by_code",
@@ -333,8 +344,11 @@ class PatientIndex:
         terminology: Terminology | None = None,
         types: frozenset[str] | None = None,
         only_known: bool = False,
+        medication_names: re.Pattern[str] | None = None,
     ) -> None:
         self.as_of = as_of
+        #: finds the medicine names a trial asks for in a medication's text
+        self._names = medication_names
         #: per resource type, each indexed resource's position in the record (built on demand)
         self._order: dict[str, dict[int, int]] = {}
         self.patient: dict[str, Any] | None = None
@@ -342,6 +356,9 @@ class PatientIndex:
         self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         #: ICD-10 resources under each category they descend from, with their own code
         self.by_ancestor: dict[tuple[str, str, str], list[tuple[dict[str, Any], str]]] = {}
+        #: per resource type, the (system, code) pairs and ICD ancestors the record holds
+        self._type_codes: dict[str, set[tuple[str, str]]] = {}
+        self._type_ancestors: dict[str, set[tuple[str, str]]] = {}
         self.terminology = terminology
         self.problems: list[str] = []
         resources = list(resources)
@@ -387,30 +404,49 @@ class PatientIndex:
                     and any(system != LOINC for system, _ in codes)
                 ):
                     codes.extend(self._mapped_codes(res, terminology))
+            type_codes = self._type_codes.setdefault(rtype, set())
             for system, code in codes:
                 self.by_code.setdefault((rtype, system, code), []).append(res)
+                type_codes.add((system, code))
                 if system in ICD10_SYSTEMS:
+                    type_ancestors = self._type_ancestors.setdefault(rtype, set())
                     for ancestor in icd_ancestors(code):
                         key = (rtype, system, ancestor)
                         self.by_ancestor.setdefault(key, []).append((res, code))
+                        type_ancestors.add((system, ancestor))
 
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
     ) -> Iterator[tuple[str, str]]:
+        concept: Any = None
         if "medicationCodeableConcept" in res:
-            yield from _codings(res["medicationCodeableConcept"])
-            return
-        ref = res.get("medicationReference")
-        text = ref.get("reference") if isinstance(ref, dict) else None
-        if isinstance(text, str):
-            mid = reference_id(text, "Medication") or (text[1:] if text.startswith("#") else None)
-            med = medications.get(mid or "")
-            if med is None and text.startswith("#"):
-                med = next((c for c in res.get("contained") or [] if c.get("id") == text[1:]), None)
-            if med is not None:
-                yield from _codings(med.get("code"))
-            else:
-                self.problems.append(f"{_ref(res)}: {text} not found in the record")
+            concept = res["medicationCodeableConcept"]
+        else:
+            ref = res.get("medicationReference")
+            text = ref.get("reference") if isinstance(ref, dict) else None
+            if isinstance(text, str):
+                mid = reference_id(text, "Medication") or (
+                    text[1:] if text.startswith("#") else None
+                )
+                med = medications.get(mid or "")
+                if med is None and text.startswith("#"):
+                    med = next(
+                        (c for c in res.get("contained") or [] if c.get("id") == text[1:]), None
+                    )
+                if med is not None:
+                    concept = med.get("code")
+                else:
+                    self.problems.append(f"{_ref(res)}: {text} not found in the record")
+            if concept is None and isinstance(ref, dict):
+                concept = {"text": ref.get("display")}  # a reference may only name the drug
+        yield from _codings(concept)
+        if self._names is not None and isinstance(concept, dict):
+            texts = [concept.get("text")]
+            texts += [c.get("display") for c in concept.get("coding") or [] if isinstance(c, dict)]
+            for text in texts:
+                if isinstance(text, str):
+                    for name in self._names.findall(text):
+                        yield MEDICATION_NAME_SYSTEM, name.lower()
 
     def _mapped_codes(self, res: dict[str, Any], terminology: Terminology) -> list[tuple[str, str]]:
         try:
@@ -439,12 +475,21 @@ class PatientIndex:
         by_code = self.by_code
         by_ancestor = self.by_ancestor
         term = self.terminology
-        for system, code in codes:
+        # walk the smaller side: a value set may expand to thousands of codes (every ICD code
+        # below a block, every product of an ingredient), a record holds a few of each type
+        present = self._type_codes.get(resource_type, ())
+        wanted = [k for k in present if k in codes] if len(present) < len(codes) else codes
+        for system, code in wanted:
             hits = by_code.get((resource_type, system, code))
             if hits:
                 for r in hits:
                     seen[id(r)] = r
-            if by_ancestor and system in ICD10_SYSTEMS:
+        above = self._type_ancestors.get(resource_type, ())
+        if above:
+            wanted = [k for k in above if k in codes] if len(above) < len(codes) else codes
+            for system, code in wanted:
+                if system not in ICD10_SYSTEMS:
+                    continue
                 for r, own in by_ancestor.get((resource_type, system, code), ()):
                     if term is None or value_set is None or term.contains(value_set, system, own):
                         seen[id(r)] = r
@@ -478,6 +523,9 @@ class Binding:
     #: qualitative results that could not be read as positive or negative (the variants read
     #: them both ways), and why
     undecided: str | None = None
+    #: why the value has two variants when it is not a censored value (records that may or may
+    #: not be members: a drug class code that also covers other drugs)
+    ambiguity: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -575,8 +623,13 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
     raise _Unusable(f"{rid}: no value")
 
 
-#: the range a performance-status score can take, by its LOINC code
-SCORE_RANGES = {"89247-1": (0.0, 5.0), "89243-0": (0.0, 100.0)}
+#: the range a performance-status score can take, by its code (LOINC or SNOMED CT)
+SCORE_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    (LOINC, "89247-1"): (0.0, 5.0),  # ECOG Performance Status score
+    (LOINC, "89262-0"): (0.0, 5.0),  # ECOG performance status
+    (SNOMED, "423740007"): (0.0, 5.0),  # ECOG performance status (observable entity)
+    (LOINC, "89243-0"): (0.0, 100.0),  # Karnofsky Performance Status score
+}
 
 
 def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str) -> None:
@@ -586,7 +639,7 @@ def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str
     if value < 0:
         raise _Unusable(f"{rid}: a negative value is not a possible result")
     for system, code in _codings(obs.get("code")):
-        bounds = SCORE_RANGES.get(code) if system == LOINC else None
+        bounds = SCORE_RANGES.get((system, code))
         if bounds and not bounds[0] <= value <= bounds[1]:
             raise _Unusable(f"{rid}: score outside its scale {bounds[0]:g}-{bounds[1]:g}")
     if inp.analyte and inp.unit:
@@ -657,6 +710,32 @@ def _censored(value: float, comparator: str) -> tuple[float, float]:
         return min(_CENSOR_LOW, high), high
     low = value if comparator == ">=" else math.nextafter(value, math.inf)
     return low, max(_CENSOR_HIGH, low)
+
+
+def _extra_filters_ok(resource: dict[str, Any], inp: DataInput, index: PatientIndex) -> bool:
+    """Whether the resource's other filtered elements (``bodySite``) hold a code of their
+    ValueSets. Without a terminology nothing can be checked, so nothing passes."""
+    if not inp.extra_filters:
+        return True
+    term = index.terminology
+    if term is None:
+        return False
+    for path, url in inp.extra_filters:
+        value = resource.get(path)
+        concepts = value if isinstance(value, list) else [value]
+        if not any(term.matches(url, c) for c in concepts if isinstance(c, dict)):
+            return False
+    return True
+
+
+def _list_summary(inp: DataInput, records: list[dict[str, Any]]) -> str:
+    parts = [
+        f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
+        f" ({_resource_date(r) or 'no date'})"
+        for r in records[:5]
+    ]
+    more = f" and {len(records) - 5} more" if len(records) > 5 else ""
+    return "; ".join(parts) + more
 
 
 def _qualitative(
@@ -733,12 +812,24 @@ def resolve_input(
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
-    matches = [
-        r
-        for r in index.find(inp.resource_type, inp.codes, inp.value_set)
-        if _window_ok(r, inp, as_of) and _clinical_status_ok(r, inp.clinical_status)
-    ]
-    if not matches:
+
+    def usable(r: dict[str, Any]) -> bool:
+        return (
+            _window_ok(r, inp, as_of)
+            and _clinical_status_ok(r, inp.clinical_status)
+            and _extra_filters_ok(r, inp, index)
+        )
+
+    matches = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if usable(r)]
+    possible: list[dict[str, Any]] = []
+    if inp.possible_codes:
+        certain = {id(r) for r in matches}
+        possible = [
+            r
+            for r in index.find(inp.resource_type, inp.possible_codes)
+            if id(r) not in certain and usable(r)
+        ]
+    if not matches and not possible:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
     if after is not None:
@@ -756,14 +847,19 @@ def resolve_input(
             inp, matches, terminology or index.terminology or _fallback_terminology()
         )
     if inp.select != "latest":
-        parts = [
-            f"{_ref(r)} {_code_of(r.get('code') or r.get('medicationCodeableConcept'))}"
-            f" ({_resource_date(r) or 'no date'})"
-            for r in matches[:5]
-        ]
-        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-        summary = f"{inp.name}: " + "; ".join(parts) + more
-        return Binding((matches,), tuple(_ref(r) for r in matches), summary, None, True)
+        refs = tuple(_ref(r) for r in matches + possible)
+        summary = f"{inp.name}: " + (_list_summary(inp, matches) if matches else "none for sure")
+        if not possible:
+            return Binding((matches,), refs, summary, None, True)
+        maybe = _list_summary(inp, possible)
+        ambiguity = (
+            f"{maybe} counts for {inp.name}: it is coded only by a class that also covers "
+            "other drugs (review which drug was given)"
+        )
+        summary += f"; perhaps {maybe} (coded by a drug class only)"
+        return Binding(
+            (matches, matches + possible), refs, summary, None, True, ambiguity=ambiguity
+        )
     obs = max(matches, key=_sort_key)
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
@@ -1005,8 +1101,12 @@ class Engine:
             compiled.append((trial, crits))
             for inp in trial.all_inputs():
                 known.update(inp.codes)
+                known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
         self._known_codes = frozenset(known)
+        self._medication_names = _name_pattern(
+            code for system, code in known if system == MEDICATION_NAME_SYSTEM
+        )
         self._types = frozenset(inp.resource_type for t in self.trials for inp in t.all_inputs())
 
     # -- public API
@@ -1020,6 +1120,7 @@ class Engine:
             terminology=self.terminology,
             types=self._types,
             only_known=True,
+            medication_names=self._medication_names,
         )
 
     def evaluate(
@@ -1158,17 +1259,18 @@ class Engine:
             used.insert(0, ctx.age_text)
         missing = [b.missing for _inp, b in bindings if b.missing]
         if len(truths) > 1:
+            why = "the answer depends on "
+            ambiguous = [b.ambiguity for _inp, b in bindings if b.ambiguity]
             undecided = [b.undecided for _inp, b in bindings if b.undecided]
-            if undecided:
+            if ambiguous:
+                why += "whether " + " and whether ".join(ambiguous)
+            elif undecided:
                 why = "the answer depends on results that cannot be read as positive or negative"
                 used = [*used, *undecided]
+            elif cc.uses_age and len(ctx.age) > 1:
+                why += "the exact birth date"
             else:
-                why = "the answer depends on "
-                why += (
-                    "the exact birth date"
-                    if cc.uses_age and len(ctx.age) > 1
-                    else "a censored value"
-                )
+                why += "a censored value"
             return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
         truth = truths.pop() if truths else None
         if truth is None:
@@ -1201,6 +1303,15 @@ class Engine:
         else:
             reason = "; ".join(missing) if missing else f"{met} by the data found"
         return self._result(c, outcome, evidence, reason, [])
+
+
+def _name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A regular expression finding any of ``names`` as a whole word (case-insensitive)."""
+    ordered = sorted(set(names), key=len, reverse=True)
+    if not ordered:
+        return None
+    body = "|".join(re.escape(n) for n in ordered)
+    return re.compile(rf"(?<![\w-])({body})(?![\w-])", re.IGNORECASE)
 
 
 def _trials_terminology(trials: Sequence[Trial]) -> Terminology:

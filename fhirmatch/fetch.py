@@ -45,11 +45,21 @@ DATE_PARAMS: dict[str, str] = {
     "Encounter": "date",
     "Immunization": "date",
     "MedicationAdministration": "effective-time",
+    "MedicationDispense": "whenhandedover",
 }
 
 MEDICATION_TYPES = frozenset(
-    {"MedicationRequest", "MedicationStatement", "MedicationAdministration"}
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense"}
 )
+#: fhirmatch's own code systems in a requirement's codes (ingredients named by a ValueSet, names
+#: looked for in a medication's text): no server holds them, so they are never sent
+_INTERNAL_SYSTEMS = frozenset(
+    {
+        "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient",
+        "https://fhirmatch.dev/fhir/CodeSystem/medication-name",
+    }
+)
+_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
 
 
 @dataclass
@@ -135,11 +145,19 @@ def _patient_of(resource: dict[str, Any]) -> str | None:
 
 
 def _codings_match(concept: Any, codes: set[tuple[str, str]]) -> bool:
+    """Whether a medication's CodeableConcept has one of ``codes``, or names one of the medicine
+    names among them in its text or a coding's display."""
     if not isinstance(concept, dict):
         return False
-    return any(
-        (c.get("system", ""), c.get("code", "")) in codes for c in concept.get("coding") or []
-    )
+    codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+    if any((c.get("system", ""), c.get("code", "")) in codes for c in codings):
+        return True
+    names = [code for system, code in codes if system == _NAME_SYSTEM]
+    if not names:
+        return False
+    texts = [concept.get("text"), *(c.get("display") for c in codings)]
+    words = " ".join(t.lower() for t in texts if isinstance(t, str))
+    return any(n in words for n in names)
 
 
 def fetch_patient_data(
@@ -213,7 +231,7 @@ def fetch_patient_data(
         if plan.codes is None or by_ref:
             code_groups = [None]
         else:
-            tokens = sorted(_token(s, c) for s, c in plan.codes)
+            tokens = sorted(_token(s, c) for s, c in plan.codes if s not in _INTERNAL_SYSTEMS)
             code_groups = list(_chunks(tokens, max_codes_per_search))
         if by_ref:
             base.append(("_include", f"{plan.rtype}:medication"))

@@ -742,6 +742,8 @@ def fetch_requirements(trials: Sequence[Trial], terminology: Terminology | None)
     out: list[DataInput] = []
     for inp in (i for t in trials for i in t.all_inputs()):
         extra = terminology.sources_of(inp.codes) if terminology is not None else frozenset()
+        # records coded only by a drug class are fetched too: they make a criterion unknown
+        extra |= inp.possible_codes
         out.append(replace(inp, codes=inp.codes | extra) if extra - inp.codes else inp)
     return out
 

@@ -77,8 +77,15 @@ class DataInput:
     name: str
     resource_type: str
     value_set: str | None = None
-    #: expanded codes of ``value_set`` as ``(system, code)`` pairs
+    #: expanded codes of ``value_set`` as ``(system, code)`` pairs (for medicines, widened by
+    #: the medicine tables to every code of a medicine containing one of its ingredients)
     codes: frozenset[tuple[str, str]] = frozenset()
+    #: codes that may or may not mean a member (a drug class that also holds other drugs): a
+    #: record coded only so makes the input undecided
+    possible_codes: frozenset[tuple[str, str]] = frozenset()
+    #: further ``codeFilter``s as ``(element, ValueSet URL)``: the element must hold a code of
+    #: that ValueSet too (``bodySite`` of a radiotherapy Procedure)
+    extra_filters: tuple[tuple[str, str], ...] = ()
     code_path: str = "code"
     lookback_days: int | None = None
     unit: str | None = None

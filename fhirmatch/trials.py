@@ -97,6 +97,8 @@ KNOWN_CODE_SYSTEMS = frozenset(
         "http://hl7.org/fhir/sid/icd-10",
         "http://www.nlm.nih.gov/research/umls/rxnorm",
         "http://www.whocc.no/atc",
+        "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient",
+        "http://www.ama-assn.org/go/cpt",
         "http://cancerstaging.org",
         "http://terminology.hl7.org/CodeSystem/icd-o-3",
         "http://ncithesaurus-stage.nci.nih.gov",
@@ -131,12 +133,15 @@ INPUT_TYPES = frozenset(
         "MedicationRequest",
         "MedicationStatement",
         "MedicationAdministration",
+        "MedicationDispense",
         "AllergyIntolerance",
     }
 )
 MEDICATION_TYPES = frozenset(
-    {"MedicationRequest", "MedicationStatement", "MedicationAdministration"}
+    {"MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense"}
 )
+#: elements a second ``codeFilter`` may name (each must hold a code of its ValueSet too)
+EXTRA_FILTER_PATHS = frozenset({"bodySite"})
 CLINICAL_STATUS_VALUES = ("current", "history", "any")
 #: days per UCUM duration unit accepted in ``dateFilter.valueDuration`` (mo = 30 d, a = 365 d)
 DURATION_DAYS = {"d": 1, "wk": 7, "mo": 30, "a": 365}
@@ -660,12 +665,29 @@ class _Compiler:
         value_set = None
         code_path = "medication" if rtype in MEDICATION_TYPES else "code"
         codes: frozenset[tuple[str, str]] = frozenset()
+        possible: frozenset[tuple[str, str]] = frozenset()
         if not filters or not filters[0].get("valueSet"):
             self.problem(where, "codeFilter[0].valueSet is required")
         else:
             value_set = str(filters[0]["valueSet"])
             code_path = str(filters[0].get("path") or code_path)
             codes = self.expand(value_set, where)
+            if rtype in MEDICATION_TYPES and self.terminology is not None:
+                # the ValueSet names ingredients; the medicine tables say how records code them
+                certain, possible = self.terminology.medication_codes(codes)
+                codes = codes | certain
+        extra_filters: list[tuple[str, str]] = []
+        for n, flt in enumerate(filters[1:], start=1):
+            path, url = flt.get("path"), flt.get("valueSet")
+            if path not in EXTRA_FILTER_PATHS or not url:
+                self.problem(
+                    where,
+                    f"codeFilter[{n}] needs path {' or '.join(sorted(EXTRA_FILTER_PATHS))} "
+                    "and a valueSet",
+                )
+                continue
+            self.expand(str(url), where)
+            extra_filters.append((str(path), str(url)))
         lookback = None
         for df in dr.get("dateFilter") or []:
             dur = df.get("valueDuration")
@@ -716,6 +738,8 @@ class _Compiler:
             resource_type=rtype,
             value_set=value_set,
             codes=codes,
+            possible_codes=possible,
+            extra_filters=tuple(extra_filters),
             code_path=code_path,
             lookback_days=lookback,
             unit=unit,

@@ -228,6 +228,10 @@ def _describe_input(di: DataInput) -> str:
     parts = [f"%{di.name}: {di.resource_type}"]
     if di.value_set:
         parts.append(f"coded in {di.value_set} ({len(di.codes)} codes)")
+    if di.possible_codes:
+        parts.append(f"{len(di.possible_codes)} class codes read as undecided")
+    for path, url in di.extra_filters:
+        parts.append(f"{path} in {url}")
     if di.lookback_days is not None:
         parts.append(f"within the last {di.lookback_days} days")
     if di.select == "latest":

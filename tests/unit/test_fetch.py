@@ -258,3 +258,42 @@ def test_icd_categories_fetch_the_whole_list(client: FhirClient) -> None:
     assert "code" not in cond
     assert obs["code"] == [f"{LOINC}|1"]
     assert [r["id"] for r in result.resources["a"] if r["resourceType"] == "Condition"] == ["c1"]
+
+
+@responses.activate
+def test_dispenses_and_medicines_named_in_text_are_fetched(client: FhirClient) -> None:
+    name = ("https://fhirmatch.dev/fhir/CodeSystem/medication-name", "camrelizumab")
+    ingredient = ("https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient", "camrelizumab")
+    responses.get(f"{BASE}/Patient", json=bundle(patient("a")))
+    named = {"coding": [{"system": "urn:local", "code": "X1", "display": "Camrelizumab 200mg"}]}
+    responses.get(
+        f"{BASE}/MedicationDispense",
+        json=bundle(
+            res("MedicationDispense", "d1", "a", medicationCodeableConcept=named),
+            res("MedicationDispense", "d2", "a", medicationCodeableConcept={"text": "aspirin"}),
+        ),
+    )
+    result = fetch_patient_data(
+        client, ["a"], [inp("MedicationDispense", {name, ingredient}, 30)], as_of=AS_OF
+    )
+    assert [r["id"] for r in result.resources["a"]] == ["a", "d1"]
+    q = query(responses.calls[1])
+    assert q["whenhandedover"] == ["ge2025-05-31"]
+
+
+@responses.activate
+def test_internal_code_systems_are_never_sent(client: FhirClient) -> None:
+    responses.get(f"{BASE}/Patient", json=bundle(patient("a")))
+    responses.get(f"{BASE}/MedicationStatement", json=bundle())
+    codes = {
+        (RXNORM, "1"),
+        ("https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient", "cisplatin"),
+        ("https://fhirmatch.dev/fhir/CodeSystem/medication-name", "cisplatin"),
+    }
+    fetch_patient_data(
+        client,
+        ["a"],
+        [inp("MedicationStatement", codes, code_path="medication")],
+        medication_refs=False,
+    )
+    assert query(responses.calls[1])["code"] == [f"{RXNORM}|1"]

@@ -137,9 +137,17 @@ def test_nested_value_sets_are_unioned(terminology: Terminology) -> None:
     assert terminology.contains(BASE + "chemo", "urn:oid:2.16.840.1.113883.6.88", "56946")
 
 
-def test_expand_lists_explicit_codes_and_is_a_roots(terminology: Terminology) -> None:
-    assert terminology.expand(BASE + "esophageal") == {(ICD10CM, "C15"), (SNOMED, "363402007")}
-    assert terminology.expand(BASE + "skin") == {(ICD10CM, "C44")}
+def test_expand_lists_explicit_codes_and_is_a_roots_with_their_descendants(
+    terminology: Terminology,
+) -> None:
+    esophageal = terminology.expand(BASE + "esophageal")
+    assert {(ICD10CM, "C15"), (ICD10CM, "C15.5"), (ICD10CM, "C15.9")} <= esophageal
+    assert (SNOMED, "363402007") in esophageal
+    assert {s for s, c in esophageal if not c.startswith("C15") and c != "363402007"} == set()
+    skin = terminology.expand(BASE + "skin")
+    assert (ICD10CM, "C44") in skin and (ICD10CM, "C44.02") in skin
+    assert (ICD10CM, "C44.01") not in skin  # excluded
+    assert all(c.startswith("C44") for _s, c in skin)
 
 
 def test_value_set_with_expansion(terminology: Terminology) -> None:

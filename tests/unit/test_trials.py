@@ -83,14 +83,18 @@ def test_identifiers(trials: dict[str, Trial]) -> None:
 
 def test_hbv_two_units_never_converted(trials: dict[str, Trial]) -> None:
     hbv = find(trials["escc-sbrt-antipd1"], "exc-hbv")
-    units = {i.name: i.unit for i in hbv.inputs}
+    results = [i for i in hbv.inputs if i.resource_type == "Observation"]
+    units = {i.name: i.unit for i in results}
     assert units == {"hbv_iu": "[IU]/mL", "hbv_copies": "{copies}/mL"}
-    assert {i.value_set for i in hbv.inputs} == {
+    assert {i.value_set for i in results} == {
         "https://fhirmatch.dev/fhir/ValueSet/hbv-dna-iu",
         "https://fhirmatch.dev/fhir/ValueSet/hbv-dna-copies",
     }
+    # a hepatitis B diagnosis without a viral load is read too (unknown, not a pass)
+    [diagnosis] = [i for i in hbv.inputs if i.resource_type == "Condition"]
+    assert diagnosis.value_set == "https://fhirmatch.dev/fhir/ValueSet/hepatitis-b"
     assert hbv.expression is not None and " or " in hbv.expression
-    assert all(i.select == "latest" and i.lookback_days == 180 for i in hbv.inputs)
+    assert all(i.select == "latest" and i.lookback_days == 180 for i in results)
 
 
 def test_lab_inputs_compiled(trials: dict[str, Trial]) -> None:

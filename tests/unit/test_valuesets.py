@@ -15,11 +15,12 @@ BASE = "https://fhirmatch.dev/fhir/ValueSet/"
 LOINC = "http://loinc.org"
 SCT = "http://snomed.info/sct"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
+WHO = "http://hl7.org/fhir/sid/icd-10"
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 AJCC = "http://cancerstaging.org"
+ING = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
-WHO = "http://hl7.org/fhir/sid/icd-10"
 UCUM = "http://unitsofmeasure.org"
 V3I = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
@@ -51,14 +52,14 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("hcv-rna", (LOINC, "11011-4"), (LOINC, "16128-1"), None),
     ("hcg", (LOINC, "2106-3"), (LOINC, "718-7"), None),
     ("positive-result", (SCT, "10828004"), (SCT, "260385009"), None),
-    ("ecog", (LOINC, "89247-1"), (LOINC, "89243-0"), None),
+    ("ecog", (LOINC, "89247-1"), (LOINC, "89243-0"), (SCT, "423740007")),
     ("ecog-answers", (LOINC, "LA9622-7"), (LOINC, "LA6576-8"), None),
     ("karnofsky", (LOINC, "89243-0"), (LOINC, "89247-1"), None),
     ("tnm-stage-group", (SCT, "399537006"), (SCT, "399387003"), None),
     ("tnm-distant-metastases", (SCT, "399387003"), (SCT, "399537006"), None),
     ("stage-ivb", (SCT, "1352836005"), (SCT, "1222806003"), None),
     ("m1", (SCT, "1229903009"), (SCT, "1229901006"), None),
-    ("esophageal-cancer", (ICD, "C15"), (ICD, "C16.9"), (ICD, "C15.5")),
+    ("esophageal-cancer", (ICD, "C15"), (ICD, "C16.9"), (WHO, "C15.5")),
     ("squamous-cell-carcinoma-morphology", (SCT, "28899001"), (SCT, "1187332001"), None),
     ("rectal-cancer", (ICD, "C20"), (ICD, "C18.7"), (ICD, "C19")),
     ("colorectal-cancer", (ICD, "C18"), (ICD, "C15.9"), (ICD, "C18.7")),
@@ -69,28 +70,39 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("interstitial-lung-disease", (ICD, "J84"), (ICD, "J18.9"), (ICD, "J84.10")),
     ("autoimmune-disease", (SCT, "64766004"), (SCT, "38341003"), (ICD, "K51.90")),
     ("immunodeficiency", (ICD, "B20"), (ICD, "B18.2"), (ICD, "D84.9")),
-    ("organ-transplant", (ICD, "Z94"), (ICD, "Z95.0"), (ICD, "Z94.84")),
+    ("organ-transplant", (ICD, "Z94.0"), (ICD, "Z94.81"), (ICD, "D89.811")),
     ("hepatitis-b", (SCT, "61977001"), (SCT, "128302006"), (ICD, "B16.9")),
     ("hepatitis-c", (SCT, "128302006"), (SCT, "61977001"), (ICD, "B18.2")),
     ("pregnancy", (SCT, "77386006"), (SCT, "38341003"), (ICD, "Z34.00")),
     ("lactation", (ICD, "Z39.1"), (ICD, "Z39.2"), None),
-    ("malignant-neoplasm", (ICD, "C34"), (ICD, "C79.31"), (ICD, "C34.90")),
+    ("malignant-neoplasm", (ICD, "C34"), (ICD, "C79.31"), (WHO, "C34.9")),
     ("non-melanoma-skin-cancer", (ICD, "C44"), (ICD, "C43.9"), (ICD, "C44.91")),
     ("prostate-cancer", (ICD, "C61"), (ICD, "C67.9"), None),
     ("malignancy-other-than-esophageal", (ICD, "C34"), (ICD, "C15.9"), (ICD, "C43.9")),
     ("malignancy-other-than-rectal", (ICD, "C15"), (ICD, "C20"), (ICD, "C15.9")),
     ("cervical-carcinoma-in-situ", (ICD, "D06"), (ICD, "C53.9"), (ICD, "D06.9")),
-    ("radiotherapy", (SCT, "1217123003"), (SCT, "180256009"), None),
-    ("thoracic-body-site", (SCT, "78904004"), (SCT, "12921003"), None),
-    ("pelvic-body-site", (SCT, "12921003"), (SCT, "78904004"), None),
-    ("platinum", (RX, "2555"), (RX, "56946"), None),
-    ("taxane", (RX, "56946"), (RX, "2555"), None),
-    ("fluoropyrimidine", (RX, "194000"), (RX, "2555"), None),
-    ("doublet-partner", (RX, "4492"), (RX, "2555"), None),
-    ("chemotherapy-doublet", (RX, "1736854"), (RX, "3002"), None),
-    ("anti-pd1", (ATC, "L01FF"), (RX, "2555"), None),
+    (
+        "radiotherapy",
+        (SCT, "53438000"),
+        (SCT, "180256009"),
+        ("http://www.ama-assn.org/go/cpt", "77427"),
+    ),
+    ("thoracic-body-site", (SCT, "44029006"), (SCT, "12921003"), (SCT, "80248007")),
+    ("pelvic-body-site", (SCT, "12921003"), (SCT, "78904004"), (SCT, "719537008")),
+    ("platinum", (ING, "cisplatin"), (ING, "paclitaxel"), None),
+    ("taxane", (ING, "paclitaxel"), (ING, "cisplatin"), None),
+    ("fluoropyrimidine", (ING, "capecitabine"), (ING, "gemcitabine"), None),
+    ("doublet-partner", (ING, "fluorouracil"), (ING, "cisplatin"), None),
+    ("chemotherapy-doublet", (ING, "oxaliplatin"), (ING, "cyclophosphamide"), None),
+    ("anti-pd1", (ING, "camrelizumab"), (ING, "durvalumab"), None),
     ("allergy-mab-chemo", (RX, "194000"), (RX, "723"), None),
     ("drug-allergy", (SCT, "416098002"), (SCT, "91935009"), None),
+    ("malignancy-history-other-than-esophageal", (ICD, "Z85.118"), (ICD, "Z85.01"), (WHO, "Z85.1")),
+    ("malignancy-history-unclear-for-esophageal", (WHO, "Z85.0"), (WHO, "Z85.1"), None),
+    ("malignancy-history-other-than-rectal", (ICD, "Z85.038"), (ICD, "Z85.040"), (WHO, "Z85.3")),
+    ("malignancy-history-unclear-for-rectal", (ICD, "Z85.048"), (ICD, "Z85.038"), None),
+    ("radiotherapy-history", (ICD, "Z92.3"), (ICD, "Z92.21"), (WHO, "Z92.3")),
+    ("transplant-type-unclear", (ICD, "Z94.81"), (ICD, "Z94.0"), (WHO, "Z94.8")),
     ("negative-result", (SCT, "260385009"), (SCT, "10828004"), None),
     ("condition-inactive", (CLINICAL, "resolved"), (CLINICAL, "active"), None),
     ("pregnancy-status", (LOINC, "82810-3"), (LOINC, "2106-3"), None),
@@ -110,7 +122,7 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("mmr-ihc", (LOINC, "81694-2"), (LOINC, "81695-9"), None),
     ("unit-cgy", (UCUM, "cGy"), (UCUM, "Gy"), None),
     ("unit-gy", (UCUM, "Gy"), (UCUM, "cGy"), None),
-    ("chemo-immunotherapy", (RX, "2555"), (RX, "723"), None),
+    ("chemo-immunotherapy", (ING, "cisplatin"), (ING, "cyclophosphamide"), None),
     ("disease-not-progressed", (SCT, "359746009"), (SCT, "271299001"), None),
     ("disease-status-value", (SCT, "709137006"), (SCT, "10828004"), None),
     ("stage-below-iv", (SCT, "1222805004"), (SCT, "1222837003"), None),
@@ -210,3 +222,36 @@ def test_metadata(path: Path) -> None:
     assert vs["status"] == "active"
     assert vs["description"].strip()
     assert "license" in vs["copyright"].lower() or "public domain" in vs["copyright"].lower()
+
+
+def test_icd_hierarchy_comes_from_the_classification(terminology: Terminology) -> None:
+    mal = BASE + "malignant-neoplasm"
+    assert terminology.contains(mal, ICD, "C7A.010")  # block C7A, malignant carcinoid
+    assert terminology.contains(mal, WHO, "C97")  # WHO: independent multiple primaries
+    assert not terminology.contains(mal, ICD, "C7B.01")  # secondary neuroendocrine tumour
+    assert not terminology.contains(mal, WHO, "C80.9")  # unspecified site
+    assert not terminology.contains(mal, ICD, "D09.0")  # in situ
+    codes = terminology.expand(mal)
+    assert (ICD, "C34.12") in codes and (WHO, "C34.1") in codes  # descendants are enumerated
+    assert terminology.contains(BASE + "esophageal-cancer", ICD, "C15.5X")  # unknown code
+
+
+def test_an_icd_filter_on_something_the_classification_lacks_is_an_error(
+    tmp_path: Path,
+) -> None:
+    for value, why in (("C15.X", "is not a code"), ("C00-C75", "heading with no codes")):
+        vs = {
+            "resourceType": "ValueSet",
+            "url": "https://example.org/vs",
+            "compose": {
+                "include": [
+                    {
+                        "system": ICD,
+                        "filter": [{"property": "concept", "op": "is-a", "value": value}],
+                    }
+                ]
+            },
+        }
+        (tmp_path / "vs.json").write_text(json.dumps(vs), encoding="utf-8")
+        problems = Terminology.load([tmp_path]).problems
+        assert why in problems["https://example.org/vs"], problems
