@@ -596,7 +596,14 @@ class _Compiler:
             di = self.data_input(dr, f"{here}.input[{i}]")
             if di.name in names:
                 self.problem(here, f"duplicate input id {di.name!r}")
+            elif di.name in self.ids:
+                self.problem(
+                    here,
+                    f"input id {di.name!r} is already used in this PlanDefinition "
+                    "(FHIR element ids are unique within a resource)",
+                )
             names.add(di.name)
+            self.ids.add(di.name)
             inputs.append(di)
         inputs = self.link_after(inputs_raw, inputs, here)
         for var in sorted(fhirpath_variables(expression) - names - BUILTIN_VARIABLES):

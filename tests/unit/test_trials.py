@@ -224,6 +224,16 @@ def duplicate_id(b: dict[str, Any]) -> None:
     action(b, "inc-age")["id"] = "inc-ecog"
 
 
+def input_id_reused(b: dict[str, Any]) -> None:
+    # Variables are per criterion, but FHIR element ids are unique within the PlanDefinition.
+    hgb = action(b, "inc-hemoglobin")
+    plt_id = action(b, "inc-platelets")["input"][0]["id"]
+    old = hgb["input"][0]["id"]
+    hgb["input"][0]["id"] = plt_id
+    expr = hgb["condition"][0]["expression"]
+    expr["expression"] = expr["expression"].replace(f"%{old}", f"%{plt_id}")
+
+
 def undefined_variable(b: dict[str, Any]) -> None:
     action(b, "inc-ecog")["condition"][0]["expression"]["expression"] = (
         "%ecgo.valueQuantity.value <= 1"
@@ -290,6 +300,7 @@ BREAKAGES = [
     (impossible_unit, "furlong/fortnight"),
     (missing_reason, "without a reason"),
     (duplicate_id, "duplicate action id 'inc-ecog'"),
+    (input_id_reused, "is already used in this PlanDefinition"),
     (undefined_variable, "%ecgo"),
     (unknown_analyte, "unobtainium"),
     (neither, "neither computable"),
