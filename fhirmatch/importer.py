@@ -358,22 +358,14 @@ def _registry_actions(
         )
     sex = str(elig.get("sex") or "ALL").upper()
     if sex in ("FEMALE", "MALE"):
+        gender = sex.lower()
+        other = "male" if gender == "female" else "female"
         text = f"Sex: {sex} (ClinicalTrials.gov eligibility module)"
+        # only the other binary value fails: 'other', 'unknown' or no gender is for a person
+        member = f"%patient.gender.memberOf('{VS_BASE}/administrative-gender-"
+        expr = f"iif({member}{gender}'), true, iif({member}{other}'), false, {{}}))"
         out.append(
-            {
-                "id": ids.take("inc-registry-sex"),
-                "title": f"Sex {sex.lower()}",
-                "description": text,
-                "code": kind_code("inclusion"),
-                "documentation": list(docs),
-                "extension": [
-                    {
-                        "url": EXT_MANUAL_REVIEW,
-                        "valueString": f"Only {sex.lower()} patients: compare with Patient.gender "
-                        "(a condition would need a code literal; criteria name ValueSets).",
-                    }
-                ],
-            }
+            _registry_action(ids.take("inc-registry-sex"), f"Sex {gender}", text, expr, "sex", docs)
         )
     return out
 

@@ -103,6 +103,7 @@ KNOWN_CODE_SYSTEMS = frozenset(
         "http://terminology.hl7.org/CodeSystem/icd-o-3",
         "http://ncithesaurus-stage.nci.nih.gov",
         "http://unitsofmeasure.org",
+        "http://hl7.org/fhir/administrative-gender",
         "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
         "http://terminology.hl7.org/CodeSystem/condition-clinical",
     }

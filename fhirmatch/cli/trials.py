@@ -54,7 +54,7 @@ def _register_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="draft trial definitions from ClinicalTrials.gov records or eligibility text",
         description="Import ClinicalTrials.gov API v2 study records (JSON: one study, or a page "
         "with 'studies'), or with --id one plain-text eligibility section, as trial Bundles: "
-        "one action per criterion bullet, common structured criteria (age, ECOG/Karnofsky, "
+        "one action per criterion bullet, common structured criteria (age, sex, ECOG/Karnofsky, "
         "lab thresholds, pregnancy, HIV/HBV/HCV, brain metastases, prior therapy) drafted as "
         "computable and marked 'drafted, not reviewed', everything else manual. Writes "
         "DIR/<id>.json and checks it. Deterministic, offline.",

@@ -641,7 +641,7 @@ def test_drafting_figures_do_not_fall() -> None:
         assert unseen[key]["recall"] >= 1.0 and unseen[key]["precision"] >= 1.0, (key, unseen)
 
 
-def test_registry_age_decides_through_the_engine_and_sex_is_listed() -> None:
+def test_registry_sex_and_age_decide_through_the_engine() -> None:
     record = json.loads(UNSEEN.read_text(encoding="utf-8"))
     record["protocolSection"]["eligibilityModule"]["sex"] = "FEMALE"
     bundle = study_bundle(record)
@@ -657,6 +657,10 @@ def test_registry_age_decides_through_the_engine_and_sex_is_listed() -> None:
         (result,) = engine.evaluate([resource], as_of=AS_OF)
         return _outcomes(result.criteria)
 
-    assert outcomes(gender="male")["inc-registry-sex"] == "manual"
+    assert outcomes(gender="female")["inc-registry-sex"] == "pass"
+    assert outcomes(gender="male")["inc-registry-sex"] == "fail"
+    assert outcomes()["inc-registry-sex"] == "unknown"  # not recorded: never a guessed fail
+    assert outcomes(gender="unknown")["inc-registry-sex"] == "unknown"
+    assert outcomes(gender="other")["inc-registry-sex"] == "unknown"
     assert outcomes(gender="female")["inc-registry-age"] == "pass"
     assert outcomes(birthDate="1940-01-01")["inc-registry-age"] == "fail"

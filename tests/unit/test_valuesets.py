@@ -26,6 +26,18 @@ V3I = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 # (value set, (system, code) inside, (system, code) outside, descendant inside or None)
 CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]] = [
+    (
+        "administrative-gender-female",
+        ("http://hl7.org/fhir/administrative-gender", "female"),
+        ("http://hl7.org/fhir/administrative-gender", "male"),
+        None,
+    ),
+    (
+        "administrative-gender-male",
+        ("http://hl7.org/fhir/administrative-gender", "male"),
+        ("http://hl7.org/fhir/administrative-gender", "female"),
+        None,
+    ),
     ("wbc", (LOINC, "26464-8"), (LOINC, "751-8"), None),
     ("anc", (LOINC, "751-8"), (LOINC, "6690-2"), None),
     ("platelets", (LOINC, "777-3"), (LOINC, "32623-1"), None),
