@@ -113,10 +113,12 @@ class MatchOutcome:
     requests: int = 0
     seconds: float = 0.0
     dry_run: bool = False
+    #: patients evaluated and written back (counted also when the results are not kept)
+    evaluated: int = 0
 
     @property
     def screened(self) -> int:
-        return len({r.patient for r in self.results})
+        return max(self.evaluated, len({r.patient for r in self.results}))
 
 
 @dataclass
@@ -131,6 +133,8 @@ class MatchOptions:
     publish: bool = True
     chunk_size: int = 50
     restart: bool = False
+    #: keep every result and planned write in the outcome (the JSON output and the HTML report
+    #: list them); without, a run's memory does not grow with the population
     keep_results: bool = True
     #: read the patients' data with Bulk Data ``$export`` (:mod:`fhirmatch.bulk`) instead of
     #: REST searches; ``bulk_group`` exports that Group's members only
@@ -906,9 +910,10 @@ class MatchRun:
                 outcome.skipped[ref] = w.skipped
                 continue
             _count(outcome, w.results, w.plans)
+            outcome.evaluated += 1
             if options.keep_results:
                 outcome.results.extend(w.results)
-            outcome.planned.extend(w.plans)
+                outcome.planned.extend(w.plans)
         return len(chunk.ids)
 
     def _journal(self, ref: str) -> None:

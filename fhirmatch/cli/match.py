@@ -164,6 +164,8 @@ def run_command(args: argparse.Namespace) -> int:
         publish=not args.trials_from_server,
         chunk_size=args.chunk_size,
         concurrency=args.concurrency,
+        # the table needs only the counts; JSON and the report list every result
+        keep_results=args.format == "json" or bool(args.report),
         restart=args.restart,
         bulk=args.bulk or bool(args.bulk_group),
         bulk_group=args.bulk_group,

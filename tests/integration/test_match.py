@@ -382,3 +382,16 @@ def test_match_compiles_the_trials_once(
     code, report = run_cli(capsys, *base_args(fhir_base_url, tag), "--dry-run")
     assert code == 0 and report["results"]
     assert len(built) == 1
+
+
+def test_table_run_keeps_counts_not_results(
+    fhir_base_url: str, population: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without JSON output or a report the run keeps no per-patient results (its memory does
+    not grow with the population), and still counts every patient."""
+    tag, ids = population
+    code = main(["match", *base_args(fhir_base_url, tag), "--dry-run", "--log-level", "ERROR"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert f"screened {len(ids)} patients" in captured.err
+    assert "NCT06767007" in captured.out
