@@ -227,7 +227,9 @@ def _publish_order(resource: dict[str, Any]) -> int:
     return _PUBLISH_ORDER.get(str(resource.get("resourceType")), len(_PUBLISH_ORDER))
 
 
-def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str]:
+def publish_trials(
+    client: FhirClient, trials: Sequence[Trial], *, executor: Pool | None = None
+) -> dict[str, str]:
     """Upload each trial's ResearchStudy, PlanDefinition (and ValueSets) idempotently.
 
     Each resource is looked up by its identifier (ResearchStudy) or canonical URL
@@ -236,23 +238,37 @@ def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str
     criteria, and a new one with ``PUT [type]/[id]``, keeping the trial's own ids (a conditional
     update that creates lets HAPI FHIR choose the id). What is referred to is written first.
     Returns the study reference -> PlanDefinition reference map write-back cites.
+    ``executor`` (a thread pool sharing ``client``) sends the look-ups concurrently; the writes
+    go one at a time, in that order.
     """
-    plan_refs: dict[str, str] = {}
+
+    def look_up(item: tuple[dict[str, Any], dict[str, str]]) -> list[dict[str, Any]]:
+        res, criteria = item
+        return list(client.iter_resources(str(res["resourceType"]), criteria))
+
+    per_trial: list[list[tuple[dict[str, Any], dict[str, str]]]] = []
     for trial in trials:
-        changed = 0
+        items: list[tuple[dict[str, Any], dict[str, str]]] = []
         # what is referred to first: servers that enforce referential integrity (HAPI FHIR)
         # refuse a ResearchStudy whose protocol PlanDefinition they do not hold yet
         for res in sorted(trial.resources, key=_publish_order):
             rtype = str(res.get("resourceType"))
             if rtype == "ResearchStudy" and res.get("identifier"):
                 ident = res["identifier"][0]
-                criteria = {"identifier": f"{ident.get('system', '')}|{ident['value']}"}
+                items.append((res, {"identifier": f"{ident.get('system', '')}|{ident['value']}"}))
             elif rtype in ("PlanDefinition", "ValueSet") and res.get("url"):
-                criteria = {"url": res["url"]}
-            else:
-                continue
-            held = list(client.iter_resources(rtype, criteria))
-            if len(held) == 1 and _content(held[0]) == _content(res):
+                items.append((res, {"url": res["url"]}))
+        per_trial.append(items)
+    every = [item for items in per_trial for item in items]
+    found = iter(list(executor.map(look_up, every) if executor else map(look_up, every)))
+    plan_refs: dict[str, str] = {}
+    written: set[str] = set()  # a ValueSet two trials share is written once
+    for trial, items in zip(trials, per_trial, strict=True):
+        changed = 0
+        for res, criteria in items:
+            held = next(found)
+            key = json.dumps([res.get("resourceType"), criteria, _content(res)], sort_keys=True)
+            if (len(held) == 1 and _content(held[0]) == _content(res)) or key in written:
                 continue
             if not held and res.get("id"):
                 # a conditional update that matches nothing creates the resource, but HAPI
@@ -260,6 +276,7 @@ def publish_trials(client: FhirClient, trials: Sequence[Trial]) -> dict[str, str
                 client.update(res)
             else:
                 client.conditional_update(res, criteria)
+            written.add(key)
             changed += 1
         plan_refs[trial.reference] = f"PlanDefinition/{trial.plan_definition_id}"
         log.info("published %s (%d resources written)", trial.reference, changed)
@@ -586,7 +603,7 @@ class MatchRun:
         self.outcome.started = server_now(self.client)
         self.terminology  # noqa: B018 - loaded before anything is sent
         if self.options.publish and not self.options.dry_run:
-            self.plan_refs = publish_trials(self.client, self.trials)
+            self.plan_refs = publish_trials(self.client, self.trials, executor=self._io)
         self._begin_state()
         if self.options.bulk and self.since is None:
             self.screen_bulk()
