@@ -1,7 +1,7 @@
 """The match job: pull patients from a FHIR server, evaluate them, write back candidates.
 
 :func:`run_match` is the whole job as a library call; ``fhirmatch match`` and ``fhirmatch demo``
-are thin layers over it. The steps:
+are thin layers over it; :class:`MatchRun` is one run, its stages in its methods. The steps:
 
 1. trials are published to the server when they come from files (so every ResearchSubject
    references a ResearchStudy the server holds), or loaded from it;
@@ -11,9 +11,13 @@ are thin layers over it. The steps:
 3. patients are fetched in chunks with :func:`fhirmatch.fetch.fetch_patient_data` (only the data
    the criteria need), evaluated, and written back one transaction per patient
    (:mod:`fhirmatch.writeback`); each finished patient is journalled so a killed run resumes.
+   ``MatchOptions.concurrency`` requests are in flight at once: the next chunks are fetched
+   while one is evaluated, and a chunk's searches and transactions go out together; the chunks
+   are still reported in order, so the outcome is the same for every concurrency.
 
-A patient whose data could not be fetched, or whose write-back failed, is *skipped* with the
-reason and the run goes on; the summary and the exit code say so. Logs name resource ids only.
+A patient whose data could not be fetched, or whose write-back failed after its retries, is
+*skipped* with the reason and the run goes on; the summary and the exit code say so. Logs name
+resource ids only.
 """
 
 from __future__ import annotations
