@@ -8,11 +8,13 @@ writes the same ResearchSubjects to a fresh population, so the runs do the same 
 each latency the seconds, patients/s, requests and the time projected for 100,000 patients at
 that rate, and the ratio of each run's time to the run with no added latency (the floor, measured
 in the same run of this script); ``--sequential`` adds a run with ``--concurrency 1`` at the
-highest latency for comparison. ``--memory`` then screens growing populations with no added
-latency and prints the resident memory the run added.
+highest latency for comparison. ``--dry-run`` measures dry runs (no transactions).
+``--memory`` then screens growing populations with no added latency, keeping counts rather than
+every result as ``fhirmatch match`` does without JSON output or a report, and prints the
+resident memory the run added.
 
     python benchmarks/bench_match.py [--patients 240] [--latencies 0 50 100] [--concurrency 8]
-        [--sequential] [--memory 240 960]
+        [--sequential] [--dry-run] [--memory 240 960]
 """
 
 from __future__ import annotations
@@ -185,7 +187,12 @@ class PeakRss:
 
 
 def run_once(
-    base: str, trials: list[Any], tag: str, concurrency: int, keep: bool = True
+    base: str,
+    trials: list[Any],
+    tag: str,
+    concurrency: int,
+    keep: bool = True,
+    dry_run: bool = False,
 ) -> tuple[float, int, int]:
     """One match run; returns (seconds, requests, ResearchSubjects written)."""
     options = MatchOptions(
@@ -193,6 +200,7 @@ def run_once(
         patients_query=f"Patient?_tag={TAG_SYSTEM}|{tag}",
         concurrency=concurrency,
         keep_results=keep,
+        dry_run=dry_run,
     )
     config = fhirmatch.ClientConfig(base_url=base, connections=max(10, concurrency))
     with fhirmatch.FhirClient(config) as client:
@@ -210,6 +218,7 @@ def main() -> int:
     parser.add_argument("--latencies", type=float, nargs="+", default=[0, 50, 100])
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--sequential", action="store_true", help="also --concurrency 1")
+    parser.add_argument("--dry-run", action="store_true", help="write nothing (fewer requests)")
     parser.add_argument("--memory", type=int, nargs="*", default=[], metavar="N")
     args = parser.parse_args()
     latencies = sorted(set(args.latencies) | {0.0})
@@ -217,6 +226,7 @@ def main() -> int:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; {args.patients} patients, {len(trials)} trials"
+        + ("; dry runs" if args.dry_run else "")
     )
     with start_sandbox(load=False) as sandbox:
         upstream = sandbox.base_url
@@ -234,7 +244,7 @@ def main() -> int:
         )
         for (ms, conc), tag in zip(runs, populations, strict=True):
             with latency(upstream, ms) as base:
-                seconds, sent, written = run_once(base, trials, tag, conc)
+                seconds, sent, written = run_once(base, trials, tag, conc, dry_run=args.dry_run)
             if floor is None:
                 floor = seconds
             rate = args.patients / seconds
