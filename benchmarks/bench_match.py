@@ -9,9 +9,9 @@ each latency the seconds, patients/s, requests and the time projected for 100,00
 that rate, and the ratio of each run's time to the run with no added latency (the floor, measured
 in the same run of this script); ``--sequential`` adds a run with ``--concurrency 1`` at the
 highest latency for comparison. ``--dry-run`` measures dry runs (no transactions).
-``--memory`` then screens growing populations with no added latency, keeping counts rather than
-every result as ``fhirmatch match`` does without JSON output or a report, and prints the
-resident memory the run added.
+``--memory`` then screens growing populations, each in a fresh process talking to the server
+directly, keeping counts rather than every result as ``fhirmatch match`` does without JSON output
+or a report, and prints that process's resident memory before the run and at its peak.
 
     python benchmarks/bench_match.py [--patients 240] [--latencies 0 50 100] [--concurrency 8]
         [--sequential] [--dry-run] [--memory 240 960]
@@ -24,6 +24,8 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -156,7 +158,11 @@ def load_population(base: str, n: int) -> tuple[str, list[str]]:
             url = f"{res['resourceType']}/{res['id']}"
             entries.append({"resource": res, "request": {"method": "PUT", "url": url}})
     for i in range(0, len(entries), 500):
-        batch = {"resourceType": "Bundle", "type": "transaction", "entry": entries[i : i + 500]}
+        batch: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": entries[i : i + 500],
+        }
         requests.post(base, json=batch, headers=JSON, timeout=300).raise_for_status()
     return tag, ids
 
@@ -220,7 +226,11 @@ def main() -> int:
     parser.add_argument("--sequential", action="store_true", help="also --concurrency 1")
     parser.add_argument("--dry-run", action="store_true", help="write nothing (fewer requests)")
     parser.add_argument("--memory", type=int, nargs="*", default=[], metavar="N")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        base, tag, concurrency = args.memory_child
+        return memory_child(base, tag, int(concurrency))
     latencies = sorted(set(args.latencies) | {0.0})
     trials = fhirmatch.load_trials([REPO / "fixtures" / "trials"])
     print(
@@ -255,11 +265,29 @@ def main() -> int:
             )
         for n in args.memory:
             tag, _ = load_population(upstream, n)
-            with latency(upstream, 0) as base:
-                sampler = PeakRss()
-                seconds, _, _ = run_once(base, trials, tag, args.concurrency, keep=False)
-                grown = sampler.stop()
-            print(f"memory: {n} patients in {seconds:.1f} s, resident memory +{grown:.0f} MB")
+            child = subprocess.run(
+                [sys.executable, __file__, "--memory-child", upstream, tag, str(args.concurrency)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            got = json.loads(child.stdout.strip().splitlines()[-1])
+            print(
+                f"memory: {n} patients in {got['seconds']:.1f} s (its own process, no proxy): "
+                f"resident {got['before']:.0f} MB before the run, peak {got['peak']:.0f} MB "
+                f"(+{got['peak'] - got['before']:.0f} MB)"
+            )
+    return 0
+
+
+def memory_child(base: str, tag: str, concurrency: int) -> int:
+    """One run in a fresh process: resident memory before it and at its peak."""
+    trials = fhirmatch.load_trials([REPO / "fixtures" / "trials"])
+    fhirmatch.Engine(trials)  # the imports and the compiled trials count as "before"
+    sampler = PeakRss()
+    seconds, _, _ = run_once(base, trials, tag, concurrency, keep=False)
+    sampler.stop()
+    print(json.dumps({"seconds": seconds, "before": sampler.start, "peak": sampler.peak}))
     return 0
 
 
