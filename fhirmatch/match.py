@@ -605,7 +605,7 @@ class MatchRun:
         t0 = time.monotonic()
         requests_before = self.client.stats.requests
         self.outcome.started = server_now(self.client)
-        self.terminology  # noqa: B018 - loaded before anything is sent
+        self._needs()  # the terminology tables and the data requirements, once
         if self.options.publish and not self.options.dry_run:
             self.plan_refs = publish_trials(self.client, self.trials, executor=self._io)
         self._begin_state()
@@ -685,6 +685,7 @@ class MatchRun:
 
     def screen(self, ids: Sequence[str]) -> None:
         """Fetch, evaluate, write and report these patients, chunk by chunk."""
+        self._needs()  # computed once, before the fetch threads start
         chunks = _chunks(ids, self.options.chunk_size)
         self._pipeline((self.evaluate(chunk) for chunk in self._fetched(chunks)), len(ids))
 
