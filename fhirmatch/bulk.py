@@ -294,7 +294,7 @@ class BulkExporter:
                 value = transport.auth.authorization(transport)
                 if value:
                     send["Authorization"] = value
-            transport.stats.requests += 1
+            transport.stats.add_request()
             why: str
             try:
                 with transport.session.get(
@@ -315,7 +315,7 @@ class BulkExporter:
                 wait = retry_after if retry_after is not None else delays[attempt - 1]
                 wait = min(wait, transport.retry.retry_after_cap)
                 log.info("download %s: %s; retry in %.1f s", url_path(url), why, wait)
-                transport.stats.retries += 1
+                transport.stats.add_retry()
                 self.sleep(wait)
                 continue
             part.unlink(missing_ok=True)

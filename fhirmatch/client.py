@@ -84,6 +84,8 @@ class ClientConfig:
     max_get_query: int = 1800
     #: default ``_count`` for searches that do not set one
     page_size: int | None = None
+    #: pooled connections: as many as threads sending at once (``--concurrency``)
+    connections: int = 10
 
     def __post_init__(self) -> None:
         if self.connect_timeout <= 0 or self.read_timeout <= 0:
@@ -263,7 +265,7 @@ class Capabilities:
 
 class FhirClient:
     """A FHIR REST client bound to one server (one pooled session; not for sharing across
-    processes; safe for use from several threads for reads)."""
+    processes; safe for use from several threads at once, which share its backoff)."""
 
     def __init__(
         self,
@@ -289,6 +291,7 @@ class FhirClient:
             extra_headers=config.extra_headers,
             sleep=sleep,
             session=session,
+            connections=config.connections,
         )
         self.base_url = self.transport.base_url
         self._capabilities: Capabilities | None = None

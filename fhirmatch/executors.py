@@ -468,7 +468,7 @@ class DaskExecutor(_Base):
                 n_workers=workers or os.cpu_count() or 1,
                 threads_per_worker=1,
                 processes=processes,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: runs side by side never clash
             )
             self.client = Client(self._cluster)
         definitions = (tuple(trials), terminology)

@@ -26,10 +26,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import FhirClient
+from .client import FhirClient, SearchResult
 from .errors import FatalNetworkError, NetworkError
 from .model import DataInput
 
@@ -171,6 +172,7 @@ def fetch_patient_data(
     page_size: int = 500,
     max_codes_per_search: int = 100,
     medication_refs: bool = True,
+    executor: Executor | None = None,
 ) -> FetchResult:
     """Fetch the Patients and the resources ``requirements`` ask for, grouped by patient id.
 
@@ -178,6 +180,10 @@ def fetch_patient_data(
     search to resources updated at or after it (``_lastUpdated=ge…``). Failures are recorded per
     patient in ``FetchResult.errors`` rather than raised, except for authentication failures,
     which would fail every request alike.
+
+    ``executor`` (a thread pool sharing ``client``) sends the per-type searches concurrently;
+    their answers are still added in the order the searches are listed, so each patient's
+    resources come out in the same order as without it.
     """
     ids = list(dict.fromkeys(str(p) for p in patient_ids))
     if chunk_size < 1 or page_size < 1 or max_codes_per_search < 1:
@@ -200,15 +206,21 @@ def fetch_patient_data(
             result.resources.setdefault(pid, []).append(resource)
 
     # 1. the Patients
-    found: list[str] = []
-    for chunk in _chunks(ids, chunk_size):
+    def read_patients(chunk: list[str]) -> list[dict[str, Any]] | NetworkError:
         params = [("_id", ",".join(chunk)), ("_count", str(len(chunk)))]
         try:
-            patients = list(client.iter_resources("Patient", params))
+            return list(client.iter_resources("Patient", params))
         except NetworkError as exc:
             _raise_if_auth(exc)
+            return exc
+
+    found: list[str] = []
+    id_chunks = _chunks(ids, chunk_size)
+    pool_map = executor.map if executor is not None else map
+    for chunk, patients in zip(id_chunks, pool_map(read_patients, id_chunks), strict=True):
+        if isinstance(patients, NetworkError):
             for pid in chunk:
-                result.add_error(pid, f"Patient search failed: {exc}")
+                result.add_error(pid, f"Patient search failed: {patients}")
             continue
         got = {str(p.get("id")): p for p in patients}
         for pid in chunk:
@@ -219,6 +231,7 @@ def fetch_patient_data(
                 result.add_error(pid, "Patient not found")
 
     # 2. one search per resource type and chunk of patients (and chunk of codes)
+    searches: list[_Search] = []
     for plan in _plans(requirements):
         by_ref = plan.medication and medication_refs and plan.rtype in MEDICATION_TYPES
         base: list[tuple[str, str]] = [("_count", str(page_size))]
@@ -240,7 +253,14 @@ def fetch_patient_data(
                 params = [("patient", ",".join(chunk)), *base]
                 if group is not None:
                     params.append(("code", ",".join(group)))
-                _run_search(client, plan, params, chunk, by_ref, add, result)
+                searches.append(_Search(plan, params, chunk, by_ref))
+
+    def send(search: _Search) -> list[tuple[_Search, SearchResult | NetworkError]]:
+        return _send(client, search)
+
+    for answer in pool_map(send, searches):
+        for search, found_or_error in answer:
+            _take(search, found_or_error, add, result)
 
     result.requests = client.stats.requests - start_requests
     log.debug(
@@ -257,32 +277,47 @@ def _raise_if_auth(exc: NetworkError) -> None:
         raise exc
 
 
-def _run_search(
-    client: FhirClient,
-    plan: _TypePlan,
-    params: list[tuple[str, str]],
-    chunk: list[str],
-    by_ref: bool,
+@dataclass(frozen=True)
+class _Search:
+    plan: _TypePlan
+    params: list[tuple[str, str]]
+    chunk: list[str]
+    by_ref: bool
+
+
+def _send(client: FhirClient, search: _Search) -> list[tuple[_Search, SearchResult | NetworkError]]:
+    """Run one search (one per patient when the server refuses the patient list); a failure
+    is returned, not raised, except an authentication failure."""
+    try:
+        return [(search, client.search_all(search.plan.rtype, search.params))]
+    except FatalNetworkError as exc:
+        _raise_if_auth(exc)
+        if exc.status == 400 and len(search.chunk) > 1:
+            # Some servers refuse a comma list on a reference parameter: one patient at a time.
+            log.info(
+                "%s: multi-patient search refused (400); searching per patient", search.plan.rtype
+            )
+            out: list[tuple[_Search, SearchResult | NetworkError]] = []
+            for pid in search.chunk:
+                single = [(k, pid if k == "patient" else v) for k, v in search.params]
+                out += _send(client, _Search(search.plan, single, [pid], search.by_ref))
+            return out
+        return [(search, exc)]
+    except NetworkError as exc:
+        return [(search, exc)]
+
+
+def _take(
+    search: _Search,
+    found: SearchResult | NetworkError,
     add: Callable[[str, dict[str, Any]], None],
     result: FetchResult,
 ) -> None:
-    try:
-        found = client.search_all(plan.rtype, params)
-    except FatalNetworkError as exc:
-        _raise_if_auth(exc)
-        if exc.status == 400 and len(chunk) > 1:
-            # Some servers refuse a comma list on a reference parameter: one patient at a time.
-            log.info("%s: multi-patient search refused (400); searching per patient", plan.rtype)
-            for pid in chunk:
-                single = [(k, pid if k == "patient" else v) for k, v in params]
-                _run_search(client, plan, single, [pid], by_ref, add, result)
-            return
+    """Add one search's matches to their patients (or record its failure for each of them)."""
+    plan, chunk, by_ref = search.plan, search.chunk, search.by_ref
+    if isinstance(found, NetworkError):
         for pid in chunk:
-            result.add_error(pid, f"{plan.rtype} search failed: {exc}")
-        return
-    except NetworkError as exc:
-        for pid in chunk:
-            result.add_error(pid, f"{plan.rtype} search failed: {exc}")
+            result.add_error(pid, f"{plan.rtype} search failed: {found}")
         return
     wanted = set(chunk)
     medications: dict[str, dict[str, Any]] = {}

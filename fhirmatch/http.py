@@ -23,6 +23,7 @@ import email.utils
 import ipaddress
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -250,17 +251,68 @@ def _error_class(status: int) -> type[NetworkError]:
 
 @dataclass
 class TransportStats:
-    """Counters of what one transport sent."""
+    """Counters of what one transport sent (updated under a lock: threads share a transport)."""
 
     requests: int = 0
     retries: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def add_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def add_status(self, status: int) -> None:
+        with self._lock:
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+
+
+#: Statuses that pause every request of a transport, not only the one that met them: the
+#: server says it is overloaded (429) or unavailable (503), so the whole client backs off.
+BACKOFF_STATUSES = frozenset({429, 503})
+
+
+class _Backoff:
+    """A pause shared by every thread using one transport.
+
+    A 429 or 503 sets a deadline (its ``Retry-After`` or the retry delay); every request started
+    before it, by any thread, waits until then before it is sent.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until = 0.0
+
+    def extend(self, seconds: float) -> float:
+        """Pause everyone for ``seconds`` from now (never shortening a longer pause); returns
+        the deadline this pause stands for."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            self._until = max(self._until, deadline)
+        return deadline
+
+    def wait(self, honoured: float, sleep: Callable[[float], None]) -> float:
+        """Sleep until the shared deadline unless the caller already waited for it (its own
+        retry delay ends at ``honoured``); returns the deadline now honoured."""
+        with self._lock:
+            until = self._until
+        remaining = until - time.monotonic()
+        if until <= honoured or remaining <= 0:
+            return honoured
+        sleep(remaining)
+        return until
 
 
 class HttpTransport:
     """One pooled :class:`requests.Session` bound to one FHIR server.
 
     ``sleep`` is injectable so tests run instantly; ``rng`` makes jitter reproducible.
+    Several threads may send through one transport at once (``connections`` sizes the pool):
+    the counters are locked, and a 429 or 503 pauses every thread (see :class:`_Backoff`).
     """
 
     def __init__(
@@ -278,6 +330,7 @@ class HttpTransport:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         session: requests.Session | None = None,
+        connections: int = 10,
     ) -> None:
         from . import __version__
 
@@ -288,7 +341,14 @@ class HttpTransport:
         self.sleep = sleep
         self.rng = rng
         self.stats = TransportStats()
-        self.session = session or requests.Session()
+        self._backoff = _Backoff()
+        if session is None:
+            session = requests.Session()
+            if connections > 10:  # one pooled connection per thread that may send at once
+                adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+        self.session = session
         # A CA bundle path replaces the default trust store; verify=False is an explicit opt-out.
         self.session.verify = ca_bundle if (ca_bundle and verify) else verify
         self.session.headers.update(
@@ -381,14 +441,16 @@ class HttpTransport:
         delays = self.retry.delays(self.rng)
         refreshed_auth = False
         attempt = 0
+        honoured = 0.0  # the shared pause this request has already waited for
         while True:
             attempt += 1
+            honoured = self._backoff.wait(honoured, self.sleep)
             send_headers = dict(hdrs)
             if authenticated and self.auth is not None:
                 value = self.auth.authorization(self)
                 if value:
                     send_headers["Authorization"] = value
-            self.stats.requests += 1
+            self.stats.add_request()
             try:
                 response = self.session.request(
                     method,
@@ -426,7 +488,7 @@ class HttpTransport:
                     f"{kind} after {attempt} attempt(s)", method=method, url=redact_url(url)
                 ) from None
             status = response.status_code
-            self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+            self.stats.add_status(status)
             log.debug("%s %s -> %s", method, urlsplit(url).path, status)
             if status < 400 or status in ok_statuses:
                 return response
@@ -444,6 +506,8 @@ class HttpTransport:
                 retry_wait = self._retry_wait(response, attempt, delays)
                 if retry_wait is not None:
                     self._note_retry(method, url, str(status), attempt, retry_wait)
+                    if status in BACKOFF_STATUSES:
+                        honoured = self._backoff.extend(retry_wait)
                     self.sleep(retry_wait)
                     continue
             cls = _error_class(status)
@@ -475,7 +539,7 @@ class HttpTransport:
         return wait
 
     def _note_retry(self, method: str, url: str, why: str, attempt: int, wait: float) -> None:
-        self.stats.retries += 1
+        self.stats.add_retry()
         level = logging.INFO if attempt == 1 else logging.WARNING
         log.log(
             level,

@@ -22,7 +22,10 @@ The explanation travels with the subject: the :data:`EXT_ASSESSMENT` extension h
 status, the as-of date and every criterion's outcome, reason and evidence (format in
 ``docs/writeback.md``), and a Provenance names the PlanDefinition and every evidence resource,
 with the fhirmatch Device as agent. One transaction per patient carries the Device (conditional
-create), the subjects and their Provenance, so a failure leaves nothing half-written.
+create), the subjects and their Provenance, so a failure leaves nothing half-written. Every entry
+of a transaction that creates subjects is safe to resend (conditional creates, and the Provenance
+written with ``PUT`` to a deterministic id, :func:`provenance_id`), so a lost answer is simply
+resent; an update carries ``If-Match`` and is re-planned from what the server holds instead.
 """
 
 from __future__ import annotations
@@ -352,11 +355,32 @@ def transaction_for(
                 request["ifMatch"] = f'W/"{plan.existing_version}"'
             entries.append({"resource": plan.subject, "request": request})
         plan.provenance = provenance_resource(plan, target, pd, device_url, version)
+        plan.provenance["id"] = provenance_id(plan)
         entries.append(
             {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
                 "resource": plan.provenance,
-                "request": {"method": "POST", "url": "Provenance"},
+                "request": {"method": "PUT", "url": f"Provenance/{plan.provenance['id']}"},
             }
         )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def provenance_id(plan: PlannedWrite) -> str:
+    """The Provenance's deterministic id: a UUID5 of the subject's identifier, the version the
+    write starts from (none for a create), the assessment's digest and its as-of date.
+
+    Written with ``PUT Provenance/[id]``, so every entry of a write-back transaction is safe to
+    resend: a resend after a lost answer rewrites the same Provenance instead of adding a
+    second one, while each later change of the subject (a new starting version) gets its own.
+    """
+    assert plan.subject is not None
+    key = "|".join(
+        [
+            "provenance",
+            subject_identifier(plan.study, plan.patient),
+            f"from {plan.existing_version}" if plan.action == "update" else "new",
+            str(_ext_value(plan.subject, "digest")),
+            str(_ext_value(plan.subject, "asOf")),
+        ]
+    )
+    return str(uuid.uuid5(_NAMESPACE, key))

@@ -160,6 +160,7 @@ def build_client(args: argparse.Namespace, *, strict: bool = False) -> FhirClien
         ca_bundle=args.ca_bundle,
         allow_insecure_http=args.allow_insecure_http,
         extra_headers={"Prefer": "handling=strict"} if strict else {},
+        connections=max(10, getattr(args, "concurrency", 1)),
     )
     return FhirClient(config)
 

@@ -14,7 +14,14 @@ from typing import Any
 from ..data import seed_trials_dir
 from ..errors import ConfigurationError, TrialDefinitionError
 from ..executors import add_executor_arguments, executor_from_args, partition_bytes
-from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
+from ..match import (
+    DEFAULT_CONCURRENCY,
+    MAX_CONCURRENCY,
+    MatchOptions,
+    MatchOutcome,
+    load_trials_from_server,
+    run_match,
+)
 from ..model import Trial
 from ..state import StateStore, write_private_file
 from ..terminology import Terminology
@@ -73,6 +80,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--restart", action="store_true", help="discard an interrupted run in the state file"
     )
     run.add_argument("--chunk-size", type=int, default=50, help="patients per fetch (default 50)")
+    run.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"requests in flight at once, 1 to {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY}); "
+        "all back off together when the server answers 429 or 503",
+    )
     scale = p.add_argument_group("scale")
     scale.add_argument(
         "--bulk",
@@ -148,6 +163,9 @@ def run_command(args: argparse.Namespace) -> int:
         write=frozenset(w.strip() for w in args.write.split(",") if w.strip()),
         publish=not args.trials_from_server,
         chunk_size=args.chunk_size,
+        concurrency=args.concurrency,
+        # the table needs only the counts; JSON and the report list every result
+        keep_results=args.format == "json" or bool(args.report),
         restart=args.restart,
         bulk=args.bulk or bool(args.bulk_group),
         bulk_group=args.bulk_group,

@@ -331,3 +331,67 @@ def test_local_lab_codes_are_mapped_in_match(
     assert platelets["outcome"] == "fail"
     assert platelets["evidence"] == [f"Observation/{pid}-plt"]
     assert rectal["status"] == "ineligible"
+
+
+def test_concurrency_gives_the_same_outcome_in_the_same_order(
+    fhir_base_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One request at a time or eight in flight: the same results, writes and skips, in the
+    same order (the patient list's), dry run and real run alike."""
+    tag = uuid.uuid4().hex[:12]
+    ids = [f"fc-{tag}-{i}" for i in range(7)]
+    resources: list[dict[str, Any]] = []
+    for i, pid in enumerate(ids):
+        resources += patient_resources(pid, tag, rectal=i % 3 != 0)
+    put_all(fhir_base_url, resources)
+    small = [*base_args(fhir_base_url, tag), "--chunk-size", "2"]
+    code, one = run_cli(capsys, *small, "--dry-run", "--concurrency", "1")
+    assert code == 0
+    code, many = run_cli(capsys, *small, "--dry-run", "--concurrency", "8")
+    assert code == 0
+    assert many == one
+    patients = list(dict.fromkeys(r["patient"] for r in one["results"]))
+    assert sorted(patients) == sorted(f"Patient/{p}" for p in ids)
+    code, written = run_cli(capsys, *small, "--concurrency", "8")
+    assert code == 0
+    assert written["results"] == one["results"]
+    assert [(w["study"], w["patient"], w["action"]) for w in written["writes"]] == [
+        (w["study"], w["patient"], w["action"]) for w in one["writes"]
+    ]
+    assert len(subjects_for(fhir_base_url, written_pairs(written))) == len(written_pairs(one))
+
+
+def test_match_compiles_the_trials_once(
+    fhir_base_url: str,
+    population: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The local executor's engine is the one the match job evaluates with."""
+    from fhirmatch.engine import Engine
+
+    built: list[int] = []
+    original = Engine.__init__
+
+    def counting(self: Engine, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", counting)
+    tag, _ = population
+    code, report = run_cli(capsys, *base_args(fhir_base_url, tag), "--dry-run")
+    assert code == 0 and report["results"]
+    assert len(built) == 1
+
+
+def test_table_run_keeps_counts_not_results(
+    fhir_base_url: str, population: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without JSON output or a report the run keeps no per-patient results (its memory does
+    not grow with the population), and still counts every patient."""
+    tag, ids = population
+    code = main(["match", *base_args(fhir_base_url, tag), "--dry-run", "--log-level", "ERROR"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert f"screened {len(ids)} patients" in captured.err
+    assert "NCT06767007" in captured.out

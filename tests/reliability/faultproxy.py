@@ -21,7 +21,8 @@ Each fault matches a method (or any) and a regular expression searched in the re
 its query string (and, for ``POST [type]/_search``, the form body after a newline), and fires
 ``times`` times (``None``: for ever), optionally after letting ``skip`` matching requests
 through. ``before_forward`` hooks run for every forwarded request (tests use them to change the
-server's data during a run).
+server's data during a run). :class:`RandomFaults` adds faults at random rates to the requests no
+scheduled fault matched (a flaky network between a job and its server).
 
 Upstream URLs in response bodies and ``Location`` headers are rewritten to the proxy's own
 origin, so ``next`` links keep paging through the proxy.
@@ -30,6 +31,7 @@ origin, so ``next`` links keep paging through the proxy.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import socket
 import threading
@@ -87,6 +89,32 @@ class Fault:
 
 
 @dataclass
+class RandomFaults:
+    """Faults drawn at random (seeded) for each request no scheduled fault matches: answer
+    ``unavailable`` of them with 503, ``too_many`` with 429, and close the connection without
+    a reply after forwarding ``dropped`` of them (the server acted; its answer is lost)."""
+
+    unavailable: float = 0.0
+    too_many: float = 0.0
+    dropped: float = 0.0
+    seed: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def draw(self) -> Fault | None:
+        x = self.rng.random()
+        if x < self.unavailable:
+            return Fault("status", status=503, times=None)
+        if x < self.unavailable + self.too_many:
+            return Fault("status", status=429, times=None)
+        if x < self.unavailable + self.too_many + self.dropped:
+            return Fault("drop_after_forward", times=None)
+        return None
+
+
+@dataclass
 class Seen:
     """One request the proxy received, and the fault it met (None: forwarded untouched)."""
 
@@ -106,6 +134,7 @@ class FaultProxy:
         self.upstream_origin = f"{parts.scheme}://{parts.netloc}"
         self.upstream_path = parts.path.rstrip("/")
         self.faults: list[Fault] = []
+        self.random: RandomFaults | None = None
         self.hooks: list[Hook] = []
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -138,6 +167,7 @@ class FaultProxy:
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
+            self.random = None
 
     def count(self, kind: FaultKind) -> int:
         """How many requests met a fault of this kind."""
@@ -157,6 +187,9 @@ class FaultProxy:
                     if fault.hits > fault.skip:
                         chosen = fault
                     break
+            else:
+                if self.random is not None:
+                    chosen = self.random.draw()
             self.seen.append(Seen(method, target, chosen.kind if chosen else None))
             return chosen
 

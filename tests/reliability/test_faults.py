@@ -2,7 +2,8 @@
 
 Every test screens its own tagged population through :class:`FaultProxy` and then checks the
 server itself (not the proxy): each candidate pair has exactly one ResearchSubject with exactly
-one Provenance, and every patient is either evaluated or listed as skipped with a reason.
+one Provenance per write, and every patient is either evaluated or listed as skipped with a
+reason, and skipped only when its retries ran out.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from faultproxy import Fault, FaultProxy
+from faultproxy import Fault, FaultProxy, RandomFaults
 from fmhelpers import (
     TRIALS,
     assert_written_once,
@@ -20,7 +21,9 @@ from fmhelpers import (
     make_population,
     options,
     patient_resources,
+    provenances_of,
     put_all,
+    subjects_of,
 )
 
 from fhirmatch.cli.match import load_file_trials
@@ -129,33 +132,102 @@ def test_connection_dropped_mid_response_is_retried(
 
 
 @pytest.mark.parametrize("kind", ["drop_after_forward", "drop_response"])
-def test_transaction_lost_after_commit_creates_no_duplicates(
+def test_transaction_lost_after_commit_is_resent_without_duplicates(
     fhir_base_url: str, proxy: FaultProxy, trials: list[Trial], kind: str
 ) -> None:
-    """The server applied the transaction but its answer was lost: the patient is reported as
-    skipped (the client cannot know), nothing is resent blindly, and the next run finds the
-    subjects and writes nothing twice."""
+    """The server applied the transaction but its answer was lost. Every entry is safe to
+    resend (conditional creates, the Provenance PUT to a deterministic id), so the client
+    resends it within the run: nobody is skipped, nothing is written twice."""
     tag, ids = make_population(fhir_base_url, 4)
     fault = proxy.add(Fault(kind, method="POST", path=TRANSACTION, times=2))  # type: ignore[arg-type]
     with fast_client(proxy.base_url) as client:
         first = run_match(client, trials, options(tag))
     assert fault.hits == 2
-    # the transactions carry plain Provenance creates: not retry-safe, so never resent
     posts = [s for s in proxy.seen if s.method == "POST" and re.match(TRANSACTION, s.target)]
-    assert len(posts) == len(ids)  # one per patient (each has a pair to write)
-    assert len(first.skipped) == 2
-    assert all("write-back failed" in why for why in first.skipped.values())
+    assert len(posts) == len(ids) + 2  # one per patient, and the two lost ones again
+    assert first.skipped == {}
     _screened_or_skipped(first, ids, len(trials))
+    pairs = candidate_pairs(first)
+    assert sum(s.created for s in first.summaries.values()) == len(pairs)
+    assert_written_once(fhir_base_url, ids, _studies(trials), pairs)
 
     proxy.clear()
     with fast_client(proxy.base_url) as client:
         second = run_match(client, trials, options(tag))
     assert second.skipped == {}
-    # the two lost transactions had committed: their subjects are found, not created again
-    actions = {p.patient: p.action for p in second.planned if p.action != "not-written"}
-    for ref in first.skipped:
-        assert actions.get(ref) in (None, "unchanged"), ref
+    assert {p.action for p in second.planned} <= {"unchanged", "not-written"}
     assert_written_once(fhir_base_url, ids, _studies(trials), candidate_pairs(second))
+
+
+@pytest.mark.parametrize("kind", ["drop_after_forward", "status"])
+def test_update_in_doubt_is_read_again_and_planned_again(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial], kind: str
+) -> None:
+    """An update carries If-Match, so it is not resent blindly. When its answer is lost (it
+    committed) or refused with 503 (it did not), the run reads the subjects again by their
+    identifiers and plans again: the committed update is reported as written, the refused one
+    is sent again; one Provenance per write either way."""
+    tag, ids = make_population(fhir_base_url, 2)
+    with fast_client(fhir_base_url) as client:
+        run_match(client, trials, options(tag))
+    # the ECOG score worsens: every candidate pair of the first patient becomes ineligible
+    worse = patient_resources(ids[0], tag, rectal=True)[2]
+    worse["valueQuantity"] = {**worse["valueQuantity"], "value": 3}
+    put_all(fhir_base_url, [worse])
+    fault = proxy.add(Fault(kind, method="POST", path=TRANSACTION, times=1))  # type: ignore[arg-type]
+    with fast_client(proxy.base_url) as client:
+        second = run_match(client, trials, options(tag))
+    assert fault.hits == 1
+    assert second.skipped == {}
+    updated = [p for p in second.planned if p.action == "update"]
+    assert updated and {p.patient for p in updated} == {f"Patient/{ids[0]}"}
+    assert sum(s.updated for s in second.summaries.values()) == len(updated)
+    subjects = {
+        (s["study"]["reference"], s["individual"]["reference"]): s
+        for s in subjects_of(fhir_base_url, ids, _studies(trials))
+    }
+    for plan in updated:
+        subject = subjects[(plan.study, plan.patient)]
+        assert subject["status"] == "ineligible"
+        # the create's Provenance and the update's
+        assert len(provenances_of(fhir_base_url, subject["id"])) == 2
+
+
+def test_flaky_network_run_converges_to_a_clean_run(
+    fhir_base_url: str, proxy: FaultProxy, trials: list[Trial]
+) -> None:
+    """Through a proxy answering 10% of requests with 503, 5% with 429 and dropping 3% of
+    connections after the server acted, a concurrent run ends with exactly the ResearchSubjects
+    and Provenance of a clean run on the same population: none duplicated, nobody skipped."""
+    n = 30
+    clean_tag, clean_ids = make_population(fhir_base_url, n)
+    tag, ids = make_population(fhir_base_url, n)
+    with fast_client(fhir_base_url) as client:
+        clean = run_match(client, trials, options(clean_tag, concurrency=8))
+    proxy.random = RandomFaults(unavailable=0.10, too_many=0.05, dropped=0.03, seed=7)
+    with fast_client(proxy.base_url, attempts=8) as client:
+        flaky = run_match(client, trials, options(tag, concurrency=8))
+    assert proxy.count("status") > 10 and proxy.count("drop_after_forward") > 0
+    assert flaky.skipped == {} and clean.skipped == {}
+
+    def written(base: str, population: list[str]) -> list[tuple[str, int, str, int]]:
+        index = {f"Patient/{p}": i for i, p in enumerate(population)}
+        return sorted(
+            (
+                s["study"]["reference"],
+                index[s["individual"]["reference"]],
+                s["status"],
+                len(provenances_of(base, s["id"])),
+            )
+            for s in subjects_of(base, population, _studies(trials))
+        )
+
+    expected = written(fhir_base_url, clean_ids)
+    assert expected and all(count == 1 for *_, count in expected)
+    assert written(fhir_base_url, ids) == expected
+    assert [s.written for s in flaky.summaries.values()] == [
+        s.written for s in clean.summaries.values()
+    ]
 
 
 def test_retries_exhausted_skips_with_reason(

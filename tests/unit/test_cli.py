@@ -108,6 +108,24 @@ def test_top_level_help_lists_commands() -> None:
             "--bulk-poll-max",
             "0",
         ],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--concurrency",
+            "0",
+        ],
+        [
+            "match",
+            "--server",
+            "http://127.0.0.1:1/fhir",
+            "--trials",
+            "fixtures/trials",
+            "--concurrency",
+            "65",
+        ],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:

@@ -393,3 +393,43 @@ def test_prefer_headers_are_joined(sleeps: Sleeps) -> None:
         "handling=strict, return=representation"
     )
     assert responses.calls[1].request.headers["Prefer"] == "handling=strict"
+
+
+@responses.activate
+def test_429_pauses_every_thread_of_the_transport(transport: HttpTransport, sleeps: Sleeps) -> None:
+    """A 429 (or 503) pauses the whole client: a request another thread starts during the
+    pause waits for the rest of it before it is sent."""
+    import threading
+
+    responses.get(f"{BASE}/Patient/a", status=429, headers={"Retry-After": "3"})
+    responses.get(f"{BASE}/Patient/a", json={"resourceType": "Patient", "id": "a"})
+    responses.get(f"{BASE}/Patient/b", json={"resourceType": "Patient", "id": "b"})
+    transport.request("GET", "Patient/a")
+    assert sleeps == [3.0]  # the request that met the 429 waited its Retry-After
+    other = threading.Thread(target=transport.request, args=("GET", "Patient/b"))
+    other.start()
+    other.join()
+    # (sleeps are recorded, not slept: the pause's deadline is still ahead for the other thread)
+    assert len(sleeps) == 2 and 2.0 < sleeps[1] <= 3.0
+    assert [c.request.url for c in responses.calls][-1] == f"{BASE}/Patient/b"
+
+
+@responses.activate
+def test_500_pauses_only_the_request_that_met_it(transport: HttpTransport, sleeps: Sleeps) -> None:
+    responses.get(f"{BASE}/Patient/a", status=500)
+    responses.get(f"{BASE}/Patient/a", json={"resourceType": "Patient", "id": "a"})
+    responses.get(f"{BASE}/Patient/b", json={"resourceType": "Patient", "id": "b"})
+    transport.request("GET", "Patient/a")
+    transport.request("GET", "Patient/b")
+    assert len(sleeps) == 1
+
+
+@responses.activate
+def test_counters_are_exact_under_threads(transport: HttpTransport) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    responses.get(f"{BASE}/Patient/a", json={"resourceType": "Patient", "id": "a"})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: transport.request("GET", "Patient/a"), range(400)))
+    assert transport.stats.requests == 400
+    assert transport.stats.by_status == {200: 400}

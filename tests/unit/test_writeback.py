@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from fhirmatch.client import bundle_is_retry_safe
 from fhirmatch.results import CriterionResult, TrialResult
 from fhirmatch.writeback import (
     EXT_ASSESSMENT,
@@ -16,6 +17,7 @@ from fhirmatch.writeback import (
     assessment_digest,
     current_status,
     plan_subject,
+    provenance_id,
     subject_identifier,
     transaction_for,
 )
@@ -190,3 +192,31 @@ def test_r5_shape() -> None:
     assert "individual" not in subject
     assert subject["progress"][0]["subjectState"]["coding"][0]["code"] == "potential-candidate"
     assert current_status(subject) == "potential-candidate"
+
+
+def test_every_entry_of_a_create_is_safe_to_resend() -> None:
+    """A lost answer to a transaction that creates subjects may be resent: the subject and the
+    Device are conditional creates, the Provenance a PUT to an id derived from the write."""
+    plan = plan_subject(result(), None, as_of=AS_OF, plan_definition=PD)
+    bundle = transaction_for([plan], {"ResearchStudy/S": PD})
+    assert bundle is not None and bundle_is_retry_safe(bundle)
+    prov = bundle["entry"][-1]
+    assert prov["request"] == {"method": "PUT", "url": f"Provenance/{provenance_id(plan)}"}
+    assert prov["resource"]["id"] == provenance_id(plan)
+    again = transaction_for([plan_subject(result(), None, as_of=AS_OF, plan_definition=PD)], {})
+    assert again is not None and again["entry"][-1]["request"] == prov["request"]
+
+
+def test_provenance_ids_differ_for_each_write_of_a_subject() -> None:
+    res = result()
+    created = plan_subject(res, None, as_of=AS_OF)
+    changed = result(evidence="Observation/newer")
+    first_update = plan_subject(changed, written(res, version="1"), as_of=AS_OF)
+    back = plan_subject(res, written(changed, version="2"), as_of=AS_OF)
+    for plan in (created, first_update, back):
+        transaction_for([plan], {})
+    ids = {provenance_id(p) for p in (created, first_update, back)}
+    assert len(ids) == 3
+    # an update carries If-Match: not resent blindly (the match job reads again and re-plans)
+    bundle = transaction_for([first_update], {})
+    assert bundle is not None and not bundle_is_retry_safe(bundle)
