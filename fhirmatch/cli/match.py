@@ -16,6 +16,7 @@ from ..errors import ConfigurationError, TrialDefinitionError
 from ..executors import add_executor_arguments, executor_from_args, partition_bytes
 from ..match import MatchOptions, MatchOutcome, load_trials_from_server, run_match
 from ..model import Trial
+from ..options import iso_date, positive_int
 from ..state import StateStore, write_private_file
 from ..terminology import Terminology
 from . import exitcodes
@@ -59,7 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "code=http://snomed.info/sct|363346000'",
     )
     run = p.add_argument_group("run")
-    run.add_argument("--as-of", metavar="YYYY-MM-DD", help="evaluation date (default: today)")
+    run.add_argument(
+        "--as-of", type=iso_date, metavar="YYYY-MM-DD", help="evaluation date (default: today)"
+    )
     run.add_argument("--dry-run", action="store_true", help="write nothing; show what would be")
     run.add_argument(
         "--write",
@@ -72,7 +75,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--restart", action="store_true", help="discard an interrupted run in the state file"
     )
-    run.add_argument("--chunk-size", type=int, default=50, help="patients per fetch (default 50)")
+    run.add_argument(
+        "--chunk-size", type=positive_int, default=50, help="patients per fetch (default 50)"
+    )
     scale = p.add_argument_group("scale")
     scale.add_argument(
         "--bulk",
@@ -103,9 +108,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_command)
 
 
-def _as_of(text: str | None) -> dt.date | None:
-    if text is None:
-        return None
+def _as_of(text: str | dt.date | None) -> dt.date | None:
+    if text is None or isinstance(text, dt.date):
+        return text
     try:
         return dt.date.fromisoformat(text)
     except ValueError:

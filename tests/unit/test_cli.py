@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fhirmatch.cli import SUBCOMMANDS, build_parser, main
-from fhirmatch.cli.common import JsonFormatter, load_config
+from fhirmatch.cli.common import JsonFormatter
+from fhirmatch.cli.config import load_config
 
 
 def test_every_subcommand_is_installed() -> None:
