@@ -733,14 +733,18 @@ def resolve_input(
     as_of = index.as_of
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
-    matches = [
+    candidates = [
         r
         for r in index.find(inp.resource_type, inp.codes, inp.value_set)
-        if _window_ok(r, inp, as_of) and _clinical_status_ok(r, inp.clinical_status)
+        if _clinical_status_ok(r, inp.clinical_status)
     ]
+    matches = [r for r in candidates if _window_ok(r, inp, as_of)]
     if not matches:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
-        return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+        older = sorted(d for r in candidates if (d := _resource_date(r)))
+        # say that older records exist: the window, not the record, is what is missing
+        latest = f"; the latest, {older[-1][:10]}, is outside the window" if older else ""
+        return Binding(([],), (), "", f"no record of {label}{status}{window}{latest}", False)
     if after is not None:
         start, names = after
         if start is None:
