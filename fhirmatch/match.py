@@ -91,6 +91,8 @@ class MatchOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
     resumed: int = 0
     incremental: bool = False
+    #: for an incremental run, the server time its change window starts at
+    since: str | None = None
     requests: int = 0
     seconds: float = 0.0
     dry_run: bool = False
@@ -395,6 +397,7 @@ def run_match(
             state.save()
         outcome.resumed = len(done)
         outcome.incremental = since is not None
+        outcome.since = since
         if since:
             log.info("incremental run: data changed since %s", since)
 

@@ -102,6 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_executor_arguments(scale)
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE", help="write an HTML report here")
+    out.add_argument(
+        "--report-identifier",
+        choices=("none", "mrn"),
+        default="none",
+        help="show this identifier beside each candidate's id in the report: mrn (the "
+        "Patient.identifier of type MR, read from the server). Default: none",
+    )
     out.add_argument("--format", choices=("table", "json"), default="table")
     out.add_argument("--output", type=Path, metavar="FILE", help="results here, not stdout")
     add_logging_options(p)
@@ -189,17 +196,38 @@ def run_command(args: argparse.Namespace) -> int:
                     executor=executor,
                     terminology=terminology,
                 )
+        identifiers = None
+        if args.report and args.report_identifier == "mrn":
+            from ..report import fetch_mrns
+
+            listed = (r.patient for r in outcome.results if r.status != "ineligible")
+            identifiers = fetch_mrns(client, listed)
     emit(outcome, args.format, args.output)
     if args.report:
         from ..report import write_report
 
-        write_report(args.report, outcome, trials, parameters=_parameters(args))
+        write_report(
+            args.report,
+            outcome,
+            trials,
+            parameters=_parameters(args),
+            identifiers=identifiers,
+        )
     print(summary_line(outcome), file=sys.stderr)
     return exitcodes.PARTIAL if outcome.skipped else exitcodes.OK
 
 
 def _parameters(args: argparse.Namespace) -> dict[str, Any]:
-    keep = ("server", "auth", "as_of", "dry_run", "write", "patients_query", "trial")
+    keep = (
+        "server",
+        "auth",
+        "as_of",
+        "dry_run",
+        "write",
+        "patients_query",
+        "trial",
+        "report_identifier",
+    )
     return {k: getattr(args, k) for k in keep if getattr(args, k, None) not in (None, False)}
 
 
