@@ -204,6 +204,11 @@ class ListenOptions:
     activation_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        for name in ("dry_run", "publish"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+                raise ConfigurationError(
+                    f"ListenOptions.{name} must be True or False, not {getattr(self, name)!r}"
+                )
         if self.workers < 1:
             raise ConfigurationError("the listener needs at least one worker")
         if min(self.coalesce_seconds, self.delivery_grace) < 0 or self.checkpoint_interval <= 0:

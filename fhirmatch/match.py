@@ -130,6 +130,14 @@ class MatchOptions:
     partition_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        # a string never stands for a boolean: "false" is truthy, and a dry run must not be a
+        # typo away from a real one (nor the reverse)
+        for name in ("dry_run", "publish", "restart", "keep_results", "bulk", "bulk_type_filter"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigurationError(
+                    f"MatchOptions.{name} must be True or False, not {value!r}"
+                )
         bad = set(self.write) - WRITE_CHOICES
         if bad:
             raise ConfigurationError(

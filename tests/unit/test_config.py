@@ -244,3 +244,16 @@ def test_range_is_the_same_on_the_command_line(capsys: pytest.CaptureFixture[str
         main(["match", "--server", "http://127.0.0.1:1/fhir", "--retries", "0"])
     assert exc.value.code == 2
     assert "--retries: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["dry_run", "publish", "restart", "bulk"])
+def test_library_options_refuse_a_string_for_a_boolean(name: str) -> None:
+    from fhirmatch.listen import ListenOptions
+    from fhirmatch.match import MatchOptions
+
+    with pytest.raises(ConfigurationError, match=rf"MatchOptions.{name} must be True or False"):
+        MatchOptions(**{name: "false"})  # type: ignore[arg-type]
+    if name in ("dry_run", "publish"):
+        with pytest.raises(ConfigurationError, match=rf"ListenOptions.{name} must be True"):
+            ListenOptions(**{name: "false"})  # type: ignore[arg-type]
+    assert getattr(MatchOptions(**{name: True}), name) is True
