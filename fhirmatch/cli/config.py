@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -79,8 +80,6 @@ def _scalar(action: argparse.Action) -> tuple[Any, str]:
 
 
 def _after(func: Callable[[Any], Any]) -> Any:
-    from pydantic import AfterValidator
-
     return AfterValidator(func)
 
 
@@ -123,7 +122,10 @@ def _keys(parser: argparse.ArgumentParser) -> list[_Key]:
         if not longs or action.dest in _NOT_CONFIGURABLE or action.dest.startswith("_"):
             continue
         flag = longs[0][2:]
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if isinstance(
+            action,
+            argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction,
+        ):
             annotation: Any = StrictBool
             expected = "true or false (a TOML boolean, without quotes)"
         elif isinstance(action, argparse._StoreAction):

@@ -125,6 +125,7 @@ def test_a_flag_added_to_a_command_is_checked_in_the_file_without_more_code(
     parser = _subparser("match")
     parser.add_argument("--concurrency", type=positive_int, default=4)
     parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=True)
     cfg = tmp_path / "c.toml"
     cfg.write_text("concurrency = 0\n")
     with pytest.raises(ConfigurationError, match=r"concurrency = 0 .*an integer >= 1"):
@@ -132,8 +133,11 @@ def test_a_flag_added_to_a_command_is_checked_in_the_file_without_more_code(
     cfg.write_text('fast = "no"\n')
     with pytest.raises(ConfigurationError, match=r'fast = "no" .*true or false'):
         load_config(cfg, parser)
-    cfg.write_text("concurrency = 8\nfast = true\n")
-    assert load_config(cfg, parser) == {"concurrency": 8, "fast": True}
+    cfg.write_text('color = "false"\n')
+    with pytest.raises(ConfigurationError, match=r'color = "false" .*true or false'):
+        load_config(cfg, parser)
+    cfg.write_text("concurrency = 8\nfast = true\ncolor = false\n")
+    assert load_config(cfg, parser) == {"concurrency": 8, "fast": True, "color": False}
 
 
 @pytest.mark.parametrize("command", ["match", "listen", "trials publish"])
