@@ -813,25 +813,28 @@ def resolve_input(
     label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
 
-    def usable(r: dict[str, Any]) -> bool:
-        return (
-            _window_ok(r, inp, as_of)
-            and _clinical_status_ok(r, inp.clinical_status)
-            and _extra_filters_ok(r, inp, index)
-        )
+    def in_scope(r: dict[str, Any]) -> bool:
+        # everything but the look-back window, so older records can be named in the reason
+        return _clinical_status_ok(r, inp.clinical_status) and _extra_filters_ok(r, inp, index)
 
-    matches = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if usable(r)]
+    candidates = [
+        r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)
+    ]
+    matches = [r for r in candidates if _window_ok(r, inp, as_of)]
     possible: list[dict[str, Any]] = []
     if inp.possible_codes:
         certain = {id(r) for r in matches}
         possible = [
             r
             for r in index.find(inp.resource_type, inp.possible_codes)
-            if id(r) not in certain and usable(r)
+            if id(r) not in certain and in_scope(r) and _window_ok(r, inp, as_of)
         ]
     if not matches and not possible:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
-        return Binding(([],), (), "", f"no record of {label}{status}{window}", False)
+        older = sorted(d for r in candidates if (d := _resource_date(r)))
+        # say that older records exist: the window, not the record, is what is missing
+        latest = f"; the latest, {older[-1][:10]}, is outside the window" if older else ""
+        return Binding(([],), (), "", f"no record of {label}{status}{window}{latest}", False)
     if after is not None:
         start, names = after
         if start is None:

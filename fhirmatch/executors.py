@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from .engine import Engine
 from .errors import ConfigurationError
+from .options import positive_float, positive_int
 from .records import PatientRecord, _problem, check_record
 from .results import TrialResult
 from .stream import (
@@ -545,14 +546,14 @@ def add_executor_arguments(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="worker processes for --executor processes or a local Dask cluster "
         "(default: CPU count)",
     )
     group.add_argument(
         "--partition-mb",
-        type=float,
+        type=positive_float,
         metavar="MB",
         help="NDJSON text per grouping partition, the memory one worker needs to group a share "
         "of a Bulk export (default 64)",

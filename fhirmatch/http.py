@@ -23,6 +23,8 @@ import email.utils
 import ipaddress
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +54,7 @@ __all__ = [
     "RetryPolicy",
     "Timeouts",
     "check_base_url",
+    "describe_connection_error",
     "outcome_text",
     "parse_retry_after",
     "redact_url",
@@ -203,8 +206,8 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
         raise ConfigurationError("FHIR base URL must not have a query or fragment")
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise ConfigurationError(
-            f"refusing plain http:// to non-loopback host {parts.hostname}; use https:// "
-            "or set allow_insecure_http"
+            f"refusing plain http:// to non-loopback host {parts.hostname}; use https://, or "
+            "pass --allow-insecure-http (ClientConfig.allow_insecure_http) on a trusted network"
         )
     return base_url.rstrip("/")
 
@@ -467,7 +470,7 @@ class HttpTransport:
                 )
             except requests.exceptions.SSLError as exc:
                 raise FatalNetworkError(
-                    f"TLS error: {type(exc).__name__}", method=method, url=redact_url(url)
+                    describe_connection_error(exc, url), method=method, url=redact_url(url)
                 ) from None
             except (
                 requests.ConnectionError,
@@ -478,7 +481,7 @@ class HttpTransport:
                 # ConnectTimeout is a subclass of both; nothing reached the server. A body cut
                 # off mid-way (ChunkedEncodingError) means the server answered: it acted.
                 safe = idempotent or isinstance(exc, requests.exceptions.ConnectTimeout)
-                kind = type(exc).__name__
+                kind = describe_connection_error(exc, url, self.timeouts)
                 if safe and attempt <= len(delays):
                     wait = delays[attempt - 1]
                     self._note_retry(method, url, kind, attempt, wait)
@@ -551,6 +554,70 @@ class HttpTransport:
             self.retry.max_attempts - 1,
             wait,
         )
+
+
+def describe_connection_error(
+    exc: BaseException, url: str, timeouts: Timeouts | None = None
+) -> str:
+    """What failed, in words a person can act on: DNS, refused, TLS, timeout or a dropped
+    connection, with the host (never the query string)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    where = f"{host}:{parts.port}" if parts.port else host
+    chain = _exception_chain(exc)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        limit = f" within {timeouts.connect:g} s" if timeouts else ""
+        return f"timeout: no connection to {where}{limit}"
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        limit = f" within {timeouts.read:g} s" if timeouts else ""
+        return f"timeout: {where} did not answer{limit}"
+    if isinstance(exc, requests.exceptions.SSLError) or any(
+        isinstance(e, ssl.SSLError) for e in chain
+    ):
+        why = next(
+            (
+                e.verify_message or e.reason or ""
+                for e in chain
+                if isinstance(e, ssl.SSLCertVerificationError)
+            ),
+            None,
+        ) or next((str(e.reason) for e in chain if isinstance(e, ssl.SSLError) and e.reason), "")
+        return f"TLS error with {where}" + (f": {why}" if why else "")
+    if any(isinstance(e, socket.gaierror) for e in chain) or any(
+        "NameResolutionError" in type(e).__name__ or "Name or service not known" in str(e)
+        for e in chain
+    ):
+        return f"DNS lookup failed for {host}"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return f"connection refused by {where}"
+    if any(isinstance(e, TimeoutError | socket.timeout) for e in chain):
+        return f"timeout talking to {where}"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"the answer from {where} was cut off"
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return f"the answer from {where} could not be decoded"
+    if any(isinstance(e, ConnectionResetError | ConnectionAbortedError) for e in chain) or any(
+        "RemoteDisconnected" in type(e).__name__ for e in chain
+    ):
+        return f"connection to {where} dropped"
+    if any(isinstance(e, OSError) and e.errno is not None for e in chain):
+        err = next(e for e in chain if isinstance(e, OSError) and e.errno is not None)
+        return f"cannot connect to {where}: {err.strerror or type(err).__name__}"
+    return f"connection to {where} failed ({type(exc).__name__})"
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, ``args`` and urllib3's ``reason``."""
+    out: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(out) < 20:
+        e = todo.pop(0)
+        if any(e is seen for seen in out):
+            continue
+        out.append(e)
+        nested = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        todo.extend(n for n in nested if isinstance(n, BaseException))
+    return out
 
 
 def url_path(url: str) -> str:

@@ -204,6 +204,11 @@ class ListenOptions:
     activation_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        for name in ("dry_run", "publish"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+                raise ConfigurationError(
+                    f"ListenOptions.{name} must be True or False, not {getattr(self, name)!r}"
+                )
         if self.workers < 1:
             raise ConfigurationError("the listener needs at least one worker")
         if min(self.coalesce_seconds, self.delivery_grace) < 0 or self.checkpoint_interval <= 0:
@@ -685,6 +690,13 @@ class Listener:
                 outcome = self.screen(pid)
                 ok = not outcome.skipped
                 self.stats.screens += 1
+                if ok:
+                    log.info(
+                        "re-screened Patient/%s against %d trials: %d ResearchSubjects written",
+                        pid,
+                        len(outcome.summaries),
+                        sum(s.written for s in outcome.summaries.values()),
+                    )
                 if not ok:
                     log.warning("Patient/%s: screen incomplete; retried later", pid)
                 elif self._on_screened is not None:
@@ -748,15 +760,22 @@ class Listener:
         patients = {pid for r in resources if (pid := patient_reference_of(r))}
         if not patients and len(tail) == 2 and tail[0] == "Patient" and tail[1]:
             patients = {tail[1]}
+        changed = _resource_ids(resources) or ("/".join(tail) if len(tail) == 2 else "")
         if not patients:
             # an id-only (empty) notification: find what changed since the checkpoint
             since = self.checkpoint
             if since is None:
+                log.info("notification %s without a patient: nothing to screen", changed or "")
                 return 200, "nothing to screen"
+            log.info("notification without resources: catching up since %s", since)
             self._spawn(lambda: self._safe_catch_up(since), "fhirmatch-listen-catch-up")
             return 200, "catching up"
+        log.info(
+            "notification: %s for %s",
+            changed or "a change",
+            ", ".join(f"Patient/{p}" for p in sorted(patients)),
+        )
         for pid in sorted(patients):
-            log.debug("notified of a change for Patient/%s", pid)
             self.submit(pid)
         return 200, f"queued {len(patients)} patient(s)"
 
@@ -765,6 +784,17 @@ class Listener:
             self.catch_up(since)
         except NetworkError as exc:
             log.warning("catch-up after an empty notification failed: %s", exc)
+
+
+def _resource_ids(resources: list[dict[str, Any]], limit: int = 5) -> str:
+    """``Observation/o1, Condition/c2`` (ids only; at most ``limit``, then a count)."""
+    refs = [
+        f"{r.get('resourceType')}/{r.get('id')}"
+        for r in resources
+        if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
+    ]
+    more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
+    return ", ".join(refs[:limit]) + more
 
 
 class _NotificationHandler(http.server.BaseHTTPRequestHandler):

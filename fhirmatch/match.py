@@ -114,6 +114,8 @@ class MatchOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
     resumed: int = 0
     incremental: bool = False
+    #: for an incremental run, the server time its change window starts at
+    since: str | None = None
     requests: int = 0
     seconds: float = 0.0
     dry_run: bool = False
@@ -157,6 +159,14 @@ class MatchOptions:
     concurrency: int = DEFAULT_CONCURRENCY
 
     def __post_init__(self) -> None:
+        # a string never stands for a boolean: "false" is truthy, and a dry run must not be a
+        # typo away from a real one (nor the reverse)
+        for name in ("dry_run", "publish", "restart", "keep_results", "bulk", "bulk_type_filter"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigurationError(
+                    f"MatchOptions.{name} must be True or False, not {value!r}"
+                )
         bad = set(self.write) - WRITE_CHOICES
         if bad:
             raise ConfigurationError(
@@ -656,6 +666,7 @@ class MatchRun:
             state.save()
         outcome.resumed = len(self.done)
         outcome.incremental = self.since is not None
+        outcome.since = self.since
         if self.since:
             log.info("incremental run: data changed since %s", self.since)
 

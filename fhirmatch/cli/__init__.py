@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "config", None) is not None:
-            from .common import load_config
+            from .config import load_config
 
             # the config file's keys become defaults: flags on the command line still win
             args._parser.set_defaults(**load_config(args.config, args._parser))

@@ -4,7 +4,8 @@
   Secrets are never flags: tokens and passwords come from a file or an environment variable,
   private keys from a file.
 - ``--config FILE`` reads a TOML file whose keys are the long flag names (``server``,
-  ``auth``, ``token-file``, ``state``, ...); flags given on the command line win.
+  ``auth``, ``token-file``, ``state``, ...), checked against the flags' own types, choices and
+  ranges (:mod:`fhirmatch.cli.config`); flags given on the command line win.
 - ``--log-format text|json`` and ``--log-level``; logs go to stderr and carry resource ids,
   never patient data.
 - A progress display: a bar on a terminal, a plain line every ``--progress-interval`` seconds
@@ -18,19 +19,16 @@ import json
 import logging
 import sys
 import time
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import ConfigurationError
+from ..options import non_negative_float, positive_float, positive_int
 
 if TYPE_CHECKING:
     from ..client import FhirClient
     from ..model import Trial
-
-#: config keys that would put a secret in a file that is not a secret file
-FORBIDDEN_CONFIG_KEYS = frozenset({"token", "password", "client-secret", "private-key"})
 
 
 def add_server_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -64,9 +62,11 @@ def add_server_options(p: argparse.ArgumentParser, *, required: bool = True) -> 
         action="store_true",
         help="allow http:// to hosts other than loopback",
     )
-    g.add_argument("--timeout", type=float, default=60.0, help="read timeout, seconds")
-    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds")
-    g.add_argument("--retries", type=int, default=5, help="attempts per request (default 5)")
+    g.add_argument("--timeout", type=positive_float, default=60.0, help="read timeout, seconds")
+    g.add_argument("--connect-timeout", type=positive_float, default=10.0, help="seconds")
+    g.add_argument(
+        "--retries", type=positive_int, default=5, help="attempts per request (default 5)"
+    )
     p.set_defaults(_server_required=required)
 
 
@@ -86,42 +86,11 @@ def add_logging_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
     g.add_argument(
         "--progress-interval",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         metavar="SECONDS",
         help="without a terminal, print a progress line this often (default 60)",
     )
-
-
-def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a TOML config; keys are long flag names (dashes or underscores)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {a.dest: a for a in parser._actions if a.dest and a.dest != "help"}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        flag = key.replace("_", "-")
-        if flag in FORBIDDEN_CONFIG_KEYS:
-            raise ConfigurationError(
-                f"config file {path}: secrets do not belong in the config; use "
-                f"{flag}-file or {flag}-env"
-            )
-        dest = flag.replace("-", "_")
-        if dest not in known:
-            raise ConfigurationError(f"config file {path}: unknown key {key!r}")
-        action = known[dest]
-        if action.nargs in ("+", "*") and isinstance(value, str):
-            value = [value]
-        if action.type is Path and isinstance(value, str):
-            value = Path(value)
-        elif action.nargs in ("+", "*") and action.type is Path:
-            value = [Path(v) for v in value]
-        out[dest] = value
-    return out
 
 
 def build_client(args: argparse.Namespace, *, strict: bool = False) -> FhirClient:

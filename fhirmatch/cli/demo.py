@@ -4,6 +4,10 @@ Starts the local FHIR sandbox on a free port with a fresh data directory, loads 
 and demo patients, runs the match job against it with write-back, prints the per-trial summary,
 writes the HTML report, reads back what was written, and stops the server. Every figure printed
 comes from this run.
+
+The demo patients' data is dated for :data:`DEMO_AS_OF` (labs a few days before it), so the demo
+screens as of that date, not today, and says so: run on any day, it shows the same picture.
+``--as-of`` chooses another date.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from ..client import ClientConfig, FhirClient
 from ..data import seed_trials_dir
 from ..match import MatchOptions, run_match
+from ..options import iso_date
 from ..report import write_report
 from ..sandbox import start_sandbox
 from ..writeback import SUBJECT_IDENTIFIER_SYSTEM
@@ -25,6 +30,9 @@ from .common import Progress, add_logging_options, setup_logging
 from .match import load_file_trials, summary_line, summary_table
 
 log = logging.getLogger("fhirmatch.cli")
+
+#: the date the demo patients' data is written for (fixtures/README.md)
+DEMO_AS_OF = dt.date(2026, 11, 1)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,20 +50,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=Path("fhirmatch-demo-report.html"),
         help="where to write the HTML report (default: ./fhirmatch-demo-report.html)",
     )
-    p.add_argument("--as-of", metavar="YYYY-MM-DD", help="evaluation date (default: today)")
+    p.add_argument(
+        "--as-of",
+        type=iso_date,
+        metavar="YYYY-MM-DD",
+        help=f"evaluation date (default: {DEMO_AS_OF}, the date the demo patients' data is "
+        "written for)",
+    )
     p.add_argument("--data-dir", type=Path, help="keep the sandbox database here")
     add_logging_options(p)
     p.set_defaults(func=run, log_level="WARNING")
 
 
+def demo_as_of(given: dt.date | None) -> dt.date:
+    """The demo's evaluation date: ``given``, else :data:`DEMO_AS_OF` (never today: the demo
+    patients' labs are dated for that day and would be too old on a later one)."""
+    return given or DEMO_AS_OF
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args)
-    try:
-        as_of = dt.date.fromisoformat(args.as_of) if args.as_of else dt.date.today()
-    except ValueError:
-        raise exitcodes.CliExit(
-            exitcodes.CONFIG_ERROR, f"--as-of {args.as_of!r} is not a date (YYYY-MM-DD)"
-        ) from None
+    as_of = demo_as_of(args.as_of)
+    pinned = args.as_of is None
     trials = load_file_trials([seed_trials_dir()], None)
     print(
         "starting the local FHIR sandbox and loading the seed trials and demo patients…",
@@ -83,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
                     i.get("system") == SUBJECT_IDENTIFIER_SYSTEM for i in r.get("identifier", [])
                 )
             )
-        print(f"\nScreening as of {as_of} ({sandbox.base_url})\n")
+        why = (
+            " (the date the demo patients' data is written for, not today; --as-of to change)"
+            if pinned
+            else ""
+        )
+        print(f"\nScreening as of {as_of}{why} ({sandbox.base_url})\n")
         print(summary_table(outcome))
         print(f"\nResearchSubjects on the server after the run: {stored}")
         write_report(

@@ -15,6 +15,7 @@ from ..data import seed_trials_dir
 from ..errors import ConfigurationError
 from ..listen import DEFAULT_MAX_CRITERIA_LENGTH, Listener, ListenOptions
 from ..match import load_trials_from_server
+from ..options import iso_date, port_number, positive_int
 from ..terminology import Terminology
 from . import exitcodes
 from .common import (
@@ -51,7 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     src.add_argument("--trial", nargs="+", metavar="ID", help="only these trial ids")
     ep = p.add_argument_group("endpoint")
     ep.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ep.add_argument("--port", type=int, default=0, help="port to listen on (default: any free)")
+    ep.add_argument(
+        "--port", type=port_number, default=0, help="port to listen on (default: any free)"
+    )
     ep.add_argument(
         "--public-url",
         metavar="URL",
@@ -64,14 +67,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     ep.add_argument(
         "--max-criteria-length",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_CRITERIA_LENGTH,
         help="split a Subscription whose criteria would be longer than this "
         f"(default {DEFAULT_MAX_CRITERIA_LENGTH})",
     )
     run = p.add_argument_group("run")
     run.add_argument("--state", type=Path, metavar="FILE", help="checkpoint file for catch-up")
-    run.add_argument("--as-of", metavar="YYYY-MM-DD", help="evaluation date (default: today)")
+    run.add_argument(
+        "--as-of", type=iso_date, metavar="YYYY-MM-DD", help="evaluation date (default: today)"
+    )
     run.add_argument("--dry-run", action="store_true", help="evaluate but write nothing")
     run.add_argument(
         "--write",
@@ -79,7 +84,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="STATUSES",
         help="which new subjects to create (default: both)",
     )
-    run.add_argument("--workers", type=int, default=4, help="concurrent screens (default 4)")
+    run.add_argument(
+        "--workers", type=positive_int, default=4, help="concurrent screens (default 4)"
+    )
     add_logging_options(p)
     p.set_defaults(func=run_command)
 

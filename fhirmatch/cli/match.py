@@ -23,6 +23,7 @@ from ..match import (
     run_match,
 )
 from ..model import Trial
+from ..options import iso_date, positive_int
 from ..state import StateStore, write_private_file
 from ..terminology import Terminology
 from . import exitcodes
@@ -66,7 +67,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "code=http://snomed.info/sct|363346000'",
     )
     run = p.add_argument_group("run")
-    run.add_argument("--as-of", metavar="YYYY-MM-DD", help="evaluation date (default: today)")
+    run.add_argument(
+        "--as-of", type=iso_date, metavar="YYYY-MM-DD", help="evaluation date (default: today)"
+    )
     run.add_argument("--dry-run", action="store_true", help="write nothing; show what would be")
     run.add_argument(
         "--write",
@@ -79,7 +82,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--restart", action="store_true", help="discard an interrupted run in the state file"
     )
-    run.add_argument("--chunk-size", type=int, default=50, help="patients per fetch (default 50)")
+    run.add_argument(
+        "--chunk-size", type=positive_int, default=50, help="patients per fetch (default 50)"
+    )
     run.add_argument(
         "--concurrency",
         type=int,
@@ -112,15 +117,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_executor_arguments(scale)
     out = p.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE", help="write an HTML report here")
+    out.add_argument(
+        "--report-identifier",
+        choices=("none", "mrn"),
+        default="none",
+        help="show this identifier beside each candidate's id in the report: mrn (the "
+        "Patient.identifier of type MR, read from the server). Default: none",
+    )
     out.add_argument("--format", choices=("table", "json"), default="table")
     out.add_argument("--output", type=Path, metavar="FILE", help="results here, not stdout")
     add_logging_options(p)
     p.set_defaults(func=run_command)
 
 
-def _as_of(text: str | None) -> dt.date | None:
-    if text is None:
-        return None
+def _as_of(text: str | dt.date | None) -> dt.date | None:
+    if text is None or isinstance(text, dt.date):
+        return text
     try:
         return dt.date.fromisoformat(text)
     except ValueError:
@@ -202,17 +214,38 @@ def run_command(args: argparse.Namespace) -> int:
                     executor=executor,
                     terminology=terminology,
                 )
+        identifiers = None
+        if args.report and args.report_identifier == "mrn":
+            from ..report import fetch_mrns
+
+            listed = (r.patient for r in outcome.results if r.status != "ineligible")
+            identifiers = fetch_mrns(client, listed)
     emit(outcome, args.format, args.output)
     if args.report:
         from ..report import write_report
 
-        write_report(args.report, outcome, trials, parameters=_parameters(args))
+        write_report(
+            args.report,
+            outcome,
+            trials,
+            parameters=_parameters(args),
+            identifiers=identifiers,
+        )
     print(summary_line(outcome), file=sys.stderr)
     return exitcodes.PARTIAL if outcome.skipped else exitcodes.OK
 
 
 def _parameters(args: argparse.Namespace) -> dict[str, Any]:
-    keep = ("server", "auth", "as_of", "dry_run", "write", "patients_query", "trial")
+    keep = (
+        "server",
+        "auth",
+        "as_of",
+        "dry_run",
+        "write",
+        "patients_query",
+        "trial",
+        "report_identifier",
+    )
     return {k: getattr(args, k) for k in keep if getattr(args, k, None) not in (None, False)}
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from ..options import port_number
 from ..sandbox import start_sandbox
 from . import exitcodes
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "workflow simulator disabled, load the seed trials and demo patients bundled with "
         "fhirmatch, print its base URL, and serve until Ctrl-C.",
     )
-    p.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    p.add_argument("--port", type=port_number, default=0, help="TCP port (default: a free one)")
     p.add_argument(
         "--data-dir",
         type=Path,

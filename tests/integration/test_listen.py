@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -149,8 +150,9 @@ def test_new_platelet_result_rescreens_the_patient_and_downtime_is_caught_up(
 
 
 def test_endpoint_checks_the_token_and_duplicates_are_harmless(
-    local_base: str, client: FhirClient, trials: list[Trial]
+    local_base: str, client: FhirClient, trials: list[Trial], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="fhirmatch")
     pid, plt = make_patient(local_base, platelets=180)
     screened: list[str] = []
     options = ListenOptions(as_of=AS_OF, token="s3cret-hook-token", publish=False)
@@ -190,3 +192,10 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
 
         bad = requests.post(lis.endpoint, data=b"{not json", headers=good, timeout=10)
         assert bad.status_code == 400
+
+    # each notification and each re-screen at INFO, by id only (no value, no name)
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    notified = [m for m in info if m == f"notification: Observation/{plt['id']} for Patient/{pid}"]
+    assert len(notified) == 6
+    rescreened = [m for m in info if m.startswith(f"re-screened Patient/{pid} against 1 trials")]
+    assert len(rescreened) == screened.count(pid)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fhirmatch.cli import SUBCOMMANDS, build_parser, main
-from fhirmatch.cli.common import JsonFormatter, load_config
+from fhirmatch.cli.common import JsonFormatter
+from fhirmatch.cli.config import load_config
 
 
 def test_every_subcommand_is_installed() -> None:
@@ -245,3 +246,19 @@ def test_a_reader_that_goes_away_is_no_traceback() -> None:
         err = proc.stderr.read()
     assert proc.wait(timeout=60) == 5
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_the_demo_report_is_ignored_by_git() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    demo = next(
+        a
+        for a in build_parser()._actions
+        if a.dest == "command"  # the subcommands
+    ).choices["demo"]  # type: ignore[index]
+    default = next(a.default for a in demo._actions if a.dest == "report")
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", str(default)], cwd=repo, check=False
+    )
+    assert proc.returncode == 0, f"{default} is not in .gitignore"

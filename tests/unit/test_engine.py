@@ -124,6 +124,18 @@ def test_inclusion_fail_and_missing_is_unknown() -> None:
     assert "no record of wbc" in c.reason and "within 30 days" in c.reason
 
 
+def test_only_older_results_say_when_the_latest_was() -> None:
+    old = obs("o2", "6690-2", "2026-08-14", valueQuantity=qty(5.2, "10*9/L"))
+    older = obs("o3", "6690-2", "2026-05-02", valueQuantity=qty(5.0, "10*9/L"))
+    c = one(inc("i", "%wbc.valueQuantity.value >= 4.0", WBC), older, old)
+    assert c.outcome == "unknown"
+    assert c.reason.endswith(
+        "within 30 days before 2026-11-01; the latest, 2026-08-14, is outside the window"
+    )
+    # without any record the reason stays as it was
+    assert "outside the window" not in one(inc("i", "%wbc.valueQuantity.value >= 4.0", WBC)).reason
+
+
 def test_exclusion_closed_world_passes_without_records() -> None:
     c = one(exc("exc-brain", "%brain.exists()", BRAIN))
     assert c.outcome == "pass"
