@@ -23,7 +23,7 @@ from ..match import (
     run_match,
 )
 from ..model import Trial
-from ..options import iso_date, positive_int
+from ..options import Number, iso_date, positive_int
 from ..state import StateStore, write_private_file
 from ..terminology import Terminology
 from . import exitcodes
@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument(
         "--concurrency",
-        type=int,
+        type=Number(int, ge=1, le=MAX_CONCURRENCY),
         default=DEFAULT_CONCURRENCY,
         metavar="N",
         help=f"requests in flight at once, 1 to {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY}); "

@@ -123,12 +123,12 @@ def test_a_flag_added_to_a_command_is_checked_in_the_file_without_more_code(
     tmp_path: Path,
 ) -> None:
     parser = _subparser("match")
-    parser.add_argument("--concurrency", type=positive_int, default=4)
+    parser.add_argument("--burst-size", type=positive_int, default=4)
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=True)
     cfg = tmp_path / "c.toml"
-    cfg.write_text("concurrency = 0\n")
-    with pytest.raises(ConfigurationError, match=r"concurrency = 0 .*an integer >= 1"):
+    cfg.write_text("burst-size = 0\n")
+    with pytest.raises(ConfigurationError, match=r"burst-size = 0 .*an integer >= 1"):
         load_config(cfg, parser)
     cfg.write_text('fast = "no"\n')
     with pytest.raises(ConfigurationError, match=r'fast = "no" .*true or false'):
@@ -136,8 +136,16 @@ def test_a_flag_added_to_a_command_is_checked_in_the_file_without_more_code(
     cfg.write_text('color = "false"\n')
     with pytest.raises(ConfigurationError, match=r'color = "false" .*true or false'):
         load_config(cfg, parser)
-    cfg.write_text("concurrency = 8\nfast = true\ncolor = false\n")
-    assert load_config(cfg, parser) == {"concurrency": 8, "fast": True, "color": False}
+    cfg.write_text("burst-size = 8\nfast = true\ncolor = false\n")
+    assert load_config(cfg, parser) == {"burst_size": 8, "fast": True, "color": False}
+
+
+@pytest.mark.parametrize("value", [0, 65])
+def test_concurrency_out_of_range_in_the_file_is_refused(tmp_path: Path, value: int) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"concurrency = {value}\n")
+    with pytest.raises(ConfigurationError, match=rf"concurrency = {value} .*>= 1 and <= 64"):
+        load_config(cfg, _subparser("match"))
 
 
 @pytest.mark.parametrize("command", ["match", "listen", "trials publish"])
