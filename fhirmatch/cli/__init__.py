@@ -12,7 +12,6 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -84,11 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fhirmatch: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
     except BrokenPipeError:
-        # the reader went away (`fhirmatch trials show ID | head`): stop quietly; point stdout at
-        # devnull so the interpreter's final flush does not fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return exitcodes.FAILURE
+        # the reader went away (`fhirmatch trials show ID | head`): stop quietly
+        exitcodes.silence_stdout()
+        return exitcodes.BROKEN_PIPE
     except StateError as exc:
         print(f"fhirmatch: {exc}", file=sys.stderr)
         return exitcodes.STATE_ERROR

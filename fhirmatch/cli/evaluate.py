@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 _OUTCOME_MARK = {"pass": "+", "fail": "x", "unknown": "?", "manual": "m"}
 #: exit code when the reader of the output went away (128 + SIGPIPE, as the shell reports it)
-BROKEN_PIPE = 141
 #: width the table's trial titles are wrapped to
 TITLE_WIDTH = 96
 
@@ -312,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
         progress.clear()
     except BrokenPipeError:
         output.discard()
-        _silence_stdout()
-        return BROKEN_PIPE
+        exitcodes.silence_stdout()
+        return exitcodes.BROKEN_PIPE
     except BaseException:
         output.discard()
         progress.clear()
@@ -324,20 +323,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         output.commit()
     except BrokenPipeError:
-        _silence_stdout()
-        return BROKEN_PIPE
+        exitcodes.silence_stdout()
+        return exitcodes.BROKEN_PIPE
     save_unit_factors()
     print(tally.summary(len(trials), time.monotonic() - t0), file=sys.stderr)
     return exitcodes.PARTIAL if tally.problems else exitcodes.OK
-
-
-def _silence_stdout() -> None:
-    """After the reader closed stdout: point it at /dev/null so the interpreter's final flush
-    does not print a BrokenPipeError traceback."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 class _Tally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 OK = 0
 #: the run finished, but some patients were skipped (unreadable data, server errors for them)
 PARTIAL = 1
@@ -15,6 +19,17 @@ STATE_ERROR = 4
 FAILURE = 5
 #: interrupted by the user (Ctrl-C) or a signal
 INTERRUPTED = 130
+#: the reader closed the output (``| head``): stopped quietly, as a program stopped by SIGPIPE
+BROKEN_PIPE = 141
+
+
+def silence_stdout() -> None:
+    """After the reader closed stdout: point it at /dev/null so the interpreter's final flush
+    does not print a BrokenPipeError traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class CliExit(Exception):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fhirmatch.cli import main
-from fhirmatch.cli.evaluate import BROKEN_PIPE, format_table
+from fhirmatch.cli.evaluate import format_table
+from fhirmatch.cli.exitcodes import BROKEN_PIPE
 from fhirmatch.results import TrialResult
 
 REPO = Path(__file__).resolve().parents[2]
