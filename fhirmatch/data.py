@@ -14,6 +14,7 @@ separated by ``os.pathsep``) the default trials. A folder that cannot be found r
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,13 @@ def bundled_dir(kind: Kind) -> Path:
     """
     if kind not in BUNDLE_FOLDERS:
         raise ValueError(f"unknown kind of bundled data: {kind!r}")
+    return _find_bundled(kind)
+
+
+@functools.cache
+def _find_bundled(kind: Kind) -> Path:
+    """:func:`bundled_dir`'s look-up, once per kind: the package does not move while it runs,
+    and unit conversions ask for the mapping tables on the hot path."""
     package = resources.files(__package__ or "fhirmatch")
     packaged = package.joinpath(PACKAGE_DATA, kind)
     if packaged.is_dir():
