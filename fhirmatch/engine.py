@@ -48,6 +48,7 @@ Semantics implemented here, beyond the table in the trial format:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -293,14 +294,18 @@ def _is_usable(resource: dict[str, Any]) -> bool:
     return not (drop and status in drop)
 
 
-def _may_be_found(
+def may_be_found(
     res: dict[str, Any],
     rtype: str,
     known_codes: frozenset[tuple[str, str]],
-    terminology: Terminology | None,
+    *,
+    local_codes_map: bool,
 ) -> bool:
     """Whether a (non-medication) resource could match an input: one of its codes is known, is
-    an ICD-10 code below a known category, or is a local Observation code a ConceptMap may map."""
+    an ICD-10 code below a known category, or is a local Observation code a ConceptMap may map
+    (``local_codes_map``: a terminology with ConceptMaps is in use). The index keeps only these
+    (:class:`PatientIndex`), and reading NDJSON drops the others early
+    (:class:`fhirmatch.records.ResourceFilter`)."""
     local = False
     for system, code in _codings(res.get("code")):
         if (system, code) in known_codes:
@@ -308,7 +313,7 @@ def _may_be_found(
         if system in ICD10_SYSTEMS and any((system, a) in known_codes for a in icd_ancestors(code)):
             return True
         local = local or system != LOINC
-    return local and rtype == "Observation" and terminology is not None
+    return local and rtype == "Observation" and local_codes_map
 
 
 class PatientIndex:
@@ -377,7 +382,9 @@ class PatientIndex:
             if (
                 only_known
                 and rtype not in MEDICATION_TYPES
-                and not _may_be_found(res, rtype, known_codes, terminology)
+                and not may_be_found(
+                    res, rtype, known_codes, local_codes_map=terminology is not None
+                )
             ):
                 continue
             if not _is_usable(res):
@@ -526,6 +533,9 @@ class Binding:
     #: why the value has two variants when it is not a censored value (records that may or may
     #: not be members: a drug class code that also covers other drugs)
     ambiguity: str | None = None
+    #: the record holds nothing the input could match, in or out of its window: the binding is
+    #: the same for every such patient (see :func:`_absent`)
+    absent: bool = False
 
     @property
     def empty(self) -> bool:
@@ -830,6 +840,8 @@ def resolve_input(
             if id(r) not in certain and in_scope(r) and _window_ok(r, inp, as_of)
         ]
     if not matches and not possible:
+        if not candidates:
+            return _absent(inp, as_of)
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         older = sorted(d for r in candidates if (d := _resource_date(r)))
         # say that older records exist: the window, not the record, is what is missing
@@ -897,6 +909,17 @@ def resolve_input(
     return Binding(variants, (rid,), summary, None, True)
 
 
+@functools.lru_cache(maxsize=4096)
+def _absent(inp: DataInput, as_of: date) -> Binding:
+    """The binding of an input for a record with nothing it could match (most records, for most
+    inputs): built once per input and as-of date, and marked so that a criterion whose inputs
+    are all absent is decided once too (:meth:`Engine._evaluate_condition`)."""
+    label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
+    status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
+    window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
+    return Binding(([],), (), "", f"no record of {label}{status}{window}", False, absent=True)
+
+
 # --------------------------------------------------------------------------- combining outcomes
 
 
@@ -950,6 +973,9 @@ class _CompiledCriterion:
     children: tuple[_CompiledCriterion, ...]
     #: inputs named only by other inputs' after-start-of (their records date the others)
     anchors: frozenset[str] = frozenset()
+    #: the criterion's inputs, one object for equal inputs of every trial of an engine (looked
+    #: up by identity in each patient's bindings, and resolved once for all trials)
+    inputs: tuple[DataInput, ...] = ()
 
 
 def _compile(
@@ -958,6 +984,7 @@ def _compile(
     problems: list[str],
     native: bool = True,
     terminology: Terminology | None = None,
+    shared: dict[DataInput, DataInput] | None = None,
 ) -> _CompiledCriterion:
     evaluator: Evaluator | None = None
     expr = criterion.expression
@@ -972,7 +999,10 @@ def _compile(
                 problems.append(f"{criterion.id}: FHIRPath condition does not compile ({exc})")
     elif not criterion.is_manual and not criterion.is_group:
         problems.append(f"{criterion.id}: no condition and no manual-review reason")
-    children = tuple(_compile(c, trial, problems, native, terminology) for c in criterion.children)
+    shared = {} if shared is None else shared
+    children = tuple(
+        _compile(c, trial, problems, native, terminology, shared) for c in criterion.children
+    )
     text = expr or ""
     return _CompiledCriterion(
         criterion=criterion,
@@ -984,6 +1014,7 @@ def _compile(
         anchors=frozenset(
             ref.name for i in criterion.inputs for ref in i.after if f"%{ref.name}" not in text
         ),
+        inputs=tuple(shared.setdefault(i, i) for i in criterion.inputs),
     )
 
 
@@ -1093,10 +1124,11 @@ class Engine:
         self._value_sets = terminology if terminology is not None else _trials_terminology(trials)
         compiled: list[tuple[Trial, tuple[_CompiledCriterion, ...]]] = []
         known: set[tuple[str, str]] = set()
+        shared: dict[DataInput, DataInput] = {}
         for trial in self.trials:
             problems: list[str] = []
             crits = tuple(
-                _compile(c, trial, problems, native_fhirpath, self._value_sets)
+                _compile(c, trial, problems, native_fhirpath, self._value_sets, shared)
                 for c in trial.criteria
             )
             if problems:
@@ -1106,6 +1138,8 @@ class Engine:
                 known.update(inp.codes)
                 known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
+        #: (criterion, as-of) -> (outcome, reason) of criteria whose inputs were all absent
+        self._settled: dict[tuple[int, date], tuple[Outcome, str]] = {}
         self._known_codes = frozenset(known)
         self._medication_names = _name_pattern(
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
@@ -1226,9 +1260,29 @@ class Engine:
         )
 
     def _evaluate_condition(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
+        bindings = [(inp, ctx.binding(inp)) for inp in cc.inputs]
+        if cc.uses_age or cc.uses_patient or not all(b.absent for _inp, b in bindings):
+            return self._decide(cc, ctx, bindings)[0]
+        # nothing in the record for any input, and nothing else read: the outcome is the same
+        # for every such patient, so it is decided once per as-of date
+        key = (id(cc), ctx.as_of)
+        settled = self._settled.get(key)
+        if settled is None:
+            result, evaluated = self._decide(cc, ctx, bindings)
+            if evaluated and not result.evidence:
+                self._settled[key] = (result.outcome, result.reason)
+            return result
+        return self._result(cc.criterion, settled[0], [], settled[1], [])
+
+    def _decide(
+        self,
+        cc: _CompiledCriterion,
+        ctx: _PatientContext,
+        bindings: list[tuple[DataInput, Binding]],
+    ) -> tuple[CriterionResult, bool]:
+        """The criterion's result, and False when its condition raised (logged each time)."""
         c = cc.criterion
         assert cc.evaluator is not None
-        bindings = [(inp, ctx.binding(inp)) for inp in c.inputs]
         names: list[str] = []
         choices: list[tuple[Any, ...]] = []
         for inp, b in bindings:
@@ -1248,9 +1302,8 @@ class Engine:
                 truths.add(_truth(cc.evaluator(ctx.patient, env)))
         except Exception as exc:  # a condition error must not stop the run
             log.warning("criterion %s: condition failed (%s)", c.id, type(exc).__name__)
-            return self._result(
-                c, "unknown", [], f"the condition could not be evaluated ({type(exc).__name__})", []
-            )
+            why = f"the condition could not be evaluated ({type(exc).__name__})"
+            return self._result(c, "unknown", [], why, []), False
         evidence = [e for _inp, b in bindings for e in b.evidence]
         if cc.uses_age or cc.uses_patient:
             evidence.insert(0, ctx.patient_ref)
@@ -1274,7 +1327,7 @@ class Engine:
                 why += "the exact birth date"
             else:
                 why += "a censored value"
-            return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), [])
+            return self._result(c, "unknown", evidence, f"{why}: " + "; ".join(used), []), True
         truth = truths.pop() if truths else None
         if truth is None:
             closed_world = (
@@ -1283,16 +1336,16 @@ class Engine:
                 and all(not b.found and not inp.required for inp, b in bindings)
             )
             if closed_world:
-                return self._result(c, "pass", [], "; ".join(missing), [])
+                return self._result(c, "pass", [], "; ".join(missing), []), True
             detail = missing + ([ctx.age_text] if cc.uses_age and not ctx.age[0] else [])
             if not detail:
                 detail = ["the condition gave no answer for the data found", *used]
-            return self._result(c, "unknown", evidence, "; ".join(detail), [])
+            return self._result(c, "unknown", evidence, "; ".join(detail), []), True
         unusable = [b.missing for _inp, b in bindings if b.found and b.empty and b.missing]
         if c.kind == "exclusion" and truth is False and unusable:
             # a result that exists but cannot be read must not count as "not excluding"
             # (a condition may guard an input with exists(); the value could be excluding)
-            return self._result(c, "unknown", evidence, "; ".join(unusable), [])
+            return self._result(c, "unknown", evidence, "; ".join(unusable), []), True
         met = "met" if truth else "not met"
         outcome: Outcome
         if c.kind == "inclusion":
@@ -1305,7 +1358,7 @@ class Engine:
                 reason += " (" + "; ".join(missing) + ")"
         else:
             reason = "; ".join(missing) if missing else f"{met} by the data found"
-        return self._result(c, outcome, evidence, reason, [])
+        return self._result(c, outcome, evidence, reason, []), True
 
 
 def _name_pattern(names: Iterable[str]) -> re.Pattern[str] | None:

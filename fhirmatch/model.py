@@ -7,7 +7,7 @@ so one compiled trial can be shared by many threads evaluating patients at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 CriterionKind = Literal["inclusion", "exclusion"]
@@ -99,6 +99,19 @@ class DataInput:
     #: only resources dated after the earliest record of these inputs (of the same criterion):
     #: "a response assessment after the treatment started"
     after: tuple[DataInput, ...] = ()
+
+    # The engine looks each input up in a per-patient dict many times, and the generated hash
+    # would hash every field each time: hash once. The hash of strings differs between
+    # processes, so it is never pickled (worker processes, the compiled-trial cache).
+    def __hash__(self) -> int:
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            self.__dict__["_hash"] = cached
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
 
 @dataclass(frozen=True)

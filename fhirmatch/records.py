@@ -45,6 +45,7 @@ import msgspec
 
 __all__ = [
     "PatientRecord",
+    "ResourceFilter",
     "check_record",
     "decode_head",
     "decode_json",
@@ -347,10 +348,11 @@ def decode_json(data: bytes | memoryview) -> Any:
 
 
 class _Head(msgspec.Struct):
-    """The top-level elements that say whose a resource is."""
+    """The top-level elements that say whose a resource is, and its code."""
 
     resourceType: Any = None
     id: Any = None
+    code: Any = None
     subject: Any = None
     patient: Any = None
     beneficiary: Any = None
@@ -363,14 +365,15 @@ _asdict = msgspec.structs.asdict
 
 
 def decode_head(data: bytes) -> dict[str, Any]:
-    """The resource in one NDJSON line reduced to ``resourceType``, ``id`` and its patient
-    references (:data:`PATIENT_REFERENCE_FIELDS`): enough for :func:`patient_reference_of`,
-    without building the rest (about three times cheaper than decoding it all). Elements that are
-    absent or null are left out. Raises ``msgspec.DecodeError`` when the line is not a JSON
+    """The resource in one NDJSON line reduced to ``resourceType``, ``id``, ``code`` and its
+    patient references (:data:`PATIENT_REFERENCE_FIELDS`): enough for
+    :func:`patient_reference_of` and :meth:`ResourceFilter.keeps`, without building the rest
+    (about three times cheaper than decoding it all). Elements that are absent or null are left
+    out. Raises ``msgspec.DecodeError`` when the line is not a JSON
     object; strings it does not keep are not checked for UTF-8 (the full decode does that).
     """
     head = _asdict(_DECODE_HEAD(data))
-    for name in ("id", *PATIENT_REFERENCE_FIELDS):
+    for name in ("id", "code", *PATIENT_REFERENCE_FIELDS):
         if head[name] is None:
             del head[name]
     return head
@@ -600,6 +603,80 @@ def group_bundle(data: dict[str, Any], source: str, problems: list[str]) -> Iter
         yield rec
 
 
+class ResourceFilter(frozenset[str]):
+    """The resources a run reads: a set of resource type names (usable wherever one is), and,
+    for the types in ``coded``, only the resources whose code some criterion may look for.
+
+    ``keeps`` applies the screening engine's own rule for which resources it indexes
+    (:func:`fhirmatch.engine.may_be_found`: a known code, an ICD-10 code below a known
+    category, or an Observation with a local code that a ConceptMap may translate), so
+    dropping the others while reading NDJSON changes no result; it only spares decoding,
+    grouping and indexing most of a record (vital signs, surveys, encounter procedures ...).
+    The whole check needs only the resource's ``resourceType`` and ``code``
+    (:func:`decode_head` keeps both).
+    """
+
+    known_codes: frozenset[tuple[str, str]]
+    coded: frozenset[str]
+    #: the LOINC codes among ``known_codes`` (most resources a run drops are LOINC-coded)
+    _loinc: frozenset[str]
+
+    def __new__(
+        cls,
+        types: Iterable[str],
+        known_codes: Iterable[tuple[str, str]] = (),
+        coded: Iterable[str] = (),
+    ) -> ResourceFilter:
+        self = super().__new__(cls, types)
+        self.known_codes = frozenset(known_codes)
+        self.coded = frozenset(coded)
+        self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ResourceFilter, (tuple(self), self.known_codes, self.coded))
+
+    def keeps(self, resource: dict[str, Any]) -> bool:
+        """Whether ``resource`` (of a type in the set) is read: it may matter to a criterion,
+        or it has no patient reference (kept so that the reader reports it, as before)."""
+        rtype = resource.get("resourceType")
+        if rtype not in self.coded:
+            return True
+        if not self._only_unknown_loinc(resource.get("code")):
+            found = _may_be_found or _import_may_be_found()
+            if found(resource, str(rtype), self.known_codes, local_codes_map=True):
+                return True
+        return patient_reference_of(resource) is None
+
+    def _only_unknown_loinc(self, concept: Any) -> bool:
+        """True when every coding of ``concept`` is LOINC and none is known: the common case,
+        decided here without the general rule (which comes to the same answer for it)."""
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        if not isinstance(codings, list) or not codings:
+            return False
+        loinc = self._loinc
+        for coding in codings:
+            if not isinstance(coding, dict) or coding.get("system") != _LOINC:
+                return False
+            code = coding.get("code")
+            if not isinstance(code, str) or code.strip() in loinc:
+                return False
+        return True
+
+
+_LOINC = "http://loinc.org"
+#: :func:`fhirmatch.engine.may_be_found`, imported when first needed (the engine imports this)
+_may_be_found: Callable[..., bool] | None = None
+
+
+def _import_may_be_found() -> Callable[..., bool]:
+    global _may_be_found
+    from .engine import may_be_found
+
+    _may_be_found = may_be_found
+    return may_be_found
+
+
 #: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)
 _TYPE_PATTERN = re.compile(rb'"resourceType"\s*:\s*"([A-Za-z]+)"')
 #: problem reporter: ``(line number or 0 for the whole file, text after "path: line N ")``
@@ -642,11 +719,13 @@ def iter_ndjson_slice(
     ``start``/``end`` (uncompressed files only) restrict it to the lines that *begin* in that
     byte range, numbered from 1 at the first of them; so consecutive ranges cover every line
     exactly once. With ``types``, resources of other known types are skipped (before decoding
-    when :func:`skippable_line` can tell). With ``head``, resources are only partly decoded
+    when :func:`skippable_line` can tell), and with a :class:`ResourceFilter`, the resources it
+    does not keep. With ``head``, resources are only partly decoded
     (:func:`decode_head`: enough to find their patient), except Medications, which are kept
     whole. Bad lines are passed to ``report`` and skipped.
     """
     lineno = 0
+    keeps = types.keeps if isinstance(types, ResourceFilter) else None
     try:
         with _open_binary(path) as fh:
             if start > 0:
@@ -676,7 +755,9 @@ def iter_ndjson_slice(
                         rtype = res.get("resourceType")
                         if not isinstance(rtype, str):
                             report(lineno, "is not a FHIR resource; skipped")
-                        elif types is None or rtype in types or not _known_type(rtype):
+                        elif types is None or not _known_type(rtype):
+                            yield lineno, res, body
+                        elif rtype in types and (keeps is None or keeps(res)):
                             yield lineno, res, body
                         continue
                 if types is not None and skippable_line(body, types):
@@ -696,8 +777,9 @@ def iter_ndjson_slice(
                     report(lineno, "is not a FHIR resource; skipped")
                     continue
                 rtype = res["resourceType"]
-                if types is not None and rtype not in types and _known_type(rtype):
-                    continue
+                if types is not None and _known_type(rtype):
+                    if rtype not in types or (keeps is not None and not keeps(res)):
+                        continue
                 yield lineno, res, body
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         report(0, f"cannot be read to the end ({type(exc).__name__})")

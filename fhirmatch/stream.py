@@ -45,6 +45,7 @@ from .records import (
     SHARED_TYPES,
     PatientRecord,
     Report,
+    ResourceFilter,
     _expand_paths,
     _finish_ndjson,
     _problem,
@@ -95,13 +96,18 @@ MEDICATION_TYPES = frozenset(
 )
 
 
-def wanted_types(trials: Sequence[Trial]) -> frozenset[str]:
-    """The resource types screening ``trials`` reads: Patient, every data input's type, and
-    Medication when a medication resource may refer to one."""
-    types = {"Patient"} | {inp.resource_type for t in trials for inp in t.all_inputs()}
+def wanted_types(trials: Sequence[Trial]) -> ResourceFilter:
+    """The resources screening ``trials`` reads: Patient, every data input's type, Medication
+    when a medication resource may refer to one; and of the coded types (not Patient nor the
+    medicines), only resources with a code that an input asks for (the same rule as the
+    engine's index: see :class:`~fhirmatch.records.ResourceFilter`)."""
+    inputs = [inp for t in trials for inp in t.all_inputs()]
+    types = {"Patient"} | {inp.resource_type for inp in inputs}
     if types & MEDICATION_TYPES:
         types.add("Medication")
-    return frozenset(types)
+    known = {code for inp in inputs for code in (*inp.codes, *inp.possible_codes)}
+    coded = types - MEDICATION_TYPES - {"Patient", "Medication"}
+    return ResourceFilter(types, known, coded)
 
 
 def partition_of(patient_id: str, partitions: int) -> int:
