@@ -164,8 +164,10 @@ def _date_key(value: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
 def _to_date(key: str) -> date | None:
-    """The first day a (partial) ISO date can denote."""
+    """The first day a (partial) ISO date can denote (results of one day share their dates,
+    and each is checked against several windows: remembered)."""
     try:
         parts = key.split("-")
         year = int(parts[0])
@@ -820,8 +822,6 @@ def resolve_input(
     it count; when those inputs have no record, a found resource cannot be placed and the input
     is empty with the reason."""
     as_of = index.as_of
-    label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
-    window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
 
     def in_scope(r: dict[str, Any]) -> bool:
         # everything but the look-back window, so older records can be named in the reason
@@ -842,6 +842,7 @@ def resolve_input(
     if not matches and not possible:
         if not candidates:
             return _absent(inp, as_of)
+        label, window = _label(inp), _window(inp, as_of)
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         older = sorted(d for r in candidates if (d := _resource_date(r)))
         # say that older records exist: the window, not the record, is what is missing
@@ -855,6 +856,7 @@ def resolve_input(
             return Binding(([],), refs, "", why, True)
         matches = [r for r in matches if (_resource_date(r) or "") > start]
         if not matches:
+            label, window = _label(inp), _window(inp, as_of)
             why = f"no record of {label}{window} after the start of {names} ({start})"
             return Binding(([],), (), "", why, False)
     if inp.qualitative:
@@ -909,15 +911,22 @@ def resolve_input(
     return Binding(variants, (rid,), summary, None, True)
 
 
+def _label(inp: DataInput) -> str:
+    return f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
+
+
+def _window(inp: DataInput, as_of: date) -> str:
+    return f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
+
+
 @functools.lru_cache(maxsize=4096)
 def _absent(inp: DataInput, as_of: date) -> Binding:
     """The binding of an input for a record with nothing it could match (most records, for most
     inputs): built once per input and as-of date, and marked so that a criterion whose inputs
     are all absent is decided once too (:meth:`Engine._evaluate_condition`)."""
-    label = f"{inp.name} ({inp.resource_type} in ValueSet {_tail(inp.value_set)})"
     status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
-    window = f" within {inp.lookback_days} days before {as_of}" if inp.lookback_days else ""
-    return Binding(([],), (), "", f"no record of {label}{status}{window}", False, absent=True)
+    why = f"no record of {_label(inp)}{status}{_window(inp, as_of)}"
+    return Binding(([],), (), "", why, False, absent=True)
 
 
 # --------------------------------------------------------------------------- combining outcomes
@@ -1138,8 +1147,8 @@ class Engine:
                 known.update(inp.codes)
                 known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
-        #: (criterion, as-of) -> (outcome, reason) of criteria whose inputs were all absent
-        self._settled: dict[tuple[int, date], tuple[Outcome, str]] = {}
+        #: (criterion, as-of, age) -> (outcome, reason) of criteria whose inputs were all absent
+        self._settled: dict[tuple[int, date, str], tuple[Outcome, str]] = {}
         self._known_codes = frozenset(known)
         self._medication_names = _name_pattern(
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
@@ -1261,18 +1270,19 @@ class Engine:
 
     def _evaluate_condition(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
         bindings = [(inp, ctx.binding(inp)) for inp in cc.inputs]
-        if cc.uses_age or cc.uses_patient or not all(b.absent for _inp, b in bindings):
+        if cc.uses_patient or not all(b.absent for _inp, b in bindings):
             return self._decide(cc, ctx, bindings)[0]
-        # nothing in the record for any input, and nothing else read: the outcome is the same
-        # for every such patient, so it is decided once per as-of date
-        key = (id(cc), ctx.as_of)
+        # nothing in the record for any input, and nothing else read but perhaps the age: the
+        # outcome is the same for every such patient (of that age), so it is decided once
+        key = (id(cc), ctx.as_of, ctx.age_text if cc.uses_age else "")
+        evidence = [ctx.patient_ref] if cc.uses_age else []
         settled = self._settled.get(key)
         if settled is None:
             result, evaluated = self._decide(cc, ctx, bindings)
-            if evaluated and not result.evidence:
+            if evaluated and result.evidence == evidence:
                 self._settled[key] = (result.outcome, result.reason)
             return result
-        return self._result(cc.criterion, settled[0], [], settled[1], [])
+        return self._result(cc.criterion, settled[0], evidence, settled[1], [])
 
     def _decide(
         self,

@@ -755,7 +755,7 @@ def iter_ndjson_slice(
                         rtype = res.get("resourceType")
                         if not isinstance(rtype, str):
                             report(lineno, "is not a FHIR resource; skipped")
-                        elif types is None or not _known_type(rtype):
+                        elif types is None or rtype not in RESOURCE_TYPES:
                             yield lineno, res, body
                         elif rtype in types and (keeps is None or keeps(res)):
                             yield lineno, res, body

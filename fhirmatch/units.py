@@ -36,6 +36,7 @@ import csv
 import functools
 import json
 import math
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -216,7 +217,19 @@ def _analytes() -> dict[str, AnalyteInfo]:
     state = _STATE
     if state is not None:
         return state.analytes
-    return _analytes_at(mappings_dir() / "analytes.json")
+    # the engine asks for every lab result it checks: remember the table of the last location
+    # (named by $FHIRMATCH_MAPPINGS, or the bundled one) rather than build its path each time
+    override = os.environ.get("FHIRMATCH_MAPPINGS")
+    last = _LAST_ANALYTES
+    if last is not None and last[0] == override:
+        return last[1]
+    table = _analytes_at(mappings_dir() / "analytes.json")
+    globals()["_LAST_ANALYTES"] = (override, table)
+    return table
+
+
+#: (the $FHIRMATCH_MAPPINGS it was read under, the analyte table) of the last look-up
+_LAST_ANALYTES: tuple[str | None, dict[str, AnalyteInfo]] | None = None
 
 
 @functools.lru_cache(maxsize=4)
