@@ -609,7 +609,8 @@ class ResourceFilter(frozenset[str]):
 
     ``keeps`` applies the screening engine's own rule for which resources it indexes
     (:func:`fhirmatch.engine.may_be_found`: a known code, an ICD-10 code below a known
-    category, or an Observation with a local code that a ConceptMap may translate), so
+    category, or an Observation with a local code that a ConceptMap may translate), and keeps
+    every resource whose code has no coding at all (the engine may read its words), so
     dropping the others while reading NDJSON changes no result; it only spares decoding,
     grouping and indexing most of a record (vital signs, surveys, encounter procedures ...).
     The whole check needs only the resource's ``resourceType`` and ``code``
@@ -642,7 +643,10 @@ class ResourceFilter(frozenset[str]):
         rtype = resource.get("resourceType")
         if rtype not in self.coded:
             return True
-        if not self._only_unknown_loinc(resource.get("code")):
+        concept = resource.get("code")
+        if not self._only_unknown_loinc(concept):
+            if not _has_coding(concept):
+                return True  # only words, or nothing: the engine judges it by its text
             found = _may_be_found or _import_may_be_found()
             if found(resource, str(rtype), self.known_codes, local_codes_map=True):
                 return True
@@ -665,6 +669,15 @@ class ResourceFilter(frozenset[str]):
 
 
 _LOINC = "http://loinc.org"
+
+
+def _has_coding(concept: Any) -> bool:
+    """Whether a CodeableConcept holds a coding with a system and a code."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
+        for c in codings
+    )
 #: :func:`fhirmatch.engine.may_be_found`, imported when first needed (the engine imports this)
 _may_be_found: Callable[..., bool] | None = None
 

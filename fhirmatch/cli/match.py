@@ -13,7 +13,12 @@ from typing import Any
 
 from ..data import seed_trials_dir
 from ..errors import ConfigurationError, TrialDefinitionError
-from ..executors import add_executor_arguments, executor_from_args, partition_bytes
+from ..executors import (
+    add_executor_arguments,
+    executor_from_args,
+    freeze_heap,
+    partition_bytes,
+)
 from ..match import (
     DEFAULT_CONCURRENCY,
     MAX_CONCURRENCY,
@@ -199,6 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
         progress = Progress("screening", args.progress_interval)
         with executor_from_args(args, trials, terminology) as executor:
             warn_about_trials(trials)  # once the configuration is known to be good
+            freeze_heap()  # trials and engine are built: what follows is per-patient garbage
             with contextlib.ExitStack() as stack:
                 state = (
                     stack.enter_context(StateStore(args.state))

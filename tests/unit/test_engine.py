@@ -584,3 +584,47 @@ def test_after_start_of_keeps_only_results_after_the_first_treatment_record() ->
     undated, why = outcome(after)  # no treatment record: cannot tell what follows it
     assert undated == "unknown" and "cannot tell which results follow the start of tx" in why
     assert outcome(pd1)[0] == "pass"  # no status at all: closed-world exclusion
+
+
+def test_records_with_nothing_share_a_decision_but_never_a_result() -> None:
+    """A criterion whose inputs find nothing is decided once per as-of date (and age): a
+    long-lived engine gives each patient what a fresh engine would, in its own objects."""
+    crits = (
+        inc("wbc", "%wbc.valueQuantity.value >= 4.0", WBC),
+        exc("brain", "%brain.exists()", BRAIN),
+        inc("young", "%age <= 70"),
+        inc("young-wbc", "%age <= 70 and %wbc.valueQuantity.value >= 4.0", WBC),
+    )
+    engine = Engine([trial(*crits)])
+    with_data = [obs("o1", "6690-2", "2026-10-30", valueQuantity=qty(5.0, "10*9/L"))]
+    with_data.append(cond("b1", "94225005"))
+    people = [
+        [patient()],
+        [patient(birthDate="1940-01-01")],
+        [patient(), *with_data],
+        [patient()],
+        [patient(birthDate="1940-01-01")],
+    ]
+    seen: list[Any] = []
+    for n, resources in enumerate(people):
+        for as_of in (AS_OF, date(2025, 1, 1)):
+            got = engine.evaluate(resources, as_of=as_of)[0]
+            fresh = Engine([trial(*crits)]).evaluate(resources, as_of=as_of)[0]
+            assert got.model_dump() == fresh.model_dump(), (n, as_of)
+            seen.extend(got.criteria)
+    assert len({id(c) for c in seen}) == len(seen)  # never the same object twice
+    first = engine.evaluate(people[0], as_of=AS_OF)[0].criteria
+    old = engine.evaluate(people[1], as_of=AS_OF)[0].criteria
+    assert [c.outcome for c in first] == ["unknown", "pass", "pass", "unknown"]
+    assert [c.outcome for c in old] == ["unknown", "pass", "fail", "fail"]
+    assert old[2].evidence == ["Patient/p1"] and "age 86" in old[2].reason
+
+
+def test_an_input_hashes_once_and_never_pickles_its_hash() -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(WBC))  # noqa: S301 - our own bytes
+    assert copy == WBC and hash(copy) == hash(WBC)
+    hash(WBC)
+    assert b"_hash" not in pickle.dumps(WBC)  # string hashes differ between processes
+    assert {WBC: 1}[copy] == 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fhirmatch.records import iter_patient_records, skippable_line
+from fhirmatch.records import ResourceFilter, iter_patient_records, skippable_line
 from fhirmatch.stream import (
     Shuffle,
     group_ndjson_by_patient,
@@ -234,12 +234,120 @@ def test_wanted_types_follow_the_trials() -> None:
         )
 
     assert wanted_types([trial("Observation")]) == {"Patient", "Observation"}
+    coded = DataInput(
+        name="crea", resource_type="Observation", codes=frozenset({("http://loinc.org", "2160-0")})
+    )
+    drug = DataInput(
+        name="pd1",
+        resource_type="MedicationRequest",
+        codes=frozenset({("http://www.nlm.nih.gov/research/umls/rxnorm", "1547545")}),
+        possible_codes=frozenset({("http://www.whocc.no/atc", "L01FF")}),
+    )
+    t = Trial(
+        id="t",
+        title="t",
+        identifiers=(),
+        criteria=(Criterion(id="c", kind="inclusion", text="d", inputs=(coded, drug)),),
+        plan_definition_id="pd",
+    )
+    wanted = wanted_types([t])
+    assert wanted.coded == {"Observation"}  # medicines are matched by ingredient, never dropped
+    assert wanted.known_codes == coded.codes | drug.codes | drug.possible_codes
     assert wanted_types([trial("Condition"), trial("MedicationRequest")]) == {
         "Patient",
         "Condition",
         "MedicationRequest",
         "Medication",
     }
+
+
+LOINC = "http://loinc.org"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+
+
+def _coded(rtype: str, rid: str, pid: str | None, *codings: tuple[str, str]) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "resourceType": rtype,
+        "id": rid,
+        "code": {"coding": [{"system": s, "code": c} for s, c in codings]},
+    }
+    if pid is not None:
+        res["subject"] = {"reference": f"Patient/{pid}"}
+    return res
+
+
+def _code_filter_export(path: Path) -> None:
+    rows = [
+        {"resourceType": "Patient", "id": "p1"},
+        _coded("Observation", "crea", "p1", (LOINC, "2160-0")),  # asked for
+        _coded("Observation", "bp", "p1", (LOINC, "8480-6")),  # a vital sign nobody asks for
+        _coded("Observation", "local", "p1", ("urn:oid:1.2.3", "K-CREA")),  # a ConceptMap may map
+        _coded("Observation", "both", "p1", (LOINC, "8480-6"), (LOINC, " 2160-0 ")),
+        _coded("Condition", "c15", "p1", (ICD10CM, "C15.4")),  # below the category asked for
+        _coded("Condition", "flu", "p1", (ICD10CM, "J10.1")),
+        _coded("Condition", "text", "p1"),  # no coding: the engine may read its words
+        _coded("Observation", "orphan", None, (LOINC, "8480-6")),  # still reported
+        {"resourceType": "MedicationRequest", "id": "rx", "subject": {"reference": "Patient/p1"}},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+
+
+CODE_FILTER = ResourceFilter(
+    {"Patient", "Observation", "Condition", "MedicationRequest", "Medication"},
+    {(LOINC, "2160-0"), (ICD10CM, "C15")},
+    {"Observation", "Condition"},
+)
+KEPT = ["p1", "crea", "local", "both", "c15", "text", "rx"]
+
+
+@pytest.mark.parametrize("partitions", [None, 3])
+def test_code_filter_drops_resources_no_input_can_find(tmp_path: Path, partitions: Any) -> None:
+    """In memory, through spill files, and patient-ordered: the same resources are kept (those
+    the engine's index keeps), and an orphan is reported whatever its code."""
+    path = tmp_path / "export.ndjson"
+    _code_filter_export(path)
+    problems: list[str] = []
+    if partitions is None:
+        records = list(iter_patient_records([path], problems=problems, types=CODE_FILTER))
+    else:
+        records = list(
+            group_ndjson_by_patient(
+                [path], problems, partitions=partitions, types=CODE_FILTER, spill_dir=tmp_path
+            )
+        )
+    (rec,) = records
+    assert sorted(r["id"] for r in rec.resources) == sorted(KEPT)
+    assert problems == [f"{path}: line 9 (Observation/orphan) has no patient reference"]
+
+
+def test_code_filter_is_the_engines_index_rule() -> None:
+    from fhirmatch.engine import may_be_found
+
+    rows: list[dict[str, Any]] = []
+    for res in (
+        _coded("Observation", "a", "p", (LOINC, "2160-0")),
+        _coded("Observation", "b", "p", (LOINC, "8480-6")),
+        _coded("Observation", "c", "p", ("urn:oid:1.2.3", "K")),
+        _coded("Condition", "d", "p", (ICD10CM, "C154")),
+        _coded("Condition", "e", "p", (ICD10CM, "J10.1")),
+        _coded("Procedure", "f", "p", ("http://snomed.info/sct", "1")),
+    ):
+        rows.append(res)
+        index_keeps = may_be_found(
+            res, res["resourceType"], CODE_FILTER.known_codes, local_codes_map=True
+        )
+        uncoded = res["resourceType"] not in CODE_FILTER.coded
+        assert CODE_FILTER.keeps(res) is (index_keeps or uncoded)
+    assert [r["id"] for r in rows if CODE_FILTER.keeps(r)] == ["a", "c", "d", "f"]
+
+
+def test_code_filter_survives_pickling_for_worker_processes() -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(CODE_FILTER))  # noqa: S301 - our own bytes
+    assert copy == CODE_FILTER and isinstance(copy, ResourceFilter)
+    assert copy.known_codes == CODE_FILTER.known_codes and copy.coded == CODE_FILTER.coded
+    assert not copy.keeps(_coded("Observation", "bp", "p1", (LOINC, "8480-6")))
 
 
 # --------------------------------------------------------------------------- slices
