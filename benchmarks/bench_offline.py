@@ -31,6 +31,7 @@ it grows with the population.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -44,8 +45,7 @@ import msgspec
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import load_trials
-from bench_scale import machine, needed_types, write_export
+from bench_scale import machine, write_export
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS = REPO / "fixtures" / "trials"
@@ -97,6 +97,18 @@ def startup(tmp: Path, runs: int) -> tuple[float, list[float]]:
     return cold[0], [run_cli(args, env)[0] for _ in range(runs)]
 
 
+def export_types() -> set[str]:
+    """The types the export holds, found in a child process: loading the trials here would make
+    this process large, and a child forked from it counts that memory in its own peak RSS."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); "
+        "from bench_engine import load_trials; from bench_scale import needed_types; "
+        "print(json.dumps(sorted(needed_types(load_trials()))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, check=True)
+    return set(json.loads(out.stdout))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000])
@@ -106,7 +118,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the exports here and reuse them")
     args = ap.parse_args()
     print(machine(), flush=True)
-    types = needed_types(load_trials())
+    types = export_types()
     with tempfile.TemporaryDirectory(prefix="fhirmatch-bench-offline-") as raw:
         tmp = Path(raw)
         cold, warm = startup(tmp, args.startup_runs)
