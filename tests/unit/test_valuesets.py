@@ -73,6 +73,8 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("m1", (SCT, "1229903009"), (SCT, "1229901006"), None),
     ("esophageal-cancer", (ICD, "C15"), (ICD, "C16.9"), (WHO, "C15.5")),
     ("squamous-cell-carcinoma-morphology", (SCT, "28899001"), (SCT, "1187332001"), None),
+    ("esophageal-squamous-cell-carcinoma", (SCT, "276804009"), (SCT, "276803003"), None),
+    ("esophagogastric-junction-cancer", (ICD, "C16.0"), (ICD, "C16.1"), (WHO, "C16.0")),
     ("rectal-cancer", (ICD, "C20"), (ICD, "C18.7"), (ICD, "C19")),
     ("colorectal-cancer", (ICD, "C18"), (ICD, "C15.9"), (ICD, "C18.7")),
     ("brain-metastasis", (SCT, "94225005"), (SCT, "94222008"), (ICD, "C79.31")),
