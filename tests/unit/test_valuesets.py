@@ -78,6 +78,7 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("esophagogastric-junction-cancer", (ICD, "C16.0"), (ICD, "C16.1"), (WHO, "C16.0")),
     ("g8-score", (GA, "g8-total-score"), (SCT, "273531005"), None),
     ("late-radiation-toxicity-bowel-bladder", (ICD, "N30.41"), (ICD, "K62.7"), (WHO, "K52.0")),
+    ("esophagectomy", (SCT, "45900003"), (SCT, "48114000"), None),
     ("rectal-cancer", (ICD, "C20"), (ICD, "C18.7"), (ICD, "C19")),
     ("colorectal-cancer", (ICD, "C18"), (ICD, "C15.9"), (ICD, "C18.7")),
     ("brain-metastasis", (SCT, "94225005"), (SCT, "94222008"), (ICD, "C79.31")),
