@@ -98,6 +98,8 @@ KNOWN_CODE_SYSTEMS = frozenset(
         "http://www.nlm.nih.gov/research/umls/rxnorm",
         "http://www.whocc.no/atc",
         "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient",
+        # scores with no standard code (the G8), filled in by a site's ConceptMap
+        "https://fhirmatch.dev/fhir/CodeSystem/geriatric-assessment",
         "http://www.ama-assn.org/go/cpt",
         "http://cancerstaging.org",
         "http://terminology.hl7.org/CodeSystem/icd-o-3",

@@ -16,6 +16,7 @@ LOINC = "http://loinc.org"
 SCT = "http://snomed.info/sct"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 WHO = "http://hl7.org/fhir/sid/icd-10"
+GA = "https://fhirmatch.dev/fhir/CodeSystem/geriatric-assessment"
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
 AJCC = "http://cancerstaging.org"
@@ -73,6 +74,11 @@ CASES: list[tuple[str, tuple[str, str], tuple[str, str], tuple[str, str] | None]
     ("m1", (SCT, "1229903009"), (SCT, "1229901006"), None),
     ("esophageal-cancer", (ICD, "C15"), (ICD, "C16.9"), (WHO, "C15.5")),
     ("squamous-cell-carcinoma-morphology", (SCT, "28899001"), (SCT, "1187332001"), None),
+    ("esophageal-squamous-cell-carcinoma", (SCT, "276804009"), (SCT, "276803003"), None),
+    ("esophagogastric-junction-cancer", (ICD, "C16.0"), (ICD, "C16.1"), (WHO, "C16.0")),
+    ("g8-score", (GA, "g8-total-score"), (SCT, "273531005"), None),
+    ("late-radiation-toxicity-bowel-bladder", (ICD, "N30.41"), (ICD, "K62.7"), (WHO, "K52.0")),
+    ("esophagectomy", (SCT, "45900003"), (SCT, "48114000"), None),
     ("rectal-cancer", (ICD, "C20"), (ICD, "C18.7"), (ICD, "C19")),
     ("colorectal-cancer", (ICD, "C18"), (ICD, "C15.9"), (ICD, "C18.7")),
     ("brain-metastasis", (SCT, "94225005"), (SCT, "94222008"), (ICD, "C79.31")),
