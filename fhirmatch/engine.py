@@ -329,6 +329,7 @@ class PatientIndex:
     """
 
     __slots__ = (
+        "_found",
         "_names",
         "_order",
         "_type_ancestors",
@@ -358,6 +359,8 @@ class PatientIndex:
         self._names = medication_names
         #: per resource type, each indexed resource's position in the record (built on demand)
         self._order: dict[str, dict[int, int]] = {}
+        #: what :meth:`find` returned, per question (inputs of several trials ask the same)
+        self._found: dict[tuple[str, frozenset[tuple[str, str]], str | None], list[Any]] = {}
         self.patient: dict[str, Any] | None = None
         self.by_type: dict[str, list[dict[str, Any]]] = {}
         self.by_code: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -480,6 +483,18 @@ class PatientIndex:
         """
         if not codes:
             return []
+        key = (resource_type, codes, value_set)
+        found = self._found.get(key)
+        if found is None:
+            found = self._found[key] = self._find(resource_type, codes, value_set)
+        return list(found)
+
+    def _find(
+        self,
+        resource_type: str,
+        codes: frozenset[tuple[str, str]],
+        value_set: str | None,
+    ) -> list[dict[str, Any]]:
         seen: dict[int, dict[str, Any]] = {}
         by_code = self.by_code
         by_ancestor = self.by_ancestor
@@ -572,6 +587,12 @@ def _instant_key(value: Any) -> str:
         value = value.get("end") or value.get("start")
     if not isinstance(value, str) or len(value) < 4:
         return ""
+    return _text_instant_key(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _text_instant_key(value: str) -> str:
+    """:func:`_instant_key` of a string (the results of one panel share their times)."""
     if len(value) > 10 and "T" in value:
         try:
             when = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -877,7 +898,7 @@ def resolve_input(
         return Binding(
             (matches, matches + possible), refs, summary, None, True, ambiguity=ambiguity
         )
-    obs = max(matches, key=_sort_key)
+    obs = matches[0] if len(matches) == 1 else max(matches, key=_sort_key)
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
     try:
@@ -1147,6 +1168,7 @@ class Engine:
                 known.update(inp.codes)
                 known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
+        self._drafted = {id(t): tuple(t.drafted_criteria()) for t in self.trials}
         #: (criterion, as-of, age) -> (outcome, reason) of criteria whose inputs were all absent
         self._settled: dict[tuple[int, date, str], tuple[Outcome, str]] = {}
         self._known_codes = frozenset(known)
@@ -1210,7 +1232,7 @@ class Engine:
             criteria=results,
             title=trial.title,
             incomplete=trial.incomplete,
-            drafted=trial.drafted_criteria(),
+            drafted=list(self._drafted[id(trial)]),
         )
 
     @staticmethod

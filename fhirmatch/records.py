@@ -353,6 +353,8 @@ class _Head(msgspec.Struct):
     resourceType: Any = None
     id: Any = None
     code: Any = None
+    #: an Observation's components, left undecoded (:meth:`ResourceFilter.keeps` reads them)
+    component: msgspec.Raw = msgspec.Raw(b"")
     subject: Any = None
     patient: Any = None
     beneficiary: Any = None
@@ -376,6 +378,8 @@ def decode_head(data: bytes) -> dict[str, Any]:
     for name in ("id", "code", *PATIENT_REFERENCE_FIELDS):
         if head[name] is None:
             del head[name]
+    if not head["component"]:
+        del head["component"]
     return head
 
 
@@ -644,6 +648,8 @@ class ResourceFilter(frozenset[str]):
         if rtype not in self.coded:
             return True
         concept = resource.get("code")
+        if "component" in resource and self._known_component(resource["component"]):
+            return True  # a panel whose parts an input asks for (the stains of an MMR panel)
         if not self._only_unknown_loinc(concept):
             if not _has_coding(concept):
                 return True  # only words, or nothing: the engine judges it by its text
@@ -651,6 +657,31 @@ class ResourceFilter(frozenset[str]):
             if found(resource, str(rtype), self.known_codes, local_codes_map=True):
                 return True
         return patient_reference_of(resource) is None
+
+    def _known_component(self, components: Any) -> bool:
+        """Whether a component of an Observation has a code an input asks for (the head decode
+        leaves the components as raw JSON; decoded here only for the Observations that have
+        them)."""
+        if isinstance(components, msgspec.Raw):
+            try:
+                components = _DECODE(components)
+            except msgspec.DecodeError:
+                return True  # unreadable here: read in full, and judged, later
+        if not isinstance(components, list):
+            return False
+        from .terminology import canonical_coding
+
+        for comp in components:
+            concept = comp.get("code") if isinstance(comp, dict) else None
+            codings = concept.get("coding") if isinstance(concept, dict) else None
+            for coding in codings if isinstance(codings, list) else ():
+                if not isinstance(coding, dict):
+                    continue
+                system, code = coding.get("system"), coding.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    if canonical_coding(system, code) in self.known_codes:
+                        return True
+        return False
 
     def _only_unknown_loinc(self, concept: Any) -> bool:
         """True when every coding of ``concept`` is LOINC and none is known: the common case,

@@ -288,6 +288,15 @@ def _code_filter_export(path: Path) -> None:
         _coded("Condition", "text", "p1"),  # no coding: the engine may read its words
         _coded("Observation", "orphan", None, (LOINC, "8480-6")),  # still reported
         {"resourceType": "MedicationRequest", "id": "rx", "subject": {"reference": "Patient/p1"}},
+        # a panel asked for by a component (the stains of a mismatch-repair panel)
+        {
+            **_coded("Observation", "panel", "p1", (LOINC, "9999-1")),
+            "component": [{"code": {"coding": [{"system": LOINC, "code": "2160-0"}]}}],
+        },
+        {
+            **_coded("Observation", "bp-panel", "p1", (LOINC, "85354-9")),
+            "component": [{"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}}],
+        },
     ]
     path.write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
 
@@ -297,7 +306,7 @@ CODE_FILTER = ResourceFilter(
     {(LOINC, "2160-0"), (ICD10CM, "C15")},
     {"Observation", "Condition"},
 )
-KEPT = ["p1", "crea", "local", "both", "c15", "text", "rx"]
+KEPT = ["p1", "crea", "local", "both", "c15", "text", "rx", "panel"]
 
 
 @pytest.mark.parametrize("partitions", [None, 3])
