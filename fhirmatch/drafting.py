@@ -52,6 +52,7 @@ __all__ = [
     "Residual",
     "draft_actions",
     "drafted_extension",
+    "drafted_value_sets",
     "duration",
     "find_criteria",
     "kind_code",
@@ -256,6 +257,9 @@ class LabAnalyte:
     lookback_days: int = 30
 
 
+#: the ValueSets of the performance-status scores the drafter reads (ECOG, Karnofsky)
+_SCORE_VALUE_SETS = ("ecog", "karnofsky")
+
 LAB_ANALYTES: dict[str, LabAnalyte] = {
     "creatinine-clearance": LabAnalyte(
         "crcl",
@@ -412,6 +416,14 @@ class DraftContext:
 
     kind: Section
     lookback_days: int | None = None  # "tested within 15 days" of the enclosing bullet
+
+
+def drafted_value_sets() -> frozenset[str]:
+    """Canonical URLs of the ValueSets a drafted criterion may name."""
+    names = {a.value_set for a in LAB_ANALYTES.values()}
+    names |= {c.value_set for c in _CONCEPTS} | {t.value_set for t in _THERAPIES}
+    names |= set(_SCORE_VALUE_SETS)
+    return frozenset(f"{VS_BASE}/{name}" for name in names)
 
 
 def duration(days: int) -> dict[str, Any]:
@@ -886,7 +898,7 @@ def _score_findings(work: str, ctx: DraftContext) -> list[Finding]:
                     [(m.start(), end)],
                     [
                         observation_input(
-                            "kps", "karnofsky", "{score}", None, ctx.lookback_days or 90
+                            "kps", _SCORE_VALUE_SETS[1], "{score}", None, ctx.lookback_days or 90
                         )
                     ],
                     expr.replace("%v", "%kps.valueQuantity.value"),
@@ -914,7 +926,11 @@ def _score_findings(work: str, ctx: DraftContext) -> list[Finding]:
                 "ecog",
                 "ECOG " + _score_title(expr),
                 [(m.start(), end)],
-                [observation_input("ecog", "ecog", "{score}", None, ctx.lookback_days or 90)],
+                [
+                    observation_input(
+                        "ecog", _SCORE_VALUE_SETS[0], "{score}", None, ctx.lookback_days or 90
+                    )
+                ],
                 expr.replace("%v", "%ecog.valueQuantity.value"),
                 notes=[] if ctx.lookback_days else [_SCORE_NOTE],
             )

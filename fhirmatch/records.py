@@ -776,12 +776,7 @@ def iter_ndjson_slice(
                 fh.seek(start - 1)
                 if fh.read(1) != b"\n":
                     start += len(fh.readline())  # the line in progress belongs to the range before
-            pos = start
-            while end is None or pos < end:
-                line = fh.readline()
-                if not line:
-                    return lineno
-                pos += len(line)
+            for line in fh if end is None else _lines_before(fh, start, end):
                 lineno += 1
                 body = line.strip()
                 if not body:
@@ -828,6 +823,17 @@ def iter_ndjson_slice(
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         report(0, f"cannot be read to the end ({type(exc).__name__})")
     return lineno
+
+
+def _lines_before(fh: IO[bytes], start: int, end: int) -> Iterator[bytes]:
+    """The lines of ``fh`` (positioned at ``start``) that begin before ``end``."""
+    pos = start
+    while pos < end:
+        line = fh.readline()
+        if not line:
+            return
+        pos += len(line)
+        yield line
 
 
 def problem_text(path: Path | str, lineno: int, text: str) -> str:

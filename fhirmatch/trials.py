@@ -412,12 +412,14 @@ def member_of_urls(expression: str) -> list[str]:
 
 
 def value_sets_used(trials: Iterable[Trial]) -> set[str]:
-    """Canonical URLs of the ValueSets the trials' criteria name (inputs and ``memberOf``)."""
+    """Canonical URLs of the ValueSets the trials' criteria name (inputs, their further code
+    filters such as a body site, and ``memberOf``)."""
     used: set[str] = set()
 
     def walk(criteria: Iterable[Criterion]) -> None:
         for c in criteria:
             used.update(i.value_set.split("|", 1)[0] for i in c.inputs if i.value_set)
+            used.update(url.split("|", 1)[0] for i in c.inputs for _path, url in i.extra_filters)
             if c.expression:
                 used.update(member_of_urls(c.expression))
             walk(c.children)

@@ -205,13 +205,24 @@ def run_check(args: argparse.Namespace) -> int:
             f"in {len(report.trials)} trial(s)."
         )
     if report.unused_value_sets:
-        print(
-            f"fhirmatch: warning: {len(report.unused_value_sets)} ValueSet(s) no criterion uses "
-            "(editing them changes nothing):",
-            file=sys.stderr,
-        )
-        for url in report.unused_value_sets:
-            print(f"  - {url}", file=sys.stderr)
+        from ..drafting import drafted_value_sets
+
+        drafts = drafted_value_sets()
+        unused = [url for url in report.unused_value_sets if url not in drafts]
+        for_drafts = len(report.unused_value_sets) - len(unused)
+        if for_drafts:
+            print(
+                f"{for_drafts} ValueSet(s) no criterion of these trials uses serve the criteria "
+                "`fhirmatch trials import` drafts."
+            )
+        if unused:
+            print(
+                f"fhirmatch: warning: {len(unused)} ValueSet(s) no criterion uses and no draft "
+                "names (editing them changes nothing):",
+                file=sys.stderr,
+            )
+            for url in unused:
+                print(f"  - {url}", file=sys.stderr)
     if report.ok:
         print(f"{len(report.trials)} trial(s) valid.")
         return exitcodes.OK

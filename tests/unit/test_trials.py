@@ -586,3 +586,20 @@ def test_evaluate_warns_and_reports_incomplete_definitions(
     assert "! definition incomplete: Inclusion criteria after 6" in captured.out
     assert "NCT05183958: definition incomplete" in captured.err
     assert "NCT06767007: definition" not in captured.err
+
+
+def test_a_body_site_filter_uses_its_value_set_and_drafts_keep_theirs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The seed trials' check: the thoracic sites of a radiotherapy input's second code filter
+    are in use; lab ValueSets only `trials import` names are said apart, not warned about."""
+    from fhirmatch.terminology import Terminology
+
+    report = check_trials([TRIALS_DIR], terminology=Terminology.load())
+    assert "https://fhirmatch.dev/fhir/ValueSet/thoracic-body-site" not in report.unused_value_sets
+    glucose = "https://fhirmatch.dev/fhir/ValueSet/glucose"
+    assert glucose in report.unused_value_sets  # no seed trial asks for glucose ...
+    assert main(["trials", "check", str(TRIALS_DIR)]) == 0
+    out, err = capsys.readouterr()
+    assert "serve the criteria `fhirmatch trials import` drafts" in out
+    assert glucose not in err  # ... but a drafted criterion may: not a warning
