@@ -62,7 +62,7 @@ from pydantic import BaseModel
 from . import units
 from .errors import TrialDefinitionError, UnitError
 from .fhirpath import compile_expression, parse_expression
-from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
+from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_value_set
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
@@ -72,7 +72,6 @@ if TYPE_CHECKING:
     from .terminology import Terminology
 
 __all__ = [
-    "ANSWER_SCORES",
     "Engine",
     "PatientIndex",
     "age_range",
@@ -85,35 +84,6 @@ log = logging.getLogger(__name__)
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
-
-#: Observation answer codes that stand for a score: ECOG (LOINC LL529-9 answers, SNOMED
-#: "ECOG performance status - grade n") and Karnofsky (LOINC 89243-0 answer list LL4986-7).
-ANSWER_SCORES: dict[tuple[str, str], int] = {
-    (LOINC, "LA9622-7"): 0,
-    (LOINC, "LA9623-5"): 1,
-    (LOINC, "LA9624-3"): 2,
-    (LOINC, "LA9625-0"): 3,
-    (LOINC, "LA9626-8"): 4,
-    (SNOMED, "425389002"): 0,
-    (SNOMED, "422512005"): 1,
-    (SNOMED, "422894000"): 2,
-    (SNOMED, "423053003"): 3,
-    (SNOMED, "423237006"): 4,
-    (SNOMED, "423409001"): 5,
-    (LOINC, "LA29175-9"): 100,
-    (LOINC, "LA29176-7"): 90,
-    (LOINC, "LA29177-5"): 80,
-    (LOINC, "LA29178-3"): 70,
-    (LOINC, "LA29179-1"): 60,
-    (LOINC, "LA29180-9"): 50,
-    (LOINC, "LA29181-7"): 40,
-    (LOINC, "LA29182-5"): 30,
-    (LOINC, "LA29183-3"): 20,
-    (LOINC, "LA29184-1"): 10,
-}
-#: LA9627-6 "Dead" is ECOG 5 and Karnofsky 0: which one depends on the question asked.
-_DEAD_ANSWER = (LOINC, "LA9627-6")
-_KARNOFSKY_CODES = frozenset({"89243-0", "89244-8"})
 
 OBSERVATION_OK = frozenset({"final", "amended", "corrected"})
 _DROP_STATUS: dict[str, frozenset[str]] = {
@@ -590,7 +560,9 @@ class _Unusable(Exception):
     """An Observation value that cannot be used; the message says why (no values in it)."""
 
 
-def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None, str | None]:
+def _read_value(
+    obs: dict[str, Any], inp: DataInput, terminology: Terminology
+) -> tuple[float, str | None, str | None]:
     """(value, unit, comparator) of an Observation, before conversion."""
     rid = _ref(obs)
     if "valueQuantity" in obs:
@@ -606,13 +578,20 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
             raise _Unusable(f"{rid}: valueInteger is not an integer")
         return float(value), None, None
     if "valueCodeableConcept" in obs:
-        for system, code in _codings(obs["valueCodeableConcept"]):
-            if (system, code) == _DEAD_ANSWER:
-                karnofsky = any(c in _KARNOFSKY_CODES for _s, c in _codings(obs.get("code")))
-                return (0.0 if karnofsky else 5.0), None, None
-            score = ANSWER_SCORES.get((system, code))
-            if score is not None:
-                return float(score), None, None
+        # the answers to the input's question (ecog -> ecog-answers) carry their scores: LOINC
+        # LA9627-6 "Dead" is ECOG 5 but Karnofsky 0
+        scores = (
+            terminology.ordinal_values(answers_value_set(inp.value_set)) if inp.value_set else {}
+        )
+        found = {
+            score
+            for system, code in _codings(obs["valueCodeableConcept"])
+            if (score := scores.get((system, code))) is not None
+        }
+        if len(found) == 1:
+            return found.pop(), None, None
+        if found:
+            raise _Unusable(f"{rid}: coded answers of different scores")
         raise _Unusable(f"{rid}: coded answer is not a known score")
     if "valueString" in obs:
         text = obs["valueString"]
@@ -867,7 +846,9 @@ def resolve_input(
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
     try:
-        value, unit, comparator = _read_value(obs, inp)
+        value, unit, comparator = _read_value(
+            obs, inp, terminology or index.terminology or _fallback_terminology()
+        )
         converted = _convert(value, unit, inp, rid)
         _check_plausible(obs, inp, converted, rid)
     except _Unusable as exc:

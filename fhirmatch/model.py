@@ -19,6 +19,15 @@ TrialStatus = Literal["eligible", "insufficient-data", "ineligible"]
 EXT_BASE = "https://fhirmatch.dev/fhir/StructureDefinition"
 CS_BASE = "https://fhirmatch.dev/fhir/CodeSystem"
 VS_BASE = "https://fhirmatch.dev/fhir/ValueSet"
+#: FHIR's extension for the score of a coded answer (on ``ValueSet.compose.include.concept``)
+ORDINAL_VALUE = "http://hl7.org/fhir/StructureDefinition/ordinalValue"
+
+
+def answers_value_set(url: str) -> str:
+    """The ValueSet of scored answers to the question ValueSet ``url`` (``ecog`` ->
+    ``ecog-answers``): an Observation found by a score input and valued with a code is scored by
+    the ``ordinalValue`` of that code in this ValueSet (see ``mappings/README.md``)."""
+    return f"{url.split('|', 1)[0]}-answers"
 
 #: Extension URLs (documented in docs/trial-format.md).
 EXT_TARGET_UNIT = f"{EXT_BASE}/target-unit"

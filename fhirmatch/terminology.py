@@ -47,6 +47,7 @@ from typing import Any
 
 from fhirmatch.data import mappings_dir
 from fhirmatch.errors import TerminologyError
+from fhirmatch.model import ORDINAL_VALUE
 
 __all__ = [
     "INGREDIENT_SYSTEM",
@@ -394,6 +395,7 @@ class Terminology:
         self._resources = dict(value_sets)
         self._sources = dict(sources or {})
         self._compiled: dict[str, _CompiledValueSet] = {}
+        self._ordinals: dict[str, dict[tuple[str, str], float]] = {}
         self._problems: dict[str, str] = {}
         self._display_code: dict[Key, str] = {}
         for url in self._resources:
@@ -539,6 +541,36 @@ class Terminology:
                 compiled.memo.clear()
             compiled.memo[key] = cached
         return cached
+
+    def ordinal_values(self, url: str) -> dict[tuple[str, str], float]:
+        """The score each concept of ValueSet ``url`` carries (FHIR extension ``ordinalValue``
+        on ``compose.include.concept``), by ``(system, code)`` in the form of
+        :func:`canonical_coding`: the answers of a scored question (ECOG, Karnofsky). Concepts
+        without a score are left out; a ValueSet that is not loaded has none. Raises
+        :class:`TerminologyError` when a concept carries a score that is not a number."""
+        bare = url.split("|", 1)[0]
+        cached = self._ordinals.get(bare)
+        if cached is not None:
+            return cached
+        out: dict[tuple[str, str], float] = {}
+        compose = (self._resources.get(bare) or {}).get("compose") or {}
+        for part in compose.get("include") or []:
+            system = normalise_system(part.get("system")) if isinstance(part, Mapping) else ""
+            for concept in (part.get("concept") or []) if system else []:
+                for ext in concept.get("extension") or []:
+                    if ext.get("url") != ORDINAL_VALUE:
+                        continue
+                    value = ext.get("valueDecimal", ext.get("valueInteger"))
+                    if not isinstance(value, int | float) or isinstance(value, bool):
+                        raise TerminologyError(
+                            f"ValueSet {bare}: concept {concept.get('code')!r} has an "
+                            "ordinalValue that is not a number"
+                        )
+                    code = concept.get("code")
+                    if isinstance(code, str) and code.strip():
+                        out[canonical_coding(system, code)] = float(value)
+        self._ordinals[bare] = out
+        return out
 
     def matches(self, url: str, codeable_concept: Mapping[str, Any] | None) -> bool:
         """Does any coding of ``codeable_concept`` lie in the value set ``url``?"""

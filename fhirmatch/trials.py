@@ -53,6 +53,7 @@ from .model import (
     Selection,
     Threshold,
     Trial,
+    answers_value_set,
 )
 
 if TYPE_CHECKING:
@@ -1064,8 +1065,11 @@ def trial_warnings(trial: Trial) -> list[str]:
 
 
 def _closure(terminology: Terminology, urls: Iterable[str]) -> set[str]:
-    """``urls``, the engine's own ValueSets, and every ValueSet they include, recursively."""
-    todo = [*urls, *ENGINE_VALUE_SETS]
+    """``urls``, the engine's own ValueSets, the scored answers of those that are questions
+    (``ecog-answers``), and every ValueSet they include, recursively."""
+    urls = list(urls)
+    answers = [answers_value_set(u) for u in urls]
+    todo = [*urls, *ENGINE_VALUE_SETS, *(a for a in answers if a in terminology)]
     seen: set[str] = set()
     while todo:
         url = todo.pop()
