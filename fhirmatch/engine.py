@@ -63,13 +63,13 @@ from . import units
 from .errors import TrialDefinitionError, UnitError
 from .fhirpath import compile_expression, parse_expression
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_value_set
-from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
+from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_coded_answer, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
 from .terminology import canonical_coding
 
 if TYPE_CHECKING:
-    from .terminology import Terminology
+    from .terminology import DiagnosisText, Terminology
 
 __all__ = [
     "Engine",
@@ -84,6 +84,15 @@ log = logging.getLogger(__name__)
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
+
+#: what an Observation component carries of its own (the rest comes from the panel)
+_COMPONENT_FIELDS = frozenset({"code", "interpretation", "dataAbsentReason", "referenceRange"})
+#: a panel's fields that belong to its own result, not to its components'
+_RESULT_FIELDS = frozenset(
+    {"code", "component", "interpretation", "dataAbsentReason", "referenceRange", "hasMember"}
+    | {f"value{t}" for t in ("Quantity", "CodeableConcept", "String", "Boolean", "Integer")}
+    | {f"value{t}" for t in ("Range", "Ratio", "SampledData", "Time", "DateTime", "Period")}
+)
 
 OBSERVATION_OK = frozenset({"final", "amended", "corrected"})
 _DROP_STATUS: dict[str, frozenset[str]] = {
@@ -281,6 +290,28 @@ def _may_be_found(
     return local and rtype == "Observation" and terminology is not None
 
 
+@dataclass(frozen=True)
+class TextDiagnosisRule:
+    """Which Conditions are diagnoses recorded only as text: coded in none of ``systems`` (the
+    code systems every input with ``review-text-diagnoses`` reads; no code at all, or a local
+    or unmapped system only) and named in cancer-like words (``code.text`` or a coding's
+    display, by the wording table)."""
+
+    systems: frozenset[str]
+    wording: DiagnosisText
+
+    def matches(self, condition: dict[str, Any]) -> bool:
+        cc = condition.get("code")
+        if not isinstance(cc, dict):
+            return False
+        for system, _code in _codings(cc):
+            if system in self.systems:
+                return False
+        texts = [cc.get("text")]
+        texts += [c.get("display") for c in cc.get("coding") or () if isinstance(c, dict)]
+        return any(isinstance(t, str) and self.wording.is_cancer_like(t) for t in texts)
+
+
 class PatientIndex:
     """One patient's usable resources, indexed by type and by ``(type, system, code)``.
 
@@ -303,6 +334,7 @@ class PatientIndex:
         "patient",
         "problems",
         "terminology",
+        "text_conditions",
     )
 
     def __init__(
@@ -315,8 +347,11 @@ class PatientIndex:
         types: frozenset[str] | None = None,
         only_known: bool = False,
         medication_names: re.Pattern[str] | None = None,
+        text_diagnoses: TextDiagnosisRule | None = None,
     ) -> None:
         self.as_of = as_of
+        #: usable Conditions coded in none of the rule's systems whose text is cancer-like
+        self.text_conditions: list[dict[str, Any]] = []
         #: finds the medicine names a trial asks for in a medication's text
         self._names = medication_names
         #: per resource type, each indexed resource's position in the record (built on demand)
@@ -344,6 +379,17 @@ class PatientIndex:
                 continue
             if rtype == "Medication" or (types is not None and rtype not in types):
                 continue
+            if (
+                rtype == "Condition"
+                and text_diagnoses is not None
+                and text_diagnoses.matches(res)
+                and _is_usable(res)
+            ):
+                noted = _resource_date(res)
+                if noted is None or noted <= as_of_key[: len(noted)]:
+                    self.text_conditions.append(res)
+            if rtype == "Observation" and known_codes and isinstance(res.get("component"), list):
+                self._add_components(res, known_codes, as_of_key)
             if (
                 only_known
                 and rtype not in MEDICATION_TYPES
@@ -384,6 +430,38 @@ class PatientIndex:
                         key = (rtype, system, ancestor)
                         self.by_ancestor.setdefault(key, []).append((res, code))
                         type_ancestors.add((system, ancestor))
+
+    def _add_components(
+        self, res: dict[str, Any], known_codes: frozenset[tuple[str, str]], as_of_key: str
+    ) -> None:
+        """Index each component of a panel Observation that an input asks for as a result of
+        its own (the panel's id, status, subject and dates; the component's code and value): a
+        pathology report sends the four mismatch-repair stains as components of one panel."""
+        if not _is_usable(res):
+            return
+        when = _resource_date(res)
+        if when is not None and when > as_of_key[: len(when)]:
+            return
+        base: dict[str, Any] | None = None
+        for comp in res["component"]:
+            if not isinstance(comp, dict):
+                continue
+            codes = [key for key in _codings(comp.get("code")) if key in known_codes]
+            if not codes:
+                continue
+            if base is None:
+                base = {k: v for k, v in res.items() if k not in _RESULT_FIELDS}
+            part = {
+                **base,
+                **{
+                    k: v for k, v in comp.items() if k in _COMPONENT_FIELDS or k.startswith("value")
+                },
+            }
+            self.by_type.setdefault("Observation", []).append(part)
+            type_codes = self._type_codes.setdefault("Observation", set())
+            for system, code in codes:
+                self.by_code.setdefault(("Observation", system, code), []).append(part)
+                type_codes.add((system, code))
 
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
@@ -743,7 +821,7 @@ def _qualitative(
         parts.append(f"{_ref(obs)} {reading.result} ({when})")
     more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
     summary = f"{inp.name}: " + "; ".join(parts[:5]) + more
-    evidence = tuple(_ref(r) for r in chosen)
+    evidence = tuple(dict.fromkeys(_ref(r) for r in chosen))  # a panel's components: one ref
     if not unread:
         return Binding((decided,), evidence, summary, None, True)
     both = tuple(
@@ -751,6 +829,27 @@ def _qualitative(
         for coding in (POSITIVE_CODING, NEGATIVE_CODING)
     )
     return Binding(both, evidence, summary, None, True, "; ".join(why))
+
+
+def _read_answers(
+    matches: list[dict[str, Any]], terminology: Terminology, value_sets: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Results written as text ("MSS") read as the coded answer they name, so conditions over
+    ``valueCodeableConcept`` see them; what cannot be read stays as it is (undecided)."""
+    out = []
+    for obs in matches:
+        answer = read_coded_answer(obs, terminology, value_sets)
+        if answer is None:
+            out.append(obs)
+            continue
+        text = obs.get("valueString")
+        if not isinstance(text, str):
+            text = (obs.get("valueCodeableConcept") or {}).get("text")
+        copy = {k: v for k, v in obs.items() if not k.startswith("value")}
+        coding = {"system": answer[0], "code": answer[1]}
+        copy["valueCodeableConcept"] = {"coding": [coding], "text": text}
+        out.append(copy)
+    return out
 
 
 _DEFAULT_TERMINOLOGY: list[Terminology] = []
@@ -796,9 +895,7 @@ def resolve_input(
         # everything but the look-back window, so older records can be named in the reason
         return _clinical_status_ok(r, inp.clinical_status) and _extra_filters_ok(r, inp, index)
 
-    candidates = [
-        r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)
-    ]
+    candidates = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)]
     matches = [r for r in candidates if _window_ok(r, inp, as_of)]
     possible: list[dict[str, Any]] = []
     if inp.possible_codes:
@@ -808,6 +905,24 @@ def resolve_input(
             for r in index.find(inp.resource_type, inp.possible_codes)
             if id(r) not in certain and in_scope(r) and _window_ok(r, inp, as_of)
         ]
+    if not matches and not possible and inp.text_systems and index.text_conditions:
+        texts = [
+            r
+            for r in index.text_conditions
+            if not any(system in inp.text_systems for system, _c in _codings(r.get("code")))
+            and in_scope(r)
+            and _window_ok(r, inp, as_of)
+        ]
+        if texts:
+            refs = tuple(_ref(r) for r in texts)
+            listed = ", ".join(refs[:5]) + (f" and {len(refs) - 5} more" if len(refs) > 5 else "")
+            why = (
+                f"{listed}, recorded without a code of the systems ValueSet "
+                f"{_tail(inp.value_set)} uses, is such a diagnosis (review the diagnosis "
+                f"recorded as text: {listed})"
+            )
+            summary = f"{inp.name}: none coded; perhaps {listed} (a diagnosis recorded as text)"
+            return Binding(([], texts), refs, summary, None, True, ambiguity=why)
     if not matches and not possible:
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
         older = sorted(d for r in candidates if (d := _resource_date(r)))
@@ -828,8 +943,12 @@ def resolve_input(
         return _qualitative(
             inp, matches, terminology or index.terminology or _fallback_terminology()
         )
+    if inp.answer_sets:
+        matches = _read_answers(
+            matches, terminology or index.terminology or _fallback_terminology(), inp.answer_sets
+        )
     if inp.select != "latest":
-        refs = tuple(_ref(r) for r in matches + possible)
+        refs = tuple(dict.fromkeys(_ref(r) for r in matches + possible))
         summary = f"{inp.name}: " + (_list_summary(inp, matches) if matches else "none for sure")
         if not possible:
             return Binding((matches,), refs, summary, None, True)
@@ -1092,6 +1211,15 @@ class Engine:
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
         )
         self._types = frozenset(inp.resource_type for t in self.trials for inp in t.all_inputs())
+        text_inputs = [inp for t in self.trials for inp in t.all_inputs() if inp.text_systems]
+        self._text_rule = (
+            TextDiagnosisRule(
+                frozenset.intersection(*(inp.text_systems for inp in text_inputs)),
+                self._value_sets.diagnosis_text(),
+            )
+            if text_inputs
+            else None
+        )
 
     # -- public API
 
@@ -1105,6 +1233,7 @@ class Engine:
             types=self._types,
             only_known=True,
             medication_names=self._medication_names,
+            text_diagnoses=self._text_rule,
         )
 
     def evaluate(
