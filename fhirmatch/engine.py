@@ -680,25 +680,22 @@ def _read_value(
     raise _Unusable(f"{rid}: no value")
 
 
-#: the range a performance-status score can take, by its code (LOINC or SNOMED CT)
-SCORE_RANGES: dict[tuple[str, str], tuple[float, float]] = {
-    (LOINC, "89247-1"): (0.0, 5.0),  # ECOG Performance Status score
-    (LOINC, "89262-0"): (0.0, 5.0),  # ECOG performance status
-    (SNOMED, "423740007"): (0.0, 5.0),  # ECOG performance status (observable entity)
-    (LOINC, "89243-0"): (0.0, 100.0),  # Karnofsky Performance Status score
-}
-
-
-def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str) -> None:
+def _check_plausible(
+    inp: DataInput, value: float, rid: str, terminology: Terminology | None = None
+) -> None:
     """Refuse values no patient can have: a negative count, concentration or score, a score
-    outside its scale, or more than the analyte's ``plausible_max`` (``mappings/analytes.json``).
-    Such a value is a data error (a wrong unit, a typo), never a result to compare."""
+    outside its scale (the lowest to the highest score of the question's answers ValueSet,
+    ``ecog-answers``: 0-5), or more than the analyte's ``plausible_max``
+    (``mappings/analytes.json``). Such a value is a data error (a wrong unit, a typo), never a
+    result to compare."""
     if value < 0:
         raise _Unusable(f"{rid}: a negative value is not a possible result")
-    for system, code in _codings(obs.get("code")):
-        bounds = SCORE_RANGES.get((system, code))
-        if bounds and not bounds[0] <= value <= bounds[1]:
-            raise _Unusable(f"{rid}: score outside its scale {bounds[0]:g}-{bounds[1]:g}")
+    if terminology is not None and inp.value_set:
+        scores = terminology.ordinal_values(answers_value_set(inp.value_set))
+        if scores:
+            low, high = min(scores.values()), max(scores.values())
+            if not low <= value <= high:
+                raise _Unusable(f"{rid}: score outside its scale {low:g}-{high:g}")
     if inp.analyte and inp.unit:
         try:
             info = units.analyte_info(inp.analyte)
@@ -965,11 +962,10 @@ def resolve_input(
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
     try:
-        value, unit, comparator = _read_value(
-            obs, inp, terminology or index.terminology or _fallback_terminology()
-        )
+        term = terminology or index.terminology or _fallback_terminology()
+        value, unit, comparator = _read_value(obs, inp, term)
         converted = _convert(value, unit, inp, rid)
-        _check_plausible(obs, inp, converted, rid)
+        _check_plausible(inp, converted, rid, term)
     except _Unusable as exc:
         return Binding(([],), (rid,), "", f"latest {inp.name} result unusable: {exc}", True)
     target = inp.unit if inp.unit is not None else unit
