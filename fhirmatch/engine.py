@@ -87,11 +87,9 @@ UCUM = "http://unitsofmeasure.org"
 
 #: what an Observation component carries of its own (the rest comes from the panel)
 _COMPONENT_FIELDS = frozenset({"code", "interpretation", "dataAbsentReason", "referenceRange"})
-#: a panel's fields that belong to its own result, not to its components'
+#: a panel's fields that belong to its own result (and every ``value[x]``), not to its components'
 _RESULT_FIELDS = frozenset(
     {"code", "component", "interpretation", "dataAbsentReason", "referenceRange", "hasMember"}
-    | {f"value{t}" for t in ("Quantity", "CodeableConcept", "String", "Boolean", "Integer")}
-    | {f"value{t}" for t in ("Range", "Ratio", "SampledData", "Time", "DateTime", "Period")}
 )
 
 OBSERVATION_OK = frozenset({"final", "amended", "corrected"})
@@ -450,7 +448,11 @@ class PatientIndex:
             if not codes:
                 continue
             if base is None:
-                base = {k: v for k, v in res.items() if k not in _RESULT_FIELDS}
+                base = {
+                    k: v
+                    for k, v in res.items()
+                    if k not in _RESULT_FIELDS and not k.startswith("value")
+                }
             part = {
                 **base,
                 **{

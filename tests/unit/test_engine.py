@@ -632,3 +632,36 @@ def test_after_start_of_keeps_only_results_after_the_first_treatment_record() ->
     undated, why = outcome(after)  # no treatment record: cannot tell what follows it
     assert undated == "unknown" and "cannot tell which results follow the start of tx" in why
     assert outcome(pd1)[0] == "pass"  # no status at all: closed-world exclusion
+
+
+def test_a_result_sent_as_a_panel_component_is_read_with_the_panels_date_and_status() -> None:
+    def panel(pid: str, status: str, when: str, wbc: float) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": pid,
+            "status": status,
+            "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "urn:oid:1.2.3.4", "code": "CBC"}], "text": "CBC"},
+            "effectiveDateTime": when,
+            "valueString": "see components",
+            "component": [
+                {"code": {"coding": [{"system": LOINC, "code": "718-7"}]}, "valueString": "x"},
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "6690-2"}]},
+                    "valueQuantity": qty(wbc, "10*9/L"),
+                },
+            ],
+        }
+
+    rule = "%wbc.valueQuantity.value >= 4"
+    c = one(inc("i", rule, WBC), panel("cbc", "final", "2026-10-30", 5.2))
+    assert c.outcome == "pass" and c.evidence == ["Observation/cbc"]
+    assert "wbc 5.2" in c.reason
+    c = one(inc("i", rule, WBC), panel("cbc", "final", "2026-10-30", 3.1))
+    assert c.outcome == "fail"
+    # the panel's status and date hold for its components
+    assert (
+        one(inc("i", rule, WBC), panel("cbc", "entered-in-error", "2026-10-30", 3.1)).outcome
+        == "unknown"
+    )
+    assert one(inc("i", rule, WBC), panel("cbc", "final", "2026-08-01", 5.2)).outcome == "unknown"
