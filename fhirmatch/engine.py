@@ -66,7 +66,7 @@ from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_va
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_coded_answer, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
-from .terminology import canonical_coding
+from .terminology import canonical_coding, normalise_system
 
 if TYPE_CHECKING:
     from .terminology import DiagnosisText, Terminology
@@ -302,11 +302,17 @@ class TextDiagnosisRule:
         cc = condition.get("code")
         if not isinstance(cc, dict):
             return False
-        for system, _code in _codings(cc):
-            if system in self.systems:
-                return False
+        codings = cc.get("coding") or ()
+        systems = self.systems
+        for coding in codings:  # on the hot path: most Conditions are coded in a known system
+            if isinstance(coding, dict):
+                system = coding.get("system")
+                if isinstance(system, str) and (
+                    system in systems or normalise_system(system) in systems
+                ):
+                    return False
         texts = [cc.get("text")]
-        texts += [c.get("display") for c in cc.get("coding") or () if isinstance(c, dict)]
+        texts += [c.get("display") for c in codings if isinstance(c, dict)]
         return any(isinstance(t, str) and self.wording.is_cancer_like(t) for t in texts)
 
 
@@ -435,32 +441,25 @@ class PatientIndex:
         """Index each component of a panel Observation that an input asks for as a result of
         its own (the panel's id, status, subject and dates; the component's code and value): a
         pathology report sends the four mismatch-repair stains as components of one panel."""
-        if not _is_usable(res):
+        wanted: list[tuple[dict[str, Any], list[tuple[str, str]]]] = []
+        for comp in res["component"]:
+            if isinstance(comp, dict) and isinstance(comp.get("code"), dict):
+                codes = [key for key in _codings(comp["code"]) if key in known_codes]
+                if codes:
+                    wanted.append((comp, codes))
+        if not wanted or not _is_usable(res):
             return
         when = _resource_date(res)
         if when is not None and when > as_of_key[: len(when)]:
             return
-        base: dict[str, Any] | None = None
-        for comp in res["component"]:
-            if not isinstance(comp, dict):
-                continue
-            codes = [key for key in _codings(comp.get("code")) if key in known_codes]
-            if not codes:
-                continue
-            if base is None:
-                base = {
-                    k: v
-                    for k, v in res.items()
-                    if k not in _RESULT_FIELDS and not k.startswith("value")
-                }
-            part = {
-                **base,
-                **{
-                    k: v for k, v in comp.items() if k in _COMPONENT_FIELDS or k.startswith("value")
-                },
-            }
+        base = {
+            k: v for k, v in res.items() if k not in _RESULT_FIELDS and not k.startswith("value")
+        }
+        type_codes = self._type_codes.setdefault("Observation", set())
+        for comp, codes in wanted:
+            own = {k: v for k, v in comp.items() if k in _COMPONENT_FIELDS or k.startswith("value")}
+            part = {**base, **own}
             self.by_type.setdefault("Observation", []).append(part)
-            type_codes = self._type_codes.setdefault("Observation", set())
             for system, code in codes:
                 self.by_code.setdefault(("Observation", system, code), []).append(part)
                 type_codes.add((system, code))
