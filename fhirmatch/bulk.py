@@ -119,7 +119,10 @@ def export_request_for(
         if req.resource_type in MEDICATION_TYPES or req.code_path == "medication":
             types.add("Medication")
         filterable = (
-            req.resource_type in CODE_FILTER_TYPES and req.code_path == "code" and req.codes
+            req.resource_type in CODE_FILTER_TYPES
+            and req.code_path == "code"
+            and req.codes
+            and not req.text_systems  # a diagnosis recorded as text has no code to filter by
         )
         if not filterable:
             codes[req.resource_type] = None

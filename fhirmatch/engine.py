@@ -63,17 +63,16 @@ from pydantic import BaseModel
 from . import units
 from .errors import TrialDefinitionError, UnitError
 from .fhirpath import compile_expression, parse_expression
-from .model import Criterion, DataInput, Outcome, Trial, TrialStatus
-from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_qualitative
+from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_value_set
+from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_coded_answer, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
-from .terminology import canonical_coding
+from .terminology import canonical_coding, normalise_system
 
 if TYPE_CHECKING:
-    from .terminology import Terminology
+    from .terminology import DiagnosisText, Terminology
 
 __all__ = [
-    "ANSWER_SCORES",
     "Engine",
     "PatientIndex",
     "age_range",
@@ -87,34 +86,12 @@ LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 
-#: Observation answer codes that stand for a score: ECOG (LOINC LL529-9 answers, SNOMED
-#: "ECOG performance status - grade n") and Karnofsky (LOINC 89243-0 answer list LL4986-7).
-ANSWER_SCORES: dict[tuple[str, str], int] = {
-    (LOINC, "LA9622-7"): 0,
-    (LOINC, "LA9623-5"): 1,
-    (LOINC, "LA9624-3"): 2,
-    (LOINC, "LA9625-0"): 3,
-    (LOINC, "LA9626-8"): 4,
-    (SNOMED, "425389002"): 0,
-    (SNOMED, "422512005"): 1,
-    (SNOMED, "422894000"): 2,
-    (SNOMED, "423053003"): 3,
-    (SNOMED, "423237006"): 4,
-    (SNOMED, "423409001"): 5,
-    (LOINC, "LA29175-9"): 100,
-    (LOINC, "LA29176-7"): 90,
-    (LOINC, "LA29177-5"): 80,
-    (LOINC, "LA29178-3"): 70,
-    (LOINC, "LA29179-1"): 60,
-    (LOINC, "LA29180-9"): 50,
-    (LOINC, "LA29181-7"): 40,
-    (LOINC, "LA29182-5"): 30,
-    (LOINC, "LA29183-3"): 20,
-    (LOINC, "LA29184-1"): 10,
-}
-#: LA9627-6 "Dead" is ECOG 5 and Karnofsky 0: which one depends on the question asked.
-_DEAD_ANSWER = (LOINC, "LA9627-6")
-_KARNOFSKY_CODES = frozenset({"89243-0", "89244-8"})
+#: what an Observation component carries of its own (the rest comes from the panel)
+_COMPONENT_FIELDS = frozenset({"code", "interpretation", "dataAbsentReason", "referenceRange"})
+#: a panel's fields that belong to its own result (and every ``value[x]``), not to its components'
+_RESULT_FIELDS = frozenset(
+    {"code", "component", "interpretation", "dataAbsentReason", "referenceRange", "hasMember"}
+)
 
 OBSERVATION_OK = frozenset({"final", "amended", "corrected"})
 _DROP_STATUS: dict[str, frozenset[str]] = {
@@ -318,6 +295,34 @@ def may_be_found(
     return local and rtype == "Observation" and local_codes_map
 
 
+@dataclass(frozen=True)
+class TextDiagnosisRule:
+    """Which Conditions are diagnoses recorded only as text: coded in none of ``systems`` (the
+    code systems every input with ``review-text-diagnoses`` reads; no code at all, or a local
+    or unmapped system only) and named in cancer-like words (``code.text`` or a coding's
+    display, by the wording table)."""
+
+    systems: frozenset[str]
+    wording: DiagnosisText
+
+    def matches(self, condition: dict[str, Any]) -> bool:
+        cc = condition.get("code")
+        if not isinstance(cc, dict):
+            return False
+        codings = cc.get("coding") or ()
+        systems = self.systems
+        for coding in codings:  # on the hot path: most Conditions are coded in a known system
+            if isinstance(coding, dict):
+                system = coding.get("system")
+                if isinstance(system, str) and (
+                    system in systems or normalise_system(system) in systems
+                ):
+                    return False
+        texts = [cc.get("text")]
+        texts += [c.get("display") for c in codings if isinstance(c, dict)]
+        return any(isinstance(t, str) and self.wording.is_cancer_like(t) for t in texts)
+
+
 class PatientIndex:
     """One patient's usable resources, indexed by type and by ``(type, system, code)``.
 
@@ -341,6 +346,7 @@ class PatientIndex:
         "patient",
         "problems",
         "terminology",
+        "text_conditions",
     )
 
     def __init__(
@@ -353,8 +359,11 @@ class PatientIndex:
         types: frozenset[str] | None = None,
         only_known: bool = False,
         medication_names: re.Pattern[str] | None = None,
+        text_diagnoses: TextDiagnosisRule | None = None,
     ) -> None:
         self.as_of = as_of
+        #: usable Conditions coded in none of the rule's systems whose text is cancer-like
+        self.text_conditions: list[dict[str, Any]] = []
         #: finds the medicine names a trial asks for in a medication's text
         self._names = medication_names
         #: per resource type, each indexed resource's position in the record (built on demand)
@@ -384,6 +393,17 @@ class PatientIndex:
                 continue
             if rtype == "Medication" or (types is not None and rtype not in types):
                 continue
+            if (
+                rtype == "Condition"
+                and text_diagnoses is not None
+                and text_diagnoses.matches(res)
+                and _is_usable(res)
+            ):
+                noted = _resource_date(res)
+                if noted is None or noted <= as_of_key[: len(noted)]:
+                    self.text_conditions.append(res)
+            if rtype == "Observation" and known_codes and isinstance(res.get("component"), list):
+                self._add_components(res, known_codes, as_of_key)
             if (
                 only_known
                 and rtype not in MEDICATION_TYPES
@@ -426,6 +446,35 @@ class PatientIndex:
                         key = (rtype, system, ancestor)
                         self.by_ancestor.setdefault(key, []).append((res, code))
                         type_ancestors.add((system, ancestor))
+
+    def _add_components(
+        self, res: dict[str, Any], known_codes: frozenset[tuple[str, str]], as_of_key: str
+    ) -> None:
+        """Index each component of a panel Observation that an input asks for as a result of
+        its own (the panel's id, status, subject and dates; the component's code and value): a
+        pathology report sends the four mismatch-repair stains as components of one panel."""
+        wanted: list[tuple[dict[str, Any], list[tuple[str, str]]]] = []
+        for comp in res["component"]:
+            if isinstance(comp, dict) and isinstance(comp.get("code"), dict):
+                codes = [key for key in _codings(comp["code"]) if key in known_codes]
+                if codes:
+                    wanted.append((comp, codes))
+        if not wanted or not _is_usable(res):
+            return
+        when = _resource_date(res)
+        if when is not None and when > as_of_key[: len(when)]:
+            return
+        base = {
+            k: v for k, v in res.items() if k not in _RESULT_FIELDS and not k.startswith("value")
+        }
+        type_codes = self._type_codes.setdefault("Observation", set())
+        for comp, codes in wanted:
+            own = {k: v for k, v in comp.items() if k in _COMPONENT_FIELDS or k.startswith("value")}
+            part = {**base, **own}
+            self.by_type.setdefault("Observation", []).append(part)
+            for system, code in codes:
+                self.by_code.setdefault(("Observation", system, code), []).append(part)
+                type_codes.add((system, code))
 
     def _medication_codes(
         self, res: dict[str, Any], medications: dict[str, dict[str, Any]]
@@ -623,7 +672,9 @@ class _Unusable(Exception):
     """An Observation value that cannot be used; the message says why (no values in it)."""
 
 
-def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None, str | None]:
+def _read_value(
+    obs: dict[str, Any], inp: DataInput, terminology: Terminology
+) -> tuple[float, str | None, str | None]:
     """(value, unit, comparator) of an Observation, before conversion."""
     rid = _ref(obs)
     if "valueQuantity" in obs:
@@ -639,13 +690,20 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
             raise _Unusable(f"{rid}: valueInteger is not an integer")
         return float(value), None, None
     if "valueCodeableConcept" in obs:
-        for system, code in _codings(obs["valueCodeableConcept"]):
-            if (system, code) == _DEAD_ANSWER:
-                karnofsky = any(c in _KARNOFSKY_CODES for _s, c in _codings(obs.get("code")))
-                return (0.0 if karnofsky else 5.0), None, None
-            score = ANSWER_SCORES.get((system, code))
-            if score is not None:
-                return float(score), None, None
+        # the answers to the input's question (ecog -> ecog-answers) carry their scores: LOINC
+        # LA9627-6 "Dead" is ECOG 5 but Karnofsky 0
+        scores = (
+            terminology.ordinal_values(answers_value_set(inp.value_set)) if inp.value_set else {}
+        )
+        found = {
+            score
+            for system, code in _codings(obs["valueCodeableConcept"])
+            if (score := scores.get((system, code))) is not None
+        }
+        if len(found) == 1:
+            return found.pop(), None, None
+        if found:
+            raise _Unusable(f"{rid}: coded answers of different scores")
         raise _Unusable(f"{rid}: coded answer is not a known score")
     if "valueString" in obs:
         text = obs["valueString"]
@@ -656,25 +714,22 @@ def _read_value(obs: dict[str, Any], inp: DataInput) -> tuple[float, str | None,
     raise _Unusable(f"{rid}: no value")
 
 
-#: the range a performance-status score can take, by its code (LOINC or SNOMED CT)
-SCORE_RANGES: dict[tuple[str, str], tuple[float, float]] = {
-    (LOINC, "89247-1"): (0.0, 5.0),  # ECOG Performance Status score
-    (LOINC, "89262-0"): (0.0, 5.0),  # ECOG performance status
-    (SNOMED, "423740007"): (0.0, 5.0),  # ECOG performance status (observable entity)
-    (LOINC, "89243-0"): (0.0, 100.0),  # Karnofsky Performance Status score
-}
-
-
-def _check_plausible(obs: dict[str, Any], inp: DataInput, value: float, rid: str) -> None:
+def _check_plausible(
+    inp: DataInput, value: float, rid: str, terminology: Terminology | None = None
+) -> None:
     """Refuse values no patient can have: a negative count, concentration or score, a score
-    outside its scale, or more than the analyte's ``plausible_max`` (``mappings/analytes.json``).
-    Such a value is a data error (a wrong unit, a typo), never a result to compare."""
+    outside its scale (the lowest to the highest score of the question's answers ValueSet,
+    ``ecog-answers``: 0-5), or more than the analyte's ``plausible_max``
+    (``mappings/analytes.json``). Such a value is a data error (a wrong unit, a typo), never a
+    result to compare."""
     if value < 0:
         raise _Unusable(f"{rid}: a negative value is not a possible result")
-    for system, code in _codings(obs.get("code")):
-        bounds = SCORE_RANGES.get((system, code))
-        if bounds and not bounds[0] <= value <= bounds[1]:
-            raise _Unusable(f"{rid}: score outside its scale {bounds[0]:g}-{bounds[1]:g}")
+    if terminology is not None and inp.value_set:
+        scores = terminology.ordinal_values(answers_value_set(inp.value_set))
+        if scores:
+            low, high = min(scores.values()), max(scores.values())
+            if not low <= value <= high:
+                raise _Unusable(f"{rid}: score outside its scale {low:g}-{high:g}")
     if inp.analyte and inp.unit:
         try:
             info = units.analyte_info(inp.analyte)
@@ -797,7 +852,7 @@ def _qualitative(
         parts.append(f"{_ref(obs)} {reading.result} ({when})")
     more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
     summary = f"{inp.name}: " + "; ".join(parts[:5]) + more
-    evidence = tuple(_ref(r) for r in chosen)
+    evidence = tuple(dict.fromkeys(_ref(r) for r in chosen))  # a panel's components: one ref
     if not unread:
         return Binding((decided,), evidence, summary, None, True)
     both = tuple(
@@ -805,6 +860,27 @@ def _qualitative(
         for coding in (POSITIVE_CODING, NEGATIVE_CODING)
     )
     return Binding(both, evidence, summary, None, True, "; ".join(why))
+
+
+def _read_answers(
+    matches: list[dict[str, Any]], terminology: Terminology, value_sets: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Results written as text ("MSS") read as the coded answer they name, so conditions over
+    ``valueCodeableConcept`` see them; what cannot be read stays as it is (undecided)."""
+    out = []
+    for obs in matches:
+        answer = read_coded_answer(obs, terminology, value_sets)
+        if answer is None:
+            out.append(obs)
+            continue
+        text = obs.get("valueString")
+        if not isinstance(text, str):
+            text = (obs.get("valueCodeableConcept") or {}).get("text")
+        copy = {k: v for k, v in obs.items() if not k.startswith("value")}
+        coding = {"system": answer[0], "code": answer[1]}
+        copy["valueCodeableConcept"] = {"coding": [coding], "text": text}
+        out.append(copy)
+    return out
 
 
 _DEFAULT_TERMINOLOGY: list[Terminology] = []
@@ -848,9 +924,7 @@ def resolve_input(
         # everything but the look-back window, so older records can be named in the reason
         return _clinical_status_ok(r, inp.clinical_status) and _extra_filters_ok(r, inp, index)
 
-    candidates = [
-        r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)
-    ]
+    candidates = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)]
     matches = [r for r in candidates if _window_ok(r, inp, as_of)]
     possible: list[dict[str, Any]] = []
     if inp.possible_codes:
@@ -860,6 +934,24 @@ def resolve_input(
             for r in index.find(inp.resource_type, inp.possible_codes)
             if id(r) not in certain and in_scope(r) and _window_ok(r, inp, as_of)
         ]
+    if not matches and not possible and inp.text_systems and index.text_conditions:
+        texts = [
+            r
+            for r in index.text_conditions
+            if not any(system in inp.text_systems for system, _c in _codings(r.get("code")))
+            and in_scope(r)
+            and _window_ok(r, inp, as_of)
+        ]
+        if texts:
+            refs = tuple(_ref(r) for r in texts)
+            listed = ", ".join(refs[:5]) + (f" and {len(refs) - 5} more" if len(refs) > 5 else "")
+            why = (
+                f"{listed}, recorded without a code of the systems ValueSet "
+                f"{_tail(inp.value_set)} uses, is such a diagnosis (review the diagnosis "
+                f"recorded as text: {listed})"
+            )
+            summary = f"{inp.name}: none coded; perhaps {listed} (a diagnosis recorded as text)"
+            return Binding(([], texts), refs, summary, None, True, ambiguity=why)
     if not matches and not possible:
         if not candidates:
             return _absent(inp, as_of)
@@ -884,8 +976,12 @@ def resolve_input(
         return _qualitative(
             inp, matches, terminology or index.terminology or _fallback_terminology()
         )
+    if inp.answer_sets:
+        matches = _read_answers(
+            matches, terminology or index.terminology or _fallback_terminology(), inp.answer_sets
+        )
     if inp.select != "latest":
-        refs = tuple(_ref(r) for r in matches + possible)
+        refs = tuple(dict.fromkeys(_ref(r) for r in matches + possible))
         summary = f"{inp.name}: " + (_list_summary(inp, matches) if matches else "none for sure")
         if not possible:
             return Binding((matches,), refs, summary, None, True)
@@ -902,9 +998,10 @@ def resolve_input(
     rid = _ref(obs)
     when = _resource_date(obs) or "no date"
     try:
-        value, unit, comparator = _read_value(obs, inp)
+        term = terminology or index.terminology or _fallback_terminology()
+        value, unit, comparator = _read_value(obs, inp, term)
         converted = _convert(value, unit, inp, rid)
-        _check_plausible(obs, inp, converted, rid)
+        _check_plausible(inp, converted, rid, term)
     except _Unusable as exc:
         return Binding(([],), (rid,), "", f"latest {inp.name} result unusable: {exc}", True)
     target = inp.unit if inp.unit is not None else unit
@@ -1176,6 +1273,15 @@ class Engine:
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
         )
         self._types = frozenset(inp.resource_type for t in self.trials for inp in t.all_inputs())
+        text_inputs = [inp for t in self.trials for inp in t.all_inputs() if inp.text_systems]
+        self._text_rule = (
+            TextDiagnosisRule(
+                frozenset.intersection(*(inp.text_systems for inp in text_inputs)),
+                self._value_sets.diagnosis_text(),
+            )
+            if text_inputs
+            else None
+        )
 
     # -- public API
 
@@ -1189,6 +1295,7 @@ class Engine:
             types=self._types,
             only_known=True,
             medication_names=self._medication_names,
+            text_diagnoses=self._text_rule,
         )
 
     def evaluate(

@@ -103,6 +103,8 @@ def _plans(requirements: Iterable[DataInput]) -> list[_TypePlan]:
         codes = set(req.codes) if req.codes else None
         if codes and any(system in HIERARCHICAL_SYSTEMS for system, _ in codes):
             codes = None  # the patient's whole list; the engine matches descendants
+        if req.text_systems:
+            codes = None  # diagnoses recorded as text have no code to search by
         plan = plans.get(req.resource_type)
         if plan is None:
             plans[req.resource_type] = _TypePlan(

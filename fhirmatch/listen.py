@@ -135,6 +135,7 @@ def watches_for(
             or req.code_path == "medication"
             or not req.codes
             or any(system in HIERARCHICAL_SYSTEMS for system, _ in req.codes)
+            or bool(req.text_systems)  # a diagnosis recorded as text has no code to watch
         )
         if whole or codes_by_type.get(rtype, set()) is None:
             codes_by_type[rtype] = None

@@ -19,6 +19,16 @@ TrialStatus = Literal["eligible", "insufficient-data", "ineligible"]
 EXT_BASE = "https://fhirmatch.dev/fhir/StructureDefinition"
 CS_BASE = "https://fhirmatch.dev/fhir/CodeSystem"
 VS_BASE = "https://fhirmatch.dev/fhir/ValueSet"
+#: FHIR's extension for the score of a coded answer (on ``ValueSet.compose.include.concept``)
+ORDINAL_VALUE = "http://hl7.org/fhir/StructureDefinition/ordinalValue"
+
+
+def answers_value_set(url: str) -> str:
+    """The ValueSet of scored answers to the question ValueSet ``url`` (``ecog`` ->
+    ``ecog-answers``): an Observation found by a score input and valued with a code is scored by
+    the ``ordinalValue`` of that code in this ValueSet (see ``mappings/README.md``)."""
+    return f"{url.split('|', 1)[0]}-answers"
+
 
 #: Extension URLs (documented in docs/trial-format.md).
 EXT_TARGET_UNIT = f"{EXT_BASE}/target-unit"
@@ -38,6 +48,14 @@ EXT_POSITIVE_THRESHOLD = f"{EXT_BASE}/positive-threshold"
 EXT_NEGATIVE_THRESHOLD = f"{EXT_BASE}/negative-threshold"
 EXT_POSITIVE_IF_QUANTIFIED = f"{EXT_BASE}/positive-if-quantified"
 EXT_AFTER_START_OF = f"{EXT_BASE}/after-start-of"
+#: Condition input extension (``valueBoolean``): when no record has a code of the input's
+#: ValueSet, a diagnosis recorded only as text (no code in a system the ValueSet uses) whose
+#: wording is cancer-like (``mappings/text/diagnosis-wording.csv``) makes the input undecided
+EXT_REVIEW_TEXT_DIAGNOSES = f"{EXT_BASE}/review-text-diagnoses"
+#: Observation input extension (``valueCanonical``, repeatable): a ValueSet of coded answers
+#: whose concepts' display and ``designation`` wordings are read from a result written as text
+#: (``valueString``, ``valueCodeableConcept.text``): "MSS" is LOINC LA14122-8 Stable
+EXT_ANSWER_WORDINGS = f"{EXT_BASE}/answer-wordings"
 CS_CRITERION_KIND = f"{CS_BASE}/criterion-kind"
 
 
@@ -99,6 +117,11 @@ class DataInput:
     #: only resources dated after the earliest record of these inputs (of the same criterion):
     #: "a response assessment after the treatment started"
     after: tuple[DataInput, ...] = ()
+    #: with ``review-text-diagnoses``: the code systems of the input's ValueSet. A Condition
+    #: coded in none of them, whose text is cancer-like, may be a match (a person reads it)
+    text_systems: frozenset[str] = frozenset()
+    #: with ``answer-wordings``: the ValueSets of coded answers a text result is read as
+    answer_sets: tuple[str, ...] = ()
 
     # The engine looks each input up in a per-patient dict many times, and the generated hash
     # would hash every field each time: hash once. The hash of strings differs between

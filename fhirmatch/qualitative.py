@@ -50,7 +50,9 @@ __all__ = [
     "POSITIVE_VS",
     "Reading",
     "Threshold",
+    "read_coded_answer",
     "read_qualitative",
+    "wording_key",
 ]
 
 Result = Literal["positive", "negative"]
@@ -99,6 +101,36 @@ def _words(text: str) -> str:
     text = text.strip().lower().rstrip(".!")
     text = re.sub(r"[\s_\-]+", " ", text) if text not in ("-", "+") else text
     return text.strip()
+
+
+def wording_key(text: str) -> str:
+    """A wording as compared with a ValueSet's answer wordings: lower case, hyphens, underscores
+    and runs of white space as one space, a final full stop dropped."""
+    return _words(text)
+
+
+def read_coded_answer(
+    obs: Mapping[str, Any], terminology: Terminology, value_sets: tuple[str, ...]
+) -> tuple[str, str] | None:
+    """The coded answer of ``value_sets`` a result written as text stands for: its
+    ``valueString``, or the ``text`` of a ``valueCodeableConcept`` none of whose codings is in
+    those ValueSets, matched against their concepts' wordings (``"MSS"``, ``"microsatellite
+    stable"`` -> LOINC LA14122-8). None when there is no such text, it matches no wording, or
+    it matches answers of two ValueSets."""
+    cc = obs.get("valueCodeableConcept")
+    if isinstance(cc, Mapping):
+        if any(terminology.matches(url, cc) for url in value_sets):
+            return None  # coded: the condition reads the code
+        text = cc.get("text")
+    else:
+        text = obs.get("valueString")
+    if not isinstance(text, str):
+        return None
+    key = _words(text)
+    found = {
+        hit for url in value_sets if (hit := terminology.answer_wordings(url).get(key)) is not None
+    }
+    return found.pop() if len(found) == 1 else None
 
 
 def read_text(text: str) -> Result | None:

@@ -39,6 +39,7 @@ import functools
 import importlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from typing import Any
 
 from fhirmatch.data import mappings_dir
 from fhirmatch.errors import TerminologyError
+from fhirmatch.model import ORDINAL_VALUE
 
 __all__ = [
     "INGREDIENT_SYSTEM",
@@ -71,6 +73,10 @@ INGREDIENT_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-ingredient
 MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
 #: header of a medicine table (``mappings/medications/*.csv``)
 MEDICATION_TABLE_HEADER = ("system", "code", "kind", "display", "ingredients", "source")
+#: header of the diagnosis wording table (``mappings/text/diagnosis-wording.csv``)
+WORDING_TABLE_HEADER = ("wording", "kind", "match", "source")
+_WORDING_KINDS = frozenset({"cancer", "not-diagnosis"})
+_WORDING_MATCHES = frozenset({"word", "prefix", "part"})
 _TABLE_SYSTEMS = {"rxnorm": RXNORM, "atc": ATC, "name": MEDICATION_NAME_SYSTEM}
 
 # Other names for the same code systems -> canonical FHIR URL (HL7 terminology, "Using ... with
@@ -370,6 +376,45 @@ class MedicationCode:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Wording:
+    """One row of the diagnosis wording table (see ``mappings/text/diagnosis-wording.csv``)."""
+
+    wording: str
+    #: ``cancer`` or ``not-diagnosis``
+    kind: str
+    #: ``word``, ``prefix`` or ``part``
+    match: str
+    source: str
+
+
+@dataclass(frozen=True)
+class DiagnosisText:
+    """The wording table compiled: does a diagnosis written as text name a cancer?"""
+
+    cancer: re.Pattern[str] | None
+    not_diagnosis: re.Pattern[str] | None
+
+    def is_cancer_like(self, text: str) -> bool:
+        """``text`` names a cancer-like disease and is not about something else (a family
+        history, a screening, a benign finding)."""
+        if self.cancer is None or not self.cancer.search(text):
+            return False
+        return self.not_diagnosis is None or not self.not_diagnosis.search(text)
+
+
+def _wording_pattern(rows: Iterable[Wording]) -> re.Pattern[str] | None:
+    parts = []
+    for row in rows:
+        body = r"\s+".join(re.escape(w) for w in row.wording.split())
+        if row.match in ("word", "prefix"):
+            body = r"(?<!\w)" + body
+        if row.match == "word":
+            body += r"(?!\w)"
+        parts.append(body)
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+
 class Terminology:
     """ValueSets and ConceptMaps loaded from files, with precomputed expansions.
 
@@ -385,7 +430,10 @@ class Terminology:
         *,
         sources: Mapping[str, str] | None = None,
         medications: Iterable[MedicationCode] = (),
+        wordings: Iterable[Wording] = (),
     ) -> None:
+        self._wordings = tuple(wordings)
+        self._diagnosis_text: DiagnosisText | None = None
         self._medications: dict[Key, MedicationCode] = {}
         for row in medications:
             key = _key(row.system, row.code)
@@ -394,6 +442,8 @@ class Terminology:
         self._resources = dict(value_sets)
         self._sources = dict(sources or {})
         self._compiled: dict[str, _CompiledValueSet] = {}
+        self._ordinals: dict[str, dict[tuple[str, str], float]] = {}
+        self._wording_maps: dict[str, dict[str, tuple[str, str]]] = {}
         self._problems: dict[str, str] = {}
         self._display_code: dict[Key, str] = {}
         for url in self._resources:
@@ -424,8 +474,10 @@ class Terminology:
         concept_maps: list[dict[str, Any]] = []
         medications: list[MedicationCode] = []
         roots = [default_mappings_dir()] if paths is None else list(paths)
+        wordings: list[Wording] = []
         for table in _medication_tables(roots):
             medications.extend(_read_medication_table(table))
+            wordings.extend(_read_wording_table(table))
         for file in _json_files(roots):
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
@@ -446,7 +498,9 @@ class Terminology:
                         )
                     value_sets[url] = resource
                     sources[url] = str(file)
-        return cls(value_sets, concept_maps, sources=sources, medications=medications)
+        return cls(
+            value_sets, concept_maps, sources=sources, medications=medications, wordings=wordings
+        )
 
     def with_value_sets(self, value_sets: Iterable[Mapping[str, Any]]) -> Terminology:
         """A new terminology with these ValueSets added (a trial's bundled ones, for example).
@@ -469,7 +523,57 @@ class Terminology:
             self._concept_maps,
             sources=sources,
             medications=self._medications.values(),
+            wordings=self._wordings,
         )
+
+    def answer_wordings(self, url: str) -> dict[str, tuple[str, str]]:
+        """The wordings of ValueSet ``url``'s concepts (display and every ``designation``
+        value, as :func:`fhirmatch.qualitative.wording_key` normalises them) -> the concept's
+        ``(system, code)``. A wording two concepts share is left out (it cannot decide)."""
+        from .qualitative import wording_key
+
+        bare = url.split("|", 1)[0]
+        cached = self._wording_maps.get(bare)
+        if cached is not None:
+            return cached
+        out: dict[str, tuple[str, str]] = {}
+        shared: set[str] = set()
+        compose = (self._resources.get(bare) or {}).get("compose") or {}
+        for part in compose.get("include") or []:
+            system = normalise_system(part.get("system")) if isinstance(part, Mapping) else ""
+            for concept in (part.get("concept") or []) if system else []:
+                code = concept.get("code")
+                if not isinstance(code, str) or not code.strip():
+                    continue
+                texts = [concept.get("display")]
+                texts += [d.get("value") for d in concept.get("designation") or []]
+                for text in texts:
+                    if not isinstance(text, str) or not (key := wording_key(text)):
+                        continue
+                    target = canonical_coding(system, code)
+                    if out.get(key, target) != target:
+                        shared.add(key)
+                    out[key] = target
+        for key in shared:
+            del out[key]
+        self._wording_maps[bare] = out
+        return out
+
+    # ---- diagnoses written as text ---------------------------------------------------------
+
+    @property
+    def wordings(self) -> tuple[Wording, ...]:
+        """The rows of the diagnosis wording tables loaded."""
+        return self._wordings
+
+    def diagnosis_text(self) -> DiagnosisText:
+        """The diagnosis wording table compiled (once)."""
+        if self._diagnosis_text is None:
+            self._diagnosis_text = DiagnosisText(
+                _wording_pattern(w for w in self._wordings if w.kind == "cancer"),
+                _wording_pattern(w for w in self._wordings if w.kind == "not-diagnosis"),
+            )
+        return self._diagnosis_text
 
     # ---- value sets --------------------------------------------------------------------------
 
@@ -539,6 +643,36 @@ class Terminology:
                 compiled.memo.clear()
             compiled.memo[key] = cached
         return cached
+
+    def ordinal_values(self, url: str) -> dict[tuple[str, str], float]:
+        """The score each concept of ValueSet ``url`` carries (FHIR extension ``ordinalValue``
+        on ``compose.include.concept``), by ``(system, code)`` in the form of
+        :func:`canonical_coding`: the answers of a scored question (ECOG, Karnofsky). Concepts
+        without a score are left out; a ValueSet that is not loaded has none. Raises
+        :class:`TerminologyError` when a concept carries a score that is not a number."""
+        bare = url.split("|", 1)[0]
+        cached = self._ordinals.get(bare)
+        if cached is not None:
+            return cached
+        out: dict[tuple[str, str], float] = {}
+        compose = (self._resources.get(bare) or {}).get("compose") or {}
+        for part in compose.get("include") or []:
+            system = normalise_system(part.get("system")) if isinstance(part, Mapping) else ""
+            for concept in (part.get("concept") or []) if system else []:
+                for ext in concept.get("extension") or []:
+                    if ext.get("url") != ORDINAL_VALUE:
+                        continue
+                    value = ext.get("valueDecimal", ext.get("valueInteger"))
+                    if not isinstance(value, int | float) or isinstance(value, bool):
+                        raise TerminologyError(
+                            f"ValueSet {bare}: concept {concept.get('code')!r} has an "
+                            "ordinalValue that is not a number"
+                        )
+                    code = concept.get("code")
+                    if isinstance(code, str) and code.strip():
+                        out[canonical_coding(system, code)] = float(value)
+        self._ordinals[bare] = out
+        return out
 
     def matches(self, url: str, codeable_concept: Mapping[str, Any] | None) -> bool:
         """Does any coding of ``codeable_concept`` lie in the value set ``url``?"""
@@ -877,4 +1011,34 @@ def _read_medication_table(path: Path) -> list[MedicationCode]:
         if system == MEDICATION_NAME_SYSTEM:
             code = code.lower()
         out.append(MedicationCode(system, code, kind, display, names, source))
+    return out
+
+
+def _read_wording_table(path: Path) -> list[Wording]:
+    """The rows of one diagnosis wording table; any other CSV file gives no rows. Raises
+    :class:`TerminologyError` for a row that is not ``wording,kind,match,source`` with a known
+    kind and match."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TerminologyError(f"{path}: cannot read ({exc})") from exc
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = list(csv.reader(io.StringIO("\n".join(lines))))
+    if not rows or tuple(c.strip() for c in rows[0]) != WORDING_TABLE_HEADER:
+        return []
+    out: list[Wording] = []
+    for n, row in enumerate(rows[1:], start=2):
+        cells = [c.strip() for c in row]
+        if (
+            len(cells) != len(WORDING_TABLE_HEADER)
+            or not cells[0]
+            or cells[1] not in _WORDING_KINDS
+            or cells[2] not in _WORDING_MATCHES
+            or not cells[3]
+        ):
+            raise TerminologyError(
+                f"{path}: data row {n}: needs a wording, kind {'/'.join(sorted(_WORDING_KINDS))},"
+                f" match {'/'.join(sorted(_WORDING_MATCHES))} and a source"
+            )
+        out.append(Wording(*cells))
     return out

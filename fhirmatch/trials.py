@@ -35,6 +35,7 @@ from .model import (
     CS_CRITERION_KIND,
     EXT_AFTER_START_OF,
     EXT_ANALYTE,
+    EXT_ANSWER_WORDINGS,
     EXT_BASE,
     EXT_CLINICAL_STATUS,
     EXT_DEFINITION_INCOMPLETE,
@@ -45,6 +46,7 @@ from .model import (
     EXT_POSITIVE_THRESHOLD,
     EXT_QUALITATIVE,
     EXT_REQUIRED,
+    EXT_REVIEW_TEXT_DIAGNOSES,
     EXT_TARGET_UNIT,
     ClinicalStatusNeed,
     Criterion,
@@ -53,6 +55,7 @@ from .model import (
     Selection,
     Threshold,
     Trial,
+    answers_value_set,
 )
 
 if TYPE_CHECKING:
@@ -159,6 +162,8 @@ _KNOWN_EXTENSIONS_INPUT = {
     EXT_NEGATIVE_THRESHOLD,
     EXT_POSITIVE_IF_QUANTIFIED,
     EXT_AFTER_START_OF,
+    EXT_REVIEW_TEXT_DIAGNOSES,
+    EXT_ANSWER_WORDINGS,
 }
 #: ValueSets the engine itself reads (the qualitative-result reader)
 ENGINE_VALUE_SETS = frozenset(
@@ -745,6 +750,23 @@ class _Compiler:
             self.problem(where, "only Observations can be read as qualitative results")
         if qualitative and unit is not None:
             self.problem(where, "a qualitative input has no target unit (state a threshold)")
+        answer_sets: list[str] = []
+        for ext in dr.get("extension") or []:
+            if isinstance(ext, dict) and ext.get("url") == EXT_ANSWER_WORDINGS:
+                url = ext.get("valueCanonical")
+                if not isinstance(url, str) or not url:
+                    self.problem(where, "answer-wordings needs a valueCanonical (a ValueSet)")
+                    continue
+                self.expand(url, where)
+                answer_sets.append(url.split("|", 1)[0])
+        if answer_sets and (rtype != "Observation" or qualitative):
+            self.problem(where, "answer-wordings is for Observation inputs not read as qualitative")
+        text_ext = _ext(dr, EXT_REVIEW_TEXT_DIAGNOSES)
+        text_systems: frozenset[str] = frozenset()
+        if text_ext is not None and text_ext.get("valueBoolean") is True:
+            if rtype != "Condition":
+                self.problem(where, "review-text-diagnoses is for Condition inputs only")
+            text_systems = frozenset(system for system, _code in codes)
         return DataInput(
             name=name,
             resource_type=rtype,
@@ -761,6 +783,8 @@ class _Compiler:
             required=required,
             qualitative=qualitative,
             threshold=threshold,
+            text_systems=text_systems,
+            answer_sets=tuple(answer_sets),
         )
 
     def threshold(self, dr: dict[str, Any], analyte: str | None, where: str) -> Threshold | None:
@@ -1068,8 +1092,11 @@ def trial_warnings(trial: Trial) -> list[str]:
 
 
 def _closure(terminology: Terminology, urls: Iterable[str]) -> set[str]:
-    """``urls``, the engine's own ValueSets, and every ValueSet they include, recursively."""
-    todo = [*urls, *ENGINE_VALUE_SETS]
+    """``urls``, the engine's own ValueSets, the scored answers of those that are questions
+    (``ecog-answers``), and every ValueSet they include, recursively."""
+    urls = list(urls)
+    answers = [answers_value_set(u) for u in urls]
+    todo = [*urls, *ENGINE_VALUE_SETS, *(a for a in answers if a in terminology)]
     seen: set[str] = set()
     while todo:
         url = todo.pop()

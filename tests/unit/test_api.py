@@ -150,6 +150,22 @@ def test_watches_one_subscription_per_type_with_the_union_of_codes() -> None:
     assert parse_qsl(query) == [("code", "http://snomed.info/sct|a\\,b\\|c")]
 
 
+def test_conditions_read_for_text_diagnoses_are_fetched_and_watched_whole() -> None:
+    """A diagnosis recorded only as text has no code a search, a Subscription or a bulk
+    export filter could select it by."""
+    from fhirmatch.bulk import export_request_for
+    from fhirmatch.fetch import _plans
+
+    sct = {("http://snomed.info/sct", "363402007")}
+    plain, text = _req("Condition", sct), _req("Condition", sct, text_systems=frozenset({"s"}))
+    assert [p.codes for p in _plans([plain])] == [sct]
+    assert [p.codes for p in _plans([plain, text])] == [None]
+    assert watches_for([plain])[0].criteria.startswith("Condition?code=")
+    assert watches_for([text])[0].criteria == "Condition?"
+    assert export_request_for([plain]).type_filters
+    assert not export_request_for([text]).type_filters
+
+
 def test_long_code_lists_are_split_under_the_limit() -> None:
     codes = {("http://loinc.org", f"{i:05d}-{i % 10}") for i in range(300)}
     watches = watches_for([_req("Observation", codes)], max_length=500)

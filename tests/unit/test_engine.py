@@ -36,8 +36,22 @@ TBIL = DataInput(
     analyte="bilirubin-total",
     select="latest",
 )
+VS = "https://fhirmatch.dev/fhir/ValueSet"
 ECOG = DataInput(
-    "ecog", "Observation", codes=frozenset({(LOINC, "89247-1")}), unit="{score}", select="latest"
+    "ecog",
+    "Observation",
+    value_set=f"{VS}/ecog",
+    codes=frozenset({(LOINC, "89247-1")}),
+    unit="{score}",
+    select="latest",
+)
+KPS = DataInput(
+    "kps",
+    "Observation",
+    value_set=f"{VS}/karnofsky",
+    codes=frozenset({(LOINC, "89243-0")}),
+    unit="{score}",
+    select="latest",
 )
 BRAIN = DataInput("brain", "Condition", codes=frozenset({(SCT, "94225005")}))
 BRAIN_REQUIRED = DataInput(
@@ -238,6 +252,40 @@ def test_censored_value_decides_only_when_both_ends_agree() -> None:
 def test_ecog_value_forms(value: dict[str, Any], expected: str) -> None:
     o = obs("e1", "89247-1", "2026-10-30", **value)
     assert one(inc("i", "%ecog.valueQuantity.value <= 1", ECOG), o).outcome == expected
+
+
+def test_dead_is_the_worst_score_of_the_scale_asked() -> None:
+    dead = {"valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA9627-6"}]}}
+    c = one(
+        inc("i", "%kps.valueQuantity.value = 0", KPS), obs("k1", "89243-0", "2026-10-30", **dead)
+    )
+    assert c.outcome == "pass" and "kps 0" in c.reason
+    c = one(
+        inc("i", "%ecog.valueQuantity.value = 5", ECOG), obs("e1", "89247-1", "2026-10-30", **dead)
+    )
+    assert c.outcome == "pass" and "ecog 5" in c.reason
+
+
+def test_answer_scores_are_read_from_the_answers_value_set(tmp_path: Path) -> None:
+    """A site's reviewed copy of mappings/ decides what a coded answer scores: no list in code."""
+    from fhirmatch.terminology import Terminology
+
+    source = Path(__file__).resolve().parents[2] / "mappings" / "valuesets"
+    for name in ("ecog", "ecog-answers"):
+        (tmp_path / f"{name}.json").write_text(
+            (source / f"{name}.json").read_text(encoding="utf-8"), encoding="utf-8"
+        )
+    answers = json.loads((tmp_path / "ecog-answers.json").read_text(encoding="utf-8"))
+    concept = answers["compose"]["include"][0]["concept"][2]
+    assert concept["code"] == "LA9624-3"  # ECOG 2
+    concept["extension"][0]["valueDecimal"] = 1
+    (tmp_path / "ecog-answers.json").write_text(json.dumps(answers), encoding="utf-8")
+    value = {"valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA9624-3"}]}}
+    crit = inc("i", "%ecog.valueQuantity.value <= 1", ECOG)
+    o = obs("e1", "89247-1", "2026-10-30", **value)
+    assert one(crit, o).outcome == "fail"
+    engine = Engine([trial(crit)], Terminology.load([tmp_path]))
+    assert engine.evaluate([patient(), o], as_of=AS_OF)[0].criteria[0].outcome == "pass"
 
 
 # ---------------------------------------------------------------- conditions and medications
@@ -628,3 +676,36 @@ def test_an_input_hashes_once_and_never_pickles_its_hash() -> None:
     hash(WBC)
     assert b"_hash" not in pickle.dumps(WBC)  # string hashes differ between processes
     assert {WBC: 1}[copy] == 1
+
+
+def test_a_result_sent_as_a_panel_component_is_read_with_the_panels_date_and_status() -> None:
+    def panel(pid: str, status: str, when: str, wbc: float) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": pid,
+            "status": status,
+            "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "urn:oid:1.2.3.4", "code": "CBC"}], "text": "CBC"},
+            "effectiveDateTime": when,
+            "valueString": "see components",
+            "component": [
+                {"code": {"coding": [{"system": LOINC, "code": "718-7"}]}, "valueString": "x"},
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "6690-2"}]},
+                    "valueQuantity": qty(wbc, "10*9/L"),
+                },
+            ],
+        }
+
+    rule = "%wbc.valueQuantity.value >= 4"
+    c = one(inc("i", rule, WBC), panel("cbc", "final", "2026-10-30", 5.2))
+    assert c.outcome == "pass" and c.evidence == ["Observation/cbc"]
+    assert "wbc 5.2" in c.reason
+    c = one(inc("i", rule, WBC), panel("cbc", "final", "2026-10-30", 3.1))
+    assert c.outcome == "fail"
+    # the panel's status and date hold for its components
+    assert (
+        one(inc("i", rule, WBC), panel("cbc", "entered-in-error", "2026-10-30", 3.1)).outcome
+        == "unknown"
+    )
+    assert one(inc("i", rule, WBC), panel("cbc", "final", "2026-08-01", 5.2)).outcome == "unknown"

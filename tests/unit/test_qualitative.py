@@ -120,3 +120,27 @@ def test_wordings() -> None:
     assert read_text("non reactive") == "negative"
     assert read_text("+") == "positive"
     assert read_text("weakly positive?") is None  # a qualified wording is for a person
+
+
+def test_a_result_written_as_text_is_read_as_the_answer_its_wording_names() -> None:
+    from fhirmatch.qualitative import read_coded_answer
+    from fhirmatch.terminology import Terminology
+
+    term = Terminology.load()
+    sets = (
+        "https://fhirmatch.dev/fhir/ValueSet/msi-stable",
+        "https://fhirmatch.dev/fhir/ValueSet/msi-high",
+    )
+    stable, high = ("http://loinc.org", "LA14122-8"), ("http://loinc.org", "LA26203-2")
+    assert read_coded_answer({"valueString": "MSS"}, term, sets) == stable
+    assert read_coded_answer({"valueString": "Microsatellite-stable."}, term, sets) == stable
+    assert read_coded_answer({"valueCodeableConcept": {"text": "MSI-H"}}, term, sets) == high
+    assert read_coded_answer({"valueString": "MSI-L"}, term, sets) is None
+    assert read_coded_answer({"valueString": "see report"}, term, sets) is None
+    coded = {
+        "valueCodeableConcept": {
+            "coding": [{"system": "http://loinc.org", "code": "LA26203-2"}],
+            "text": "MSS",
+        }
+    }
+    assert read_coded_answer(coded, term, sets) is None  # the code decides, not the text

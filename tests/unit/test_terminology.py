@@ -284,3 +284,21 @@ def test_with_value_sets_adds_a_trials_bundled_value_sets_and_keeps_the_maps() -
     clash = {**bundled, "url": "https://fhirmatch.dev/fhir/ValueSet/m1"}
     with pytest.raises(TerminologyError, match="defined twice"):
         base.with_value_sets([clash])
+
+
+def test_diagnosis_wording_table(tmp_path: Path) -> None:
+    """The wording table decides which text diagnoses are cancer-like; a bad row is an error."""
+    term = Terminology.load()
+    words = term.diagnosis_text()
+    assert words.is_cancer_like("Squamous cell carcinoma of the esophagus, mid third")
+    assert words.is_cancer_like("Rektumkarzinom") and words.is_cancer_like("食管癌")
+    assert words.is_cancer_like("Ca oesophagus")
+    assert not words.is_cancer_like("Calcium deficiency")
+    assert not words.is_cancer_like("Family history of colon cancer")
+    assert not words.is_cancer_like("Benign neoplasm of rectum")
+    assert all(w.source for w in term.wordings)
+    (tmp_path / "w.csv").write_text(
+        "wording,kind,match,source\ncancer,cancer,anywhere,x\n", encoding="utf-8"
+    )
+    with pytest.raises(TerminologyError, match="data row 2"):
+        Terminology.load([tmp_path])

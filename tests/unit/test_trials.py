@@ -296,8 +296,15 @@ def threshold_without_value(b: dict[str, Any]) -> None:
     del threshold["valueQuantity"]["value"]
 
 
+def text_review_on_an_observation(b: dict[str, Any]) -> None:
+    action(b, "inc-ecog")["input"][0].setdefault("extension", []).append(
+        {"url": EXT + "review-text-diagnoses", "valueBoolean": True}
+    )
+
+
 BREAKAGES = [
     (broken_fhirpath, "FHIRPath"),
+    (text_review_on_an_observation, "review-text-diagnoses is for Condition inputs only"),
     (unknown_value_set, "no-such-thing"),
     (impossible_unit, "furlong/fortnight"),
     (missing_reason, "without a reason"),
