@@ -107,6 +107,10 @@ def wanted_types(trials: Sequence[Trial]) -> ResourceFilter:
         types.add("Medication")
     known = {code for inp in inputs for code in (*inp.codes, *inp.possible_codes)}
     coded = types - MEDICATION_TYPES - {"Patient", "Medication"}
+    if any(inp.text_systems for inp in inputs):
+        # a diagnosis written in words under any code system the trials do not read is looked
+        # for among all Conditions (the engine's TextDiagnosisRule): keep every one
+        coded -= {"Condition"}
     return ResourceFilter(types, known, coded)
 
 

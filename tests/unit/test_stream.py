@@ -253,6 +253,19 @@ def test_wanted_types_follow_the_trials() -> None:
     wanted = wanted_types([t])
     assert wanted.coded == {"Observation"}  # medicines are matched by ingredient, never dropped
     assert wanted.known_codes == coded.codes | drug.codes | drug.possible_codes
+    # a defining diagnosis that reviews diagnoses written in words keeps every Condition (an
+    # ICD-9-CM or local code with cancer-like text is looked for among all of them)
+    cancer = DataInput(
+        name="ec",
+        resource_type="Condition",
+        codes=frozenset({("http://hl7.org/fhir/sid/icd-10-cm", "C15")}),
+        text_systems=frozenset({"http://hl7.org/fhir/sid/icd-10-cm"}),
+    )
+    plain = DataInput(name="ec", resource_type="Condition", codes=cancer.codes)
+    for inp, coded_types in ((plain, {"Condition"}), (cancer, set())):
+        c = Criterion(id="c", kind="inclusion", text="d", inputs=(inp,))
+        t = Trial(id="t", title="t", identifiers=(), criteria=(c,), plan_definition_id="pd")
+        assert wanted_types([t]).coded == coded_types
     assert wanted_types([trial("Condition"), trial("MedicationRequest")]) == {
         "Patient",
         "Condition",
