@@ -26,6 +26,7 @@ from .drafting import (
     ActionIds,
     draft_actions,
     drafted_extension,
+    drafted_value_sets,
     duration,
     kind_code,
     observation_input,
@@ -85,6 +86,18 @@ PHASE_MAP = {
     ("PHASE4",): "phase-4",
 }
 PHASE_SYSTEM = "http://terminology.hl7.org/CodeSystem/research-study-phase"
+
+
+#: the ValueSets of a registry record's sex restriction (``eligibilityModule.sex``)
+GENDER_VALUE_SETS = {
+    "female": f"{VS_BASE}/administrative-gender-female",
+    "male": f"{VS_BASE}/administrative-gender-male",
+}
+
+
+def imported_value_sets() -> frozenset[str]:
+    """Canonical URLs of the ValueSets a criterion ``trials import`` drafts may name."""
+    return drafted_value_sets() | frozenset(GENDER_VALUE_SETS.values())
 
 
 def dump_bundle(bundle: dict[str, Any]) -> str:
@@ -362,8 +375,8 @@ def _registry_actions(
         other = "male" if gender == "female" else "female"
         text = f"Sex: {sex} (ClinicalTrials.gov eligibility module)"
         # only the other binary value fails: 'other', 'unknown' or no gender is for a person
-        member = f"%patient.gender.memberOf('{VS_BASE}/administrative-gender-"
-        expr = f"iif({member}{gender}'), true, iif({member}{other}'), false, {{}}))"
+        sexes = {g: f"%patient.gender.memberOf('{GENDER_VALUE_SETS[g]}')" for g in (gender, other)}
+        expr = f"iif({sexes[gender]}, true, iif({sexes[other]}, false, {{}}))"
         out.append(
             _registry_action(ids.take("inc-registry-sex"), f"Sex {gender}", text, expr, "sex", docs)
         )

@@ -205,9 +205,9 @@ def run_check(args: argparse.Namespace) -> int:
             f"in {len(report.trials)} trial(s)."
         )
     if report.unused_value_sets:
-        from ..drafting import drafted_value_sets
+        from ..importer import imported_value_sets
 
-        drafts = drafted_value_sets()
+        drafts = imported_value_sets()
         unused = [url for url in report.unused_value_sets if url not in drafts]
         for_drafts = len(report.unused_value_sets) - len(unused)
         if for_drafts:
