@@ -985,18 +985,26 @@ def _medication_tables(paths: Iterable[Path | str]) -> Iterator[Path]:
             yield path
 
 
-def _read_medication_table(path: Path) -> list[MedicationCode]:
-    """The rows of one medicine table; any other CSV file gives no rows."""
+def _table_rows(path: Path, header: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+    """The data rows of a CSV table under ``mappings/`` with their row numbers (the header is
+    row 1; blank lines and ``#`` comments are not rows), or none when the file's header is not
+    ``header`` (another kind of table). Raises :class:`TerminologyError` when it cannot be
+    read."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TerminologyError(f"{path}: cannot read ({exc})") from exc
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
-    if not rows or tuple(c.strip() for c in rows[0]) != MEDICATION_TABLE_HEADER:
+    if not rows or tuple(c.strip() for c in rows[0]) != header:
         return []
+    return list(enumerate(rows[1:], start=2))
+
+
+def _read_medication_table(path: Path) -> list[MedicationCode]:
+    """The rows of one medicine table; any other CSV file gives no rows."""
     out: list[MedicationCode] = []
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in _table_rows(path, MEDICATION_TABLE_HEADER):
         if len(row) != len(MEDICATION_TABLE_HEADER):
             raise TerminologyError(f"{path}: row {n} has {len(row)} columns, expected 6")
         system_name, code, kind, display, ingredients, source = (c.strip() for c in row)
@@ -1018,16 +1026,8 @@ def _read_wording_table(path: Path) -> list[Wording]:
     """The rows of one diagnosis wording table; any other CSV file gives no rows. Raises
     :class:`TerminologyError` for a row that is not ``wording,kind,match,source`` with a known
     kind and match."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TerminologyError(f"{path}: cannot read ({exc})") from exc
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    rows = list(csv.reader(io.StringIO("\n".join(lines))))
-    if not rows or tuple(c.strip() for c in rows[0]) != WORDING_TABLE_HEADER:
-        return []
     out: list[Wording] = []
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in _table_rows(path, WORDING_TABLE_HEADER):
         cells = [c.strip() for c in row]
         if (
             len(cells) != len(WORDING_TABLE_HEADER)
