@@ -132,6 +132,9 @@ _SCORE_UNITS = frozenset({"{score}", "1", "{Score}", "{ScoreOf}"})
 # --------------------------------------------------------------------------- dates and ages
 
 
+_UNSET: Any = object()
+
+
 def _date_key(value: Any) -> str | None:
     """An ISO date string (YYYY[-MM[-DD]]) from a FHIR date/dateTime/instant/Period, or None."""
     if isinstance(value, dict):  # Period: its end if known, else its start
@@ -285,8 +288,18 @@ def may_be_found(
     (``local_codes_map``: a terminology with ConceptMaps is in use). The index keeps only these
     (:class:`PatientIndex`), and reading NDJSON drops the others early
     (:class:`fhirmatch.records.ResourceFilter`)."""
+    return _codes_may_be_found(_codings(res.get("code")), rtype, known_codes, local_codes_map)
+
+
+def _codes_may_be_found(
+    codes: Iterable[tuple[str, str]],
+    rtype: str,
+    known_codes: frozenset[tuple[str, str]],
+    local_codes_map: bool,
+) -> bool:
+    """:func:`may_be_found` of a resource whose codings are ``codes``."""
     local = False
-    for system, code in _codings(res.get("code")):
+    for system, code in codes:
         if (system, code) in known_codes:
             return True
         if system in ICD10_SYSTEMS and any((system, a) in known_codes for a in icd_ancestors(code)):
@@ -334,6 +347,8 @@ class PatientIndex:
     """
 
     __slots__ = (
+        "_ages",
+        "_dates",
         "_found",
         "_names",
         "_order",
@@ -380,6 +395,10 @@ class PatientIndex:
         self._type_ancestors: dict[str, set[tuple[str, str]]] = {}
         self.terminology = terminology
         self.problems: list[str] = []
+        #: each indexed resource's date (:func:`_resource_date`) and its age in days at the as-of
+        #: date (None: no date), by ``id()``: asked for once per input that finds it
+        self._dates: dict[int, str | None] = {}
+        self._ages: dict[int, int | None] = {}
         resources = list(resources)
         medications: dict[str, dict[str, Any]] | None = None  # built when first needed
         as_of_key = as_of.isoformat()
@@ -401,15 +420,16 @@ class PatientIndex:
             ):
                 noted = _resource_date(res)
                 if noted is None or noted <= as_of_key[: len(noted)]:
+                    self._dated(res, noted)
                     self.text_conditions.append(res)
             if rtype == "Observation" and known_codes and isinstance(res.get("component"), list):
                 self._add_components(res, known_codes, as_of_key)
+            is_medication = rtype in MEDICATION_TYPES
+            own = [] if is_medication else list(_codings(res.get("code")))
             if (
                 only_known
-                and rtype not in MEDICATION_TYPES
-                and not may_be_found(
-                    res, rtype, known_codes, local_codes_map=terminology is not None
-                )
+                and not is_medication
+                and not _codes_may_be_found(own, rtype, known_codes, terminology is not None)
             ):
                 continue
             if not _is_usable(res):
@@ -417,8 +437,9 @@ class PatientIndex:
             when = _resource_date(res)
             if when is not None and when > as_of_key[: len(when)]:
                 continue  # recorded after the as-of date
+            self._dated(res, when)
             self.by_type.setdefault(rtype, []).append(res)
-            if rtype in MEDICATION_TYPES:
+            if is_medication:
                 if medications is None:
                     medications = {
                         r["id"]: r
@@ -427,7 +448,7 @@ class PatientIndex:
                     }
                 codes = list(self._medication_codes(res, medications))
             else:
-                codes = list(_codings(res.get("code")))
+                codes = own
                 if (
                     rtype == "Observation"
                     and terminology is not None
@@ -471,6 +492,7 @@ class PatientIndex:
         for comp, codes in wanted:
             own = {k: v for k, v in comp.items() if k in _COMPONENT_FIELDS or k.startswith("value")}
             part = {**base, **own}
+            self._dated(part, when)
             self.by_type.setdefault("Observation", []).append(part)
             for system, code in codes:
                 self.by_code.setdefault(("Observation", system, code), []).append(part)
@@ -516,6 +538,36 @@ class PatientIndex:
             self.problems.append(f"{_ref(res)}: concept map failed ({type(exc).__name__})")
             return []
         return list(_codings(mapped.get("code")))
+
+    def _dated(self, res: dict[str, Any], when: str | None) -> None:
+        self._dates[id(res)] = when
+        day = _to_date(when) if when else None
+        self._ages[id(res)] = None if day is None else (self.as_of - day).days
+
+    def date_of(self, res: dict[str, Any]) -> str | None:
+        """:func:`_resource_date` of a resource (remembered for those the index holds)."""
+        when = self._dates.get(id(res), _UNSET)
+        return _resource_date(res) if when is _UNSET else when
+
+    def within(self, res: dict[str, Any], days: int | None) -> bool:
+        """Whether ``res`` is dated at most ``days`` days before the as-of date (always, when
+        ``days`` is None; never, when it has no date)."""
+        if days is None:
+            return True
+        age = self._ages.get(id(res), _UNSET)
+        if age is _UNSET:
+            key = _resource_date(res)
+            day = _to_date(key) if key else None
+            age = None if day is None else (self.as_of - day).days
+        return age is not None and age <= days
+
+    def code_keys(self) -> Iterator[tuple[str, str, str]]:
+        """Every ``(type, system, code)`` that :meth:`find` can find something under: the codes
+        the record holds, and the ICD-10 categories its codes descend from."""
+        for table in (self._type_codes, self._type_ancestors):
+            for rtype, pairs in table.items():
+                for system, code in pairs:
+                    yield rtype, system, code
 
     def find(
         self,
@@ -606,16 +658,6 @@ class Binding:
     @property
     def empty(self) -> bool:
         return not self.variants[0]
-
-
-def _window_ok(resource: dict[str, Any], inp: DataInput, as_of: date) -> bool:
-    if inp.lookback_days is None:
-        return True
-    key = _resource_date(resource)
-    day = _to_date(key) if key else None
-    if day is None:
-        return False
-    return (as_of - day).days <= inp.lookback_days
 
 
 def _clinical_status_ok(resource: dict[str, Any], need: str) -> bool:
@@ -925,14 +967,16 @@ def resolve_input(
         return _clinical_status_ok(r, inp.clinical_status) and _extra_filters_ok(r, inp, index)
 
     candidates = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)]
-    matches = [r for r in candidates if _window_ok(r, inp, as_of)]
+    days = inp.lookback_days
+    within = index.within
+    matches = [r for r in candidates if within(r, days)]
     possible: list[dict[str, Any]] = []
     if inp.possible_codes:
         certain = {id(r) for r in matches}
         possible = [
             r
             for r in index.find(inp.resource_type, inp.possible_codes)
-            if id(r) not in certain and in_scope(r) and _window_ok(r, inp, as_of)
+            if id(r) not in certain and in_scope(r) and within(r, days)
         ]
     if not matches and not possible and inp.text_systems and index.text_conditions:
         texts = [
@@ -940,7 +984,7 @@ def resolve_input(
             for r in index.text_conditions
             if not any(system in inp.text_systems for system, _c in _codings(r.get("code")))
             and in_scope(r)
-            and _window_ok(r, inp, as_of)
+            and within(r, days)
         ]
         if texts:
             refs = tuple(_ref(r) for r in texts)
@@ -957,7 +1001,7 @@ def resolve_input(
             return _absent(inp, as_of)
         label, window = _label(inp), _window(inp, as_of)
         status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
-        older = sorted(d for r in candidates if (d := _resource_date(r)))
+        older = sorted(d for r in candidates if (d := index.date_of(r)))
         # say that older records exist: the window, not the record, is what is missing
         latest = f"; the latest, {older[-1][:10]}, is outside the window" if older else ""
         return Binding(([],), (), "", f"no record of {label}{status}{window}{latest}", False)
@@ -967,7 +1011,7 @@ def resolve_input(
             refs = tuple(_ref(r) for r in matches)
             why = f"{inp.name}: cannot tell which results follow the start of {names} (no record)"
             return Binding(([],), refs, "", why, True)
-        matches = [r for r in matches if (_resource_date(r) or "") > start]
+        matches = [r for r in matches if (index.date_of(r) or "") > start]
         if not matches:
             label, window = _label(inp), _window(inp, as_of)
             why = f"no record of {label}{window} after the start of {names} ({start})"
@@ -996,7 +1040,7 @@ def resolve_input(
         )
     obs = matches[0] if len(matches) == 1 else max(matches, key=_sort_key)
     rid = _ref(obs)
-    when = _resource_date(obs) or "no date"
+    when = index.date_of(obs) or "no date"
     try:
         term = terminology or index.terminology or _fallback_terminology()
         value, unit, comparator = _read_value(obs, inp, term)
@@ -1103,6 +1147,10 @@ class _CompiledCriterion:
     #: the criterion's inputs, one object for equal inputs of every trial of an engine (looked
     #: up by identity in each patient's bindings, and resolved once for all trials)
     inputs: tuple[DataInput, ...] = ()
+    #: ``id()`` of each of ``inputs``
+    input_ids: tuple[int, ...] = ()
+    #: what the criterion is: "manual", "group" or "condition"
+    form: str = "condition"
 
 
 def _compile(
@@ -1131,6 +1179,7 @@ def _compile(
         _compile(c, trial, problems, native, terminology, shared) for c in criterion.children
     )
     text = expr or ""
+    inputs = tuple(shared.setdefault(i, i) for i in criterion.inputs)
     return _CompiledCriterion(
         criterion=criterion,
         evaluator=evaluator,
@@ -1141,7 +1190,9 @@ def _compile(
         anchors=frozenset(
             ref.name for i in criterion.inputs for ref in i.after if f"%{ref.name}" not in text
         ),
-        inputs=tuple(shared.setdefault(i, i) for i in criterion.inputs),
+        inputs=inputs,
+        input_ids=tuple(id(i) for i in inputs),
+        form="manual" if criterion.is_manual else "group" if criterion.is_group else "condition",
     )
 
 
@@ -1149,15 +1200,26 @@ _M = TypeVar("_M", bound=BaseModel)
 _set = object.__setattr__
 
 
+_new = object.__new__
+#: per model, the set of all its field names: every result has every field set, so one set
+#: serves all (pydantic only adds to it when a field is assigned, and each is in it already)
+_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
+
+
 def _construct(model: type[_M], /, **fields: Any) -> _M:
     """``model.model_construct(**fields)`` when every field is given, in declaration order.
 
     Results are built about a hundred times per patient; this skips ``model_construct``'s
-    per-call default handling (three times faster) and sets exactly the attributes it sets.
+    per-call default handling (four times faster) and sets exactly the attributes it sets.
     """
-    obj = model.__new__(model)
+    names = _ALL_FIELDS.get(model)
+    if names is None:
+        names = _ALL_FIELDS[model] = set(model.model_fields)
+    if len(fields) != len(names):
+        raise TypeError(f"{model.__name__}: every field must be given")
+    obj = _new(model)
     _set(obj, "__dict__", fields)
-    _set(obj, "__pydantic_fields_set__", set(fields))
+    _set(obj, "__pydantic_fields_set__", names)
     _set(obj, "__pydantic_extra__", None)
     _set(obj, "__pydantic_private__", None)
     return obj
@@ -1180,11 +1242,13 @@ class _PatientContext:
         "age",
         "age_text",
         "as_of",
+        "as_of_text",
         "bindings",
         "index",
         "patient",
         "patient_ref",
         "terminology",
+        "touched",
     )
 
     def __init__(
@@ -1193,13 +1257,20 @@ class _PatientContext:
         patient_ref: str,
         as_of: date,
         terminology: Terminology | None = None,
+        touched: set[int] | None = None,
     ) -> None:
         self.index = index
         self.terminology = terminology
         self.as_of = as_of
+        self.as_of_text = as_of.isoformat()
         self.patient = index.patient or {}
         self.patient_ref = patient_ref
-        self.bindings: dict[DataInput, Binding] = {}
+        #: resolved inputs, by ``id()`` (an engine's inputs are interned and live as long as it)
+        self.bindings: dict[int, Binding] = {}
+        #: the ``id()`` of the inputs the record may hold something for (see
+        #: :meth:`Engine._touched`); every other input is absent, without being looked up
+        #: (None: any input may be present)
+        self.touched = touched
         ages = age_range(self.patient.get("birthDate"), as_of)
         if ages is None:
             self.age: list[list[int]] = [[]]
@@ -1215,8 +1286,10 @@ class _PatientContext:
             self.age_text = f"age {max(ages[0], 0)}-{ages[1]} at {as_of} (partial birth date)"
 
     def binding(self, inp: DataInput) -> Binding:
-        b = self.bindings.get(inp)
+        b = self.bindings.get(id(inp))
         if b is None:
+            if self.touched is not None and id(inp) not in self.touched:
+                return _absent(inp, self.as_of)
             after = None
             if inp.after:
                 starts = [
@@ -1226,7 +1299,7 @@ class _PatientContext:
                     if (d := _start_date(r)) is not None
                 ]
                 after = (min(starts) if starts else None, ", ".join(a.name for a in inp.after))
-            b = self.bindings[inp] = resolve_input(self.index, inp, self.terminology, after)
+            b = self.bindings[id(inp)] = resolve_input(self.index, inp, self.terminology, after)
         return b
 
 
@@ -1265,6 +1338,17 @@ class Engine:
                 known.update(inp.codes)
                 known.update(inp.possible_codes)
         self._compiled = tuple(compiled)
+        #: each input of every trial (one object for equal inputs), under every
+        #: ``(type, system, code)`` it can find records by; and those that also read text
+        #: (by ``id()``: see :meth:`_touched`)
+        self._inputs_by_key: dict[tuple[str, str, str], list[int]] = {}
+        self._text_inputs: list[int] = []
+        for inp in shared.values():
+            for system, code in inp.codes | inp.possible_codes:
+                key = (inp.resource_type, system, code)
+                self._inputs_by_key.setdefault(key, []).append(id(inp))
+            if inp.text_systems:
+                self._text_inputs.append(id(inp))
         self._drafted = {id(t): tuple(t.drafted_criteria()) for t in self.trials}
         #: (criterion, as-of, age) -> (outcome, reason) of criteria whose inputs were all absent
         self._settled: dict[tuple[int, date, str], tuple[Outcome, str]] = {}
@@ -1308,7 +1392,8 @@ class Engine:
         """Evaluate one patient's record (the Patient and its resources) against every trial."""
         index = self.index(resources, as_of=as_of)
         pid = patient_id or (index.patient or {}).get("id") or "unknown"
-        ctx = _PatientContext(index, f"Patient/{pid}", as_of, self._value_sets)
+        touched = self._touched(index)
+        ctx = _PatientContext(index, f"Patient/{pid}", as_of, self._value_sets, touched)
         return [self._evaluate_trial(trial, crits, ctx) for trial, crits in self._compiled]
 
     def evaluate_patient_record(self, record: PatientRecord, *, as_of: date) -> list[TrialResult]:
@@ -1323,6 +1408,20 @@ class Engine:
             yield self.evaluate_patient_record(record, as_of=as_of)
 
     # -- internals
+
+    def _touched(self, index: PatientIndex) -> set[int]:
+        """The inputs that may find something in ``index``: one of their codes (or an ICD-10
+        category above a code) is in the record, or they read diagnoses written as text and the
+        record has some. Any other input resolves to :func:`_absent`, so it is not resolved."""
+        touched: set[int] = set()
+        by_key = self._inputs_by_key
+        for key in index.code_keys():
+            inputs = by_key.get(key)
+            if inputs is not None:
+                touched.update(inputs)
+        if index.text_conditions:
+            touched.update(self._text_inputs)
+        return touched
 
     def _evaluate_trial(
         self, trial: Trial, crits: tuple[_CompiledCriterion, ...], ctx: _PatientContext
@@ -1368,9 +1467,9 @@ class Engine:
 
     def _evaluate_criterion(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
         c = cc.criterion
-        if c.is_manual:
+        if cc.form == "manual":
             return self._result(c, "manual", [], f"manual review: {c.manual_reason}", [])
-        if c.is_group:
+        if cc.form == "group":
             children = [self._evaluate_criterion(k, ctx) for k in cc.children]
             outcome = combine_group(c.selection, [k.outcome for k in children])
             evidence = list(dict.fromkeys(e for k in children for e in k.evidence))
@@ -1398,15 +1497,20 @@ class Engine:
         )
 
     def _evaluate_condition(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
-        bindings = [(inp, ctx.binding(inp)) for inp in cc.inputs]
-        if cc.uses_patient or not all(b.absent for _inp, b in bindings):
-            return self._decide(cc, ctx, bindings)[0]
+        bindings: list[tuple[DataInput, Binding]] | None = None
+        touched = ctx.touched
+        if cc.uses_patient or touched is None or not touched.isdisjoint(cc.input_ids):
+            bindings = [(inp, ctx.binding(inp)) for inp in cc.inputs]
+            if cc.uses_patient or not all(b.absent for _inp, b in bindings):
+                return self._decide(cc, ctx, bindings)[0]
         # nothing in the record for any input, and nothing else read but perhaps the age: the
         # outcome is the same for every such patient (of that age), so it is decided once
         key = (id(cc), ctx.as_of, ctx.age_text if cc.uses_age else "")
         evidence = [ctx.patient_ref] if cc.uses_age else []
         settled = self._settled.get(key)
         if settled is None:
+            if bindings is None:
+                bindings = [(inp, _absent(inp, ctx.as_of)) for inp in cc.inputs]
             result, evaluated = self._decide(cc, ctx, bindings)
             if evaluated and result.evidence == evidence:
                 self._settled[key] = (result.outcome, result.reason)
@@ -1430,10 +1534,13 @@ class Engine:
         if cc.uses_age:
             names.append("age")
             choices.append(tuple(ctx.age))
-        base_env: dict[str, Any] = {"patient": ctx.patient, "asOf": ctx.as_of.isoformat()}
+        base_env: dict[str, Any] = {"patient": ctx.patient, "asOf": ctx.as_of_text}
         truths: set[bool | None] = set()
         try:
-            for n, combo in enumerate(itertools.product(*choices)):
+            if all(len(c) == 1 for c in choices):  # the usual case: one value per input
+                base_env.update(zip(names, (c[0] for c in choices), strict=True))
+                truths.add(_truth(cc.evaluator(ctx.patient, base_env)))
+            for n, combo in enumerate(itertools.product(*choices) if len(truths) == 0 else ()):
                 if n >= _MAX_VARIANTS:
                     break
                 env = dict(base_env)
