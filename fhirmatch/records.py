@@ -43,6 +43,8 @@ from typing import IO, Any
 
 import msgspec
 
+from .terminology import canonical_coding
+
 __all__ = [
     "PatientRecord",
     "ResourceFilter",
@@ -361,8 +363,33 @@ class _Head(msgspec.Struct):
     individual: Any = None
 
 
+class _Coding(msgspec.Struct):
+    system: Any = None
+    code: Any = None
+
+
+class _Concept(msgspec.Struct):
+    coding: list[_Coding] | None = None
+
+
+class _Reference(msgspec.Struct):
+    reference: Any = None
+
+
+class _Brief(msgspec.Struct):
+    """What most lines of a Bulk export need read to be routed or dropped: the type, the
+    codings of the code and the subject (typed, so decoding fails on any other shape, and the
+    line is read by :func:`decode_head` instead)."""
+
+    resourceType: Any = None
+    code: _Concept | None = None
+    component: msgspec.Raw = msgspec.Raw(b"")
+    subject: _Reference | None = None
+
+
 _DECODE = msgspec.json.Decoder().decode
 _DECODE_HEAD = msgspec.json.Decoder(_Head).decode
+_DECODE_BRIEF = msgspec.json.Decoder(_Brief).decode
 _asdict = msgspec.structs.asdict
 
 
@@ -653,10 +680,35 @@ class ResourceFilter(frozenset[str]):
         if not self._only_unknown_loinc(concept):
             if not _has_coding(concept):
                 return True  # only words, or nothing: the engine judges it by its text
-            found = _may_be_found or _import_may_be_found()
+            found = _may_be_found or _import_may_be_found()[0]
             if found(resource, str(rtype), self.known_codes, local_codes_map=True):
                 return True
         return patient_reference_of(resource) is None
+
+    def keeps_brief(self, brief: _Brief) -> bool | None:
+        """:meth:`keeps` of a resource of a wanted type whose subject is a Patient, decided from
+        its :class:`_Brief` when that is simple (every coding has a system and a code, no
+        components); None when :meth:`keeps` must judge the head."""
+        if brief.resourceType not in self.coded:
+            return True
+        if brief.component:
+            return None
+        codings = brief.code.coding if brief.code is not None else None
+        if not codings:
+            return True  # only words, or nothing: the engine judges it by its text
+        loinc = self._loinc
+        only_unknown_loinc = True
+        for coding in codings:
+            system, code = coding.system, coding.code
+            if not isinstance(system, str) or not isinstance(code, str):
+                return None
+            if system != _LOINC or code.strip() in loinc:
+                only_unknown_loinc = False
+        if only_unknown_loinc:
+            return False
+        found = _codes_may_be_found or _import_may_be_found()[1]
+        keys = [canonical_coding(c.system, c.code) for c in codings]
+        return found(keys, brief.resourceType, self.known_codes, True)
 
     def _known_component(self, components: Any) -> bool:
         """Whether a component of an Observation has a code an input asks for (the head decode
@@ -669,8 +721,6 @@ class ResourceFilter(frozenset[str]):
                 return True  # unreadable here: read in full, and judged, later
         if not isinstance(components, list):
             return False
-        from .terminology import canonical_coding
-
         for comp in components:
             concept = comp.get("code") if isinstance(comp, dict) else None
             codings = concept.get("coding") if isinstance(concept, dict) else None
@@ -709,16 +759,21 @@ def _has_coding(concept: Any) -> bool:
         isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
         for c in codings
     )
-#: :func:`fhirmatch.engine.may_be_found`, imported when first needed (the engine imports this)
+
+
+#: :func:`fhirmatch.engine.may_be_found` and its form for codings already read, imported when
+#: first needed (the engine imports this module)
 _may_be_found: Callable[..., bool] | None = None
+_codes_may_be_found: Callable[..., bool] | None = None
 
 
-def _import_may_be_found() -> Callable[..., bool]:
-    global _may_be_found
+def _import_may_be_found() -> tuple[Callable[..., bool], Callable[..., bool]]:
+    global _may_be_found, _codes_may_be_found
+    from .engine import _codes_may_be_found as by_codes
     from .engine import may_be_found
 
-    _may_be_found = may_be_found
-    return may_be_found
+    _may_be_found, _codes_may_be_found = may_be_found, by_codes
+    return may_be_found, by_codes
 
 
 #: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)
@@ -770,6 +825,8 @@ def iter_ndjson_slice(
     """
     lineno = 0
     keeps = types.keeps if isinstance(types, ResourceFilter) else None
+    keeps_brief = types.keeps_brief if isinstance(types, ResourceFilter) else None
+    brief = _DECODE_BRIEF if head and types is not None else None
     try:
         with _open_binary(path) as fh:
             if start > 0:
@@ -781,6 +838,31 @@ def iter_ndjson_slice(
                 body = line.strip()
                 if not body:
                     continue
+                if brief is not None:
+                    # the common line: a resource of a patient, read only as far as needed
+                    try:
+                        short = brief(body)
+                    except msgspec.DecodeError:
+                        short = None  # another shape: read below
+                    if short is not None and short.subject is not None:
+                        rtype, ref = short.resourceType, short.subject.reference
+                        if (
+                            isinstance(rtype, str)
+                            and isinstance(ref, str)
+                            and rtype in RESOURCE_TYPES
+                            and rtype not in SHARED_TYPES
+                            and rtype != "Patient"
+                            and reference_id(ref, "Patient")
+                        ):
+                            if rtype not in types:  # type: ignore[operator]
+                                continue
+                            kept = True if keeps is None else keeps_brief(short)  # type: ignore[misc]
+                            if kept is False:
+                                continue
+                            if kept is True:
+                                routed = {"resourceType": rtype, "subject": {"reference": ref}}
+                                yield lineno, routed, body
+                                continue
                 if head:
                     try:
                         res = decode_head(body)

@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from fhirmatch.records import ResourceFilter, iter_patient_records, skippable_line
+from fhirmatch.records import (
+    ResourceFilter,
+    iter_ndjson_slice,
+    iter_patient_records,
+    skippable_line,
+)
 from fhirmatch.stream import (
     Shuffle,
     group_ndjson_by_patient,
@@ -361,6 +366,78 @@ def test_code_filter_is_the_engines_index_rule() -> None:
         uncoded = res["resourceType"] not in CODE_FILTER.coded
         assert CODE_FILTER.keeps(res) is (index_keeps or uncoded)
     assert [r["id"] for r in rows if CODE_FILTER.keeps(r)] == ["a", "c", "d", "f"]
+
+
+def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path) -> None:
+    """Most lines are judged from a typed partial decode (type, codings, subject); every shape
+    it does not expect must fall back to the full rule, so both reads keep the same lines."""
+    sct = "http://snomed.info/sct"
+    obs = _coded("Observation", "x", "p1", (LOINC, "8480-6"))
+    rows: list[Any] = [
+        _coded("Observation", "known", "p1", (LOINC, " 2160-0 ")),  # spaces around the code
+        _coded("Observation", "unknown", "p1", (LOINC, "8480-6")),
+        _coded("Observation", "two", "p1", (LOINC, "8480-6"), (LOINC, "2160-0")),
+        _coded("Observation", "local", "p1", ("urn:oid:1.2.3", "K")),
+        _coded("Observation", "snomed", "p1", (sct, "1")),
+        _coded("Condition", "c154", "p1", (ICD10CM, "C154")),
+        _coded("Condition", "j101", "p1", (ICD10CM, "J10.1")),
+        _coded("Condition", "oid-icd", "p1", ("urn:oid:2.16.840.1.113883.6.90", "c15.9")),
+        _coded("Condition", "words", "p1"),
+        {**obs, "id": "text-only", "code": {"text": "creatinine"}},
+        {**obs, "id": "no-code", "code": None},
+        {**obs, "id": "code-string", "code": "2160-0"},
+        {**obs, "id": "no-system", "code": {"coding": [{"code": "2160-0"}]}},
+        {**obs, "id": "number", "code": {"coding": [{"system": LOINC, "code": 2160}]}},
+        {**obs, "id": "coding-string", "code": {"coding": ["2160-0"]}},
+        {**obs, "id": "subject-list", "subject": [{"reference": "Patient/p1"}]},
+        {**obs, "id": "group", "subject": {"reference": "Group/g1"}},
+        {
+            **obs,
+            "id": "via-patient",
+            "subject": {"reference": "Group/g1"},
+            "patient": {"reference": "Patient/p1"},
+        },
+        {**obs, "id": "absolute", "subject": {"reference": "http://h/fhir/Patient/p1"}},
+        {**obs, "id": "orphan", "subject": {"display": "someone"}},
+        {
+            **obs,
+            "id": "panel",
+            "component": [{"code": {"coding": [{"system": LOINC, "code": "2160-0"}]}}],
+        },
+        {**obs, "id": "bad-panel", "component": "x"},
+        {**obs, "id": "escaped", "resourceType": "Obs\u0065rvation"},
+        {
+            **obs,
+            "id": "contained",
+            "contained": [_coded("Observation", "in", None, (LOINC, "2160-0"))],
+        },
+        {**obs, "id": "alien", "resourceType": "Alien"},
+        {**obs, "id": "type-number", "resourceType": 5},
+        {"resourceType": "MedicationRequest", "id": "rx", "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Medication", "id": "med", "code": {"text": "x"}},
+        {"resourceType": "Patient", "id": "p1"},
+        {"resourceType": "Encounter", "id": "enc", "subject": {"reference": "Patient/p1"}},
+        [1, 2],
+    ]
+    lines = [json.dumps(r) for r in rows] + ["{not json", '"text"', ""]
+    path = tmp_path / "mixed.ndjson"
+    path.write_text("\n".join(line.replace("\\\\u", "\\u") for line in lines), "utf-8")
+
+    def read(head: bool) -> tuple[list[int], list[tuple[int, str]]]:
+        problems: list[tuple[int, str]] = []
+        kept = iter_ndjson_slice(
+            path, lambda n, t: problems.append((n, t)), types=CODE_FILTER, head=head
+        )
+        return [n for n, _res, _body in kept], problems
+
+    brief, full = read(True), read(False)
+    assert brief == full
+    kept_ids = {json.loads(lines[n - 1]).get("id") for n in brief[0]}
+    # a code that is not LOINC may be mapped by a ConceptMap: such Observations are kept
+    assert {"known", "two", "local", "snomed", "c154", "oid-icd", "words", "text-only"} <= kept_ids
+    assert "panel" in kept_ids
+    assert not {"unknown", "j101", "enc"} & kept_ids
+    assert "group" in kept_ids  # no patient reference: kept, so that it is reported
 
 
 def test_code_filter_survives_pickling_for_worker_processes() -> None:
