@@ -56,15 +56,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from fhirpathpy import apply_parsed_path
-from fhirpathpy.engine.evaluators import (
-    boolean_literal,
-    number_literal,
-    string_literal,
-)
-from fhirpathpy.engine.invocations.combining import union_op
-from fhirpathpy.engine.util import set_paths
-
 if TYPE_CHECKING:
     from .terminology import Terminology
 
@@ -245,12 +236,23 @@ def _code_from_focus() -> _Code:
 
 def _compile_literal(node: dict[str, Any]) -> _Code:
     kind = node.get("type")
+    text = node.get("text")
+    if not isinstance(text, str):
+        raise _Unsupported("a literal without its text")
     if kind == "StringLiteral":
+        if len(text) >= 2 and text[0] == text[-1] == "'" and "\\" not in text[1:-1]:
+            return _literal([text[1:-1]])  # no escapes: the text between the quotes
+        # fhirpathpy is imported only when needed (start-up): here, for its reading of escapes
+        from fhirpathpy.engine.evaluators import string_literal
+
         return _literal(string_literal(None, None, node))
     if kind == "NumberLiteral":
-        return _literal(number_literal(None, None, node))
+        # an integer when the number is whole (``2``, ``2.0``), else a decimal
+        number = Decimal(text)
+        whole = int(number)
+        return _literal([whole] if number == whole else [number])
     if kind == "BooleanLiteral":
-        return _literal(boolean_literal(None, None, node), boolean=True)
+        return _literal([text == "true"], boolean=True)
     if kind == "NullLiteral":
         return _literal([], boolean=True)
     raise _Unsupported(f"{kind} literals are not in the compiled subset")
@@ -650,6 +652,8 @@ def _compile_binary(op: str, left: _Code, right: _Code) -> _Code:
     if op == "+":
         return _Code(_plus(left, right))
     if op == "|" and left.const is not None and right.const is not None:
+        from fhirpathpy.engine.invocations.combining import union_op
+
         return _literal(list(union_op(None, left.const, right.const)))
     raise _Unsupported(f"operator {op!r} is not in the compiled subset")
 
@@ -817,6 +821,9 @@ class CompiledExpression:
             finally:
                 _TERMINOLOGY.reset(token)
         if self._code is None:
+            from fhirpathpy import apply_parsed_path
+            from fhirpathpy.engine.util import set_paths
+
             # fhirpathpy.compile(expression) without parsing again; its own copy of the tree
             self._fallback = set_paths(
                 apply_parsed_path,

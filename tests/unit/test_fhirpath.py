@@ -80,6 +80,11 @@ EXTRA_EXPRESSIONS = [
     "true xor {}",
     "'a' | 'b' | 'a'",
     "1.50 * 2",
+    # literals: read natively unless a string has escapes (those are read by fhirpathpy)
+    "'it\\'s' | 'tab\\there' | 'back\\\\slash' | '\\u00e9' | ''",
+    "2.0 | 2.50 | 0.0 | 7 | 0.125",
+    "%a.valueQuantity.value = 4.0",
+    "true | false",
     "%a.valueQuantity.value and true",
 ]
 

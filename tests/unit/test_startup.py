@@ -128,8 +128,9 @@ def test_a_corrupt_or_shared_cache_entry_is_ignored(
 
 
 def test_a_cached_start_parses_nothing_and_builds_no_unit_registry(tmp_path: Path) -> None:
-    """In a fresh process whose trials come from the cache: no ANTLR parse, pint not imported;
-    the first unit conversion then builds the registry."""
+    """In a fresh process whose trials come from the cache: no ANTLR parse, neither pint nor
+    fhirpathpy imported (every condition of the trials compiles natively); the first unit
+    conversion then builds the registry."""
     env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
     script = f"""
 import sys
@@ -141,7 +142,7 @@ real = fhirpath._parse
 fhirpath._parse = lambda e: parses.append(e) or real(e)
 trials, term = load_compiled([{str(TRIALS)!r}])
 Engine(trials, term)
-print(len(parses), "pint" in sys.modules, units._STATE is None)
+print(len(parses), "pint" in sys.modules, units._STATE is None, "fhirpathpy" in sys.modules)
 units.convert(1.0, "g/dL", "g/L")
 print(units._STATE is not None)
 """
@@ -152,7 +153,7 @@ print(units._STATE is not None)
         for _ in range(2)
     ]
     assert runs[0][0] != "0"  # the first run parsed the conditions
-    assert runs[1] == ["0", "False", "True", "True"]
+    assert runs[1] == ["0", "False", "True", "False", "True"]
 
 
 def test_unit_conversions_seen_before_need_no_unit_registry(tmp_path: Path) -> None:
