@@ -541,8 +541,6 @@ class PatientIndex:
 
     def _dated(self, res: dict[str, Any], when: str | None) -> None:
         self._dates[id(res)] = when
-        day = _to_date(when) if when else None
-        self._ages[id(res)] = None if day is None else (self.as_of - day).days
 
     def date_of(self, res: dict[str, Any]) -> str | None:
         """:func:`_resource_date` of a resource (remembered for those the index holds)."""
@@ -556,9 +554,11 @@ class PatientIndex:
             return True
         age = self._ages.get(id(res), _UNSET)
         if age is _UNSET:
-            key = _resource_date(res)
+            key = self.date_of(res)
             day = _to_date(key) if key else None
             age = None if day is None else (self.as_of - day).days
+            if id(res) in self._dates:
+                self._ages[id(res)] = age
         return age is not None and age <= days
 
     def code_keys(self) -> Iterator[tuple[str, str, str]]:
@@ -630,7 +630,7 @@ class PatientIndex:
 # --------------------------------------------------------------------------- resolved inputs
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Binding:
     """An input resolved for one patient.
 
@@ -999,12 +999,10 @@ def resolve_input(
     if not matches and not possible:
         if not candidates:
             return _absent(inp, as_of)
-        label, window = _label(inp), _window(inp, as_of)
-        status = "" if inp.clinical_status == "any" else f" ({inp.clinical_status})"
-        older = sorted(d for r in candidates if (d := index.date_of(r)))
+        older = max((d for r in candidates if (d := index.date_of(r))), default=None)
         # say that older records exist: the window, not the record, is what is missing
-        latest = f"; the latest, {older[-1][:10]}, is outside the window" if older else ""
-        return Binding(([],), (), "", f"no record of {label}{status}{window}{latest}", False)
+        latest = f"; the latest, {older[:10]}, is outside the window" if older else ""
+        return Binding(([],), (), "", f"{_absent(inp, as_of).missing}{latest}", False)
     if after is not None:
         start, names = after
         if start is None:
@@ -1212,6 +1210,11 @@ def _construct(model: type[_M], /, **fields: Any) -> _M:
     Results are built about a hundred times per patient; this skips ``model_construct``'s
     per-call default handling (four times faster) and sets exactly the attributes it sets.
     """
+    return _construct_from(model, fields)
+
+
+def _construct_from(model: type[_M], fields: dict[str, Any]) -> _M:
+    """:func:`_construct` taking ownership of the dict ``fields``."""
     names = _ALL_FIELDS.get(model)
     if names is None:
         names = _ALL_FIELDS[model] = set(model.model_fields)
@@ -1223,6 +1226,30 @@ def _construct(model: type[_M], /, **fields: Any) -> _M:
     _set(obj, "__pydantic_extra__", None)
     _set(obj, "__pydantic_private__", None)
     return obj
+
+
+def _result_fields(c: Criterion, outcome: Outcome, reason: str) -> dict[str, Any]:
+    """The fields of a criterion's result that are the same for every patient it is given to
+    (:func:`_from_fields` adds the lists)."""
+    return {
+        "id": c.id,
+        "kind": c.kind,
+        "text": c.text,
+        "outcome": outcome,
+        "evidence": None,
+        "reason": reason,
+        "title": None,
+        "criteria": None,
+    }
+
+
+def _from_fields(fields: dict[str, Any], evidence: list[str]) -> CriterionResult:
+    """A fresh result from :func:`_result_fields`: its own copy of the fields, ``evidence``, and
+    no sub-criteria."""
+    own = fields.copy()
+    own["evidence"] = evidence
+    own["criteria"] = []
+    return _construct_from(CriterionResult, own)
 
 
 def _truth(result: list[Any]) -> bool | None:
@@ -1350,8 +1377,11 @@ class Engine:
             if inp.text_systems:
                 self._text_inputs.append(id(inp))
         self._drafted = {id(t): tuple(t.drafted_criteria()) for t in self.trials}
-        #: (criterion, as-of, age) -> (outcome, reason) of criteria whose inputs were all absent
-        self._settled: dict[tuple[int, date, str], tuple[Outcome, str]] = {}
+        #: (criterion, as-of, age) -> the result fields of criteria whose inputs were all absent
+        #: (:func:`_result_fields`)
+        self._settled: dict[tuple[int, date, str], dict[str, Any]] = {}
+        #: manual criteria -> their result fields (the same for every patient)
+        self._manual: dict[int, dict[str, Any]] = {}
         self._known_codes = frozenset(known)
         self._medication_names = _name_pattern(
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
@@ -1468,7 +1498,11 @@ class Engine:
     def _evaluate_criterion(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
         c = cc.criterion
         if cc.form == "manual":
-            return self._result(c, "manual", [], f"manual review: {c.manual_reason}", [])
+            fields = self._manual.get(id(cc))
+            if fields is None:
+                why = f"manual review: {c.manual_reason}"
+                fields = self._manual[id(cc)] = _result_fields(c, "manual", why)
+            return _from_fields(fields, [])
         if cc.form == "group":
             children = [self._evaluate_criterion(k, ctx) for k in cc.children]
             outcome = combine_group(c.selection, [k.outcome for k in children])
@@ -1513,9 +1547,9 @@ class Engine:
                 bindings = [(inp, _absent(inp, ctx.as_of)) for inp in cc.inputs]
             result, evaluated = self._decide(cc, ctx, bindings)
             if evaluated and result.evidence == evidence:
-                self._settled[key] = (result.outcome, result.reason)
+                self._settled[key] = _result_fields(cc.criterion, result.outcome, result.reason)
             return result
-        return self._result(cc.criterion, settled[0], evidence, settled[1], [])
+        return _from_fields(settled, evidence)
 
     def _decide(
         self,
