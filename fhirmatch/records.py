@@ -373,7 +373,7 @@ class _Concept(msgspec.Struct):
 
 
 class _Reference(msgspec.Struct):
-    reference: Any = None
+    reference: str | None = None
 
 
 class _Brief(msgspec.Struct):
@@ -381,10 +381,28 @@ class _Brief(msgspec.Struct):
     codings of the code and the subject (typed, so decoding fails on any other shape, and the
     line is read by :func:`decode_head` instead)."""
 
-    resourceType: Any = None
+    resourceType: str | None = None
     code: _Concept | None = None
     component: msgspec.Raw = msgspec.Raw(b"")
     subject: _Reference | None = None
+
+
+#: the types :func:`iter_ndjson_slice` routes from a :class:`_Brief`: every FHIR type that
+#: belongs to one patient (not the Patient itself, nor the shared types)
+_ROUTABLE = RESOURCE_TYPES - SHARED_TYPES - {"Patient"}
+#: patient id (or "" for none) of the references met lately (a patient's lines repeat one)
+_PATIENT_IDS: dict[str, str] = {}
+
+
+def _patient_of(reference: str) -> str:
+    """:func:`reference_id` of a Patient reference, or "" (remembered: most lines of an export
+    refer to a patient met just before)."""
+    pid = _PATIENT_IDS.get(reference)
+    if pid is None:
+        if len(_PATIENT_IDS) >= 65536:
+            _PATIENT_IDS.clear()
+        pid = _PATIENT_IDS[reference] = reference_id(reference, "Patient") or ""
+    return pid
 
 
 _DECODE = msgspec.json.Decoder().decode
@@ -835,34 +853,35 @@ def iter_ndjson_slice(
                     start += len(fh.readline())  # the line in progress belongs to the range before
             for line in fh if end is None else _lines_before(fh, start, end):
                 lineno += 1
+                if brief is not None:
+                    # the common line: a resource of a patient, read only as far as needed (JSON
+                    # allows the line's own whitespace around it; a blank line fails here)
+                    try:
+                        short = brief(line)
+                    except msgspec.DecodeError:
+                        short = None  # another shape: read below
+                    if (
+                        short is not None
+                        and short.resourceType in _ROUTABLE
+                        and short.subject is not None
+                        and (ref := short.subject.reference) is not None
+                        and _patient_of(ref)
+                    ):
+                        if short.resourceType not in types:  # type: ignore[operator]
+                            continue
+                        kept = True if keeps is None else keeps_brief(short)  # type: ignore[misc]
+                        if kept is False:
+                            continue
+                        if kept is True:
+                            routed = {
+                                "resourceType": short.resourceType,
+                                "subject": {"reference": ref},
+                            }
+                            yield lineno, routed, line.strip()
+                            continue
                 body = line.strip()
                 if not body:
                     continue
-                if brief is not None:
-                    # the common line: a resource of a patient, read only as far as needed
-                    try:
-                        short = brief(body)
-                    except msgspec.DecodeError:
-                        short = None  # another shape: read below
-                    if short is not None and short.subject is not None:
-                        rtype, ref = short.resourceType, short.subject.reference
-                        if (
-                            isinstance(rtype, str)
-                            and isinstance(ref, str)
-                            and rtype in RESOURCE_TYPES
-                            and rtype not in SHARED_TYPES
-                            and rtype != "Patient"
-                            and reference_id(ref, "Patient")
-                        ):
-                            if rtype not in types:  # type: ignore[operator]
-                                continue
-                            kept = True if keeps is None else keeps_brief(short)  # type: ignore[misc]
-                            if kept is False:
-                                continue
-                            if kept is True:
-                                routed = {"resourceType": rtype, "subject": {"reference": ref}}
-                                yield lineno, routed, body
-                                continue
                 if head:
                     try:
                         res = decode_head(body)
