@@ -224,15 +224,17 @@ def _tail(url: str | None) -> str:
 # --------------------------------------------------------------------------- the patient index
 
 
-def _codings(cc: Any) -> Iterator[tuple[str, str]]:
+def _codings(cc: Any) -> list[tuple[str, str]]:
     """The codings of a CodeableConcept as (system, code), in the form ValueSet expansions use
     (canonical system URL for OIDs and aliases, ICD-10 codes with their dot)."""
+    out: list[tuple[str, str]] = []
     if isinstance(cc, dict):
-        for coding in cc.get("coding") or []:
+        for coding in cc.get("coding") or ():
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
-                    yield canonical_coding(system, code)
+                    out.append(canonical_coding(system, code))
+    return out
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -425,7 +427,7 @@ class PatientIndex:
             if rtype == "Observation" and known_codes and isinstance(res.get("component"), list):
                 self._add_components(res, known_codes, as_of_key)
             is_medication = rtype in MEDICATION_TYPES
-            own = [] if is_medication else list(_codings(res.get("code")))
+            own = [] if is_medication else _codings(res.get("code"))
             if (
                 only_known
                 and not is_medication
@@ -537,7 +539,7 @@ class PatientIndex:
         except (ValueError, KeyError, TypeError) as exc:
             self.problems.append(f"{_ref(res)}: concept map failed ({type(exc).__name__})")
             return []
-        return list(_codings(mapped.get("code")))
+        return _codings(mapped.get("code"))
 
     def _dated(self, res: dict[str, Any], when: str | None) -> None:
         self._dates[id(res)] = when
@@ -777,15 +779,32 @@ def _check_plausible(
             info = units.analyte_info(inp.analyte)
         except UnitError:
             return
-        if info.plausible_max is not None:
-            try:
-                ceiling = units.convert(
-                    info.plausible_max, info.unit, inp.unit, analyte=inp.analyte
-                )
-            except UnitError:
-                return
-            if value > ceiling:
-                raise _Unusable(f"{rid}: value above any possible {info.display} result")
+        ceiling = _ceiling(info, inp.analyte, inp.unit)
+        if ceiling is not None and value > ceiling:
+            raise _Unusable(f"{rid}: value above any possible {info.display} result")
+
+
+#: (id of an analyte's table entry, unit) -> (the entry, its ceiling in the unit): the entry is
+#: kept, so its id is not reused while remembered, and a table read again gets new entries
+_CEILINGS: dict[tuple[int, str], tuple[units.AnalyteInfo, float | None]] = {}
+
+
+def _ceiling(info: units.AnalyteInfo, analyte: str, unit: str) -> float | None:
+    """The analyte's ``plausible_max`` in ``unit``, or None when it has none or it cannot be
+    converted (remembered: every lab result is checked against it)."""
+    hit = _CEILINGS.get((id(info), unit))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    ceiling: float | None = None
+    if info.plausible_max is not None:
+        try:
+            ceiling = units.convert(info.plausible_max, info.unit, unit, analyte=analyte)
+        except UnitError:
+            ceiling = None
+    if len(_CEILINGS) >= 1024:
+        _CEILINGS.clear()
+    _CEILINGS[(id(info), unit)] = (info, ceiling)
+    return ceiling
 
 
 def _convert(value: float, unit: str | None, inp: DataInput, rid: str) -> float:
@@ -966,7 +985,9 @@ def resolve_input(
         # everything but the look-back window, so older records can be named in the reason
         return _clinical_status_ok(r, inp.clinical_status) and _extra_filters_ok(r, inp, index)
 
-    candidates = [r for r in index.find(inp.resource_type, inp.codes, inp.value_set) if in_scope(r)]
+    candidates = index.find(inp.resource_type, inp.codes, inp.value_set)
+    if inp.clinical_status != "any" or inp.extra_filters:
+        candidates = [r for r in candidates if in_scope(r)]
     days = inp.lookback_days
     within = index.within
     matches = [r for r in candidates if within(r, days)]
@@ -1199,6 +1220,8 @@ _set = object.__setattr__
 
 
 _new = object.__new__
+#: bound on the group results remembered per engine (there are a few per group in practice)
+_MAX_REMEMBERED = 65536
 #: per model, the set of all its field names: every result has every field set, so one set
 #: serves all (pydantic only adds to it when a field is assigned, and each is in it already)
 _ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
@@ -1243,12 +1266,14 @@ def _result_fields(c: Criterion, outcome: Outcome, reason: str) -> dict[str, Any
     }
 
 
-def _from_fields(fields: dict[str, Any], evidence: list[str]) -> CriterionResult:
+def _from_fields(
+    fields: dict[str, Any], evidence: list[str], children: list[CriterionResult] | None = None
+) -> CriterionResult:
     """A fresh result from :func:`_result_fields`: its own copy of the fields, ``evidence``, and
-    no sub-criteria."""
+    ``children`` (none when not given)."""
     own = fields.copy()
     own["evidence"] = evidence
-    own["criteria"] = []
+    own["criteria"] = [] if children is None else children
     return _construct_from(CriterionResult, own)
 
 
@@ -1382,6 +1407,8 @@ class Engine:
         self._settled: dict[tuple[int, date, str], dict[str, Any]] = {}
         #: manual criteria -> their result fields (the same for every patient)
         self._manual: dict[int, dict[str, Any]] = {}
+        #: (group, its children's outcomes) -> the group's result fields
+        self._groups: dict[tuple[int, tuple[Outcome, ...]], dict[str, Any]] = {}
         self._known_codes = frozenset(known)
         self._medication_names = _name_pattern(
             code for system, code in known if system == MEDICATION_NAME_SYSTEM
@@ -1505,9 +1532,16 @@ class Engine:
             return _from_fields(fields, [])
         if cc.form == "group":
             children = [self._evaluate_criterion(k, ctx) for k in cc.children]
-            outcome = combine_group(c.selection, [k.outcome for k in children])
+            # the outcome and reason follow from the children's outcomes: worked out once each
+            key = (id(cc), tuple([k.outcome for k in children]))
+            fields = self._groups.get(key)
+            if fields is None:
+                outcome = combine_group(c.selection, key[1])
+                fields = _result_fields(c, outcome, _group_reason(c, outcome, children))
+                if len(self._groups) < _MAX_REMEMBERED:
+                    self._groups[key] = fields
             evidence = list(dict.fromkeys(e for k in children for e in k.evidence))
-            return self._result(c, outcome, evidence, _group_reason(c, outcome, children), children)
+            return _from_fields(fields, evidence, children)
         return self._evaluate_condition(cc, ctx)
 
     @staticmethod
