@@ -837,9 +837,11 @@ def iter_ndjson_slice(
     byte range, numbered from 1 at the first of them; so consecutive ranges cover every line
     exactly once. With ``types``, resources of other known types are skipped (before decoding
     when :func:`skippable_line` can tell), and with a :class:`ResourceFilter`, the resources it
-    does not keep. With ``head``, resources are only partly decoded
-    (:func:`decode_head`: enough to find their patient), except Medications, which are kept
-    whole. Bad lines are passed to ``report`` and skipped.
+    does not keep. With ``head``, resources are only partly decoded, except Medications, which
+    are kept whole: with ``types``, most lines into a :class:`_Brief` (type, codings, subject;
+    the resource is then yielded as just its type and subject), and any line of another shape by
+    :func:`decode_head` (enough to find its patient and judge its code). Bad lines are passed to
+    ``report`` and skipped.
     """
     lineno = 0
     keeps = types.keeps if isinstance(types, ResourceFilter) else None

@@ -164,8 +164,9 @@ class SliceOutcome:
 def spill_slice(task: SliceTask) -> SliceOutcome:
     """Run one map task: append each patient resource of the slice to its partition's file.
 
-    A line is decoded only as far as its patient (:func:`~fhirmatch.records.decode_head`); it is
-    decoded whole once, when its patient's record is built. Runs anywhere the input and spill
+    A line is decoded only as far as its type, code and patient (see
+    :func:`~fhirmatch.records.iter_ndjson_slice`); it is decoded whole once, when its patient's
+    record is built. Runs anywhere the input and spill
     directory are visible (this process, a worker process or a Dask worker); it never logs:
     problems are returned, with line numbers within the slice.
     """
