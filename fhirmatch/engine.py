@@ -62,7 +62,7 @@ from pydantic import BaseModel
 
 from . import units
 from .errors import TrialDefinitionError, UnitError
-from .fhirpath import compile_expression, parse_expression
+from .fhirpath import compile_expression, parse_expression, reads_context
 from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_value_set
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_coded_answer, read_qualitative
 from .records import PatientRecord, reference_id
@@ -1203,7 +1203,8 @@ def _compile(
         criterion=criterion,
         evaluator=evaluator,
         uses_age="%age" in text,
-        uses_patient="%patient" in text,
+        # the Patient is read through %patient, or as the resource the condition is evaluated on
+        uses_patient="%patient" in text or (evaluator is not None and _reads_patient(expr)),
         uses_uln=frozenset(i.name for i in criterion.inputs if f"%{i.name}.referenceRange" in text),
         children=children,
         anchors=frozenset(
@@ -1213,6 +1214,14 @@ def _compile(
         input_ids=tuple(id(i) for i in inputs),
         form="manual" if criterion.is_manual else "group" if criterion.is_group else "condition",
     )
+
+
+def _reads_patient(expression: str | None) -> bool:
+    """Whether a condition reads the resource it is evaluated on (the Patient) other than by
+    ``%patient`` (:func:`fhirmatch.fhirpath.reads_context`): such a condition is never decided
+    once for all patients whose inputs are absent."""
+    tree = parse_expression(expression).tree if expression else None
+    return tree is not None and reads_context(tree)
 
 
 _M = TypeVar("_M", bound=BaseModel)

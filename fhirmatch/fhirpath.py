@@ -65,6 +65,7 @@ __all__ = [
     "compile_expression",
     "member_of",
     "parse_expression",
+    "reads_context",
 ]
 
 UCUM = "http://unitsofmeasure.org"
@@ -704,6 +705,67 @@ class ParsedExpression:
     expression: str
     tree: dict[str, Any] | None
     problems: tuple[str, ...]
+
+
+#: variables that name the resource an expression is evaluated on
+_ROOT_VARIABLES = frozenset({"context", "resource", "rootResource"})
+#: functions whose arguments are expressions evaluated on each item of their input
+_ITEM_FUNCTIONS = frozenset({"where", "select", "exists", "all", "repeat", "iif"})
+#: functions that read nothing, not even their input
+_NO_INPUT_FUNCTIONS = frozenset({"today", "now", "timeOfDay", "iif"})
+
+
+def reads_context(tree: dict[str, Any]) -> bool:
+    """Whether an expression may read the resource it is evaluated on (the engine's Patient)
+    other than through ``%patient``: a path or function that starts from that resource
+    (``gender``, ``$this``, ``exists(...)``, the results of ``iif(...)`` at the top), or
+    ``%context``, ``%resource``, ``%rootResource``. Paths inside ``where``, ``exists``,
+    ``select``, ``all``, ``repeat`` or ``iif`` applied to something else (``%cond.where(code
+    ...)``) read that something's items. Conservative: what it cannot tell counts as reading."""
+    return _reads(tree, at_root=True)
+
+
+def _reads(node: dict[str, Any], at_root: bool) -> bool:
+    kind = node.get("type")
+    kids = _children(node)
+    if kind == "ExternalConstant":
+        return any(_name(k) in _ROOT_VARIABLES for k in kids)
+    if kind == "InvocationExpression" and len(kids) == 2:
+        # a target, then a member or function applied to the target's result
+        if _reads(kids[0], at_root):
+            return True
+        call = kids[1]
+        if call.get("type") == "FunctionInvocation":
+            name, params = _function_parts(call)
+            # an item function's arguments are evaluated on the target's items; any other
+            # function's arguments on the current focus
+            inner = False if name in _ITEM_FUNCTIONS else at_root
+            return any(_reads(p, inner) for p in params)
+        return call.get("type") not in ("MemberInvocation",)
+    if kind in ("MemberInvocation", "ThisInvocation", "IndexInvocation", "TotalInvocation"):
+        return at_root  # a path that starts from the focus
+    if kind == "FunctionInvocation":  # a function that starts from the focus
+        name, params = _function_parts(node)
+        if at_root and name not in _NO_INPUT_FUNCTIONS:
+            return True
+        inner = False if (name in _ITEM_FUNCTIONS and not at_root) else at_root
+        return any(_reads(p, inner) for p in params)
+    return any(_reads(k, at_root) for k in kids)
+
+
+def _name(node: dict[str, Any]) -> str | None:
+    text = node.get("text")
+    return text if isinstance(text, str) else None
+
+
+def _function_parts(call: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(name, argument expressions) of a FunctionInvocation node."""
+    for functn in _children(call):
+        parts = _children(functn)
+        name = _name(parts[0]) if parts else None
+        params = [p for k in parts[1:] if k.get("type") == "ParamList" for p in _children(k)]
+        return name, params
+    return None, []
 
 
 #: expressions parsed in this process (trial conditions: a few hundred at most)

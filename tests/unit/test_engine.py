@@ -668,6 +668,30 @@ def test_records_with_nothing_share_a_decision_but_never_a_result() -> None:
     assert old[2].evidence == ["Patient/p1"] and "age 86" in old[2].reason
 
 
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "gender = 'female' and %brain.empty()",
+        "%brain.empty() and iif(gender = 'female', true, false)",
+        "%brain.empty() and %context.gender = 'female'",
+        "%brain.empty() and %context.exists(gender = 'female')",
+        "%brain.empty() and $this.gender = 'female'",
+        "%brain.empty() and exists(gender = 'female')",
+        "%brain.empty() and %patient.gender = 'female'",
+    ],
+)
+def test_a_condition_that_reads_the_patient_is_never_settled_for_others(expr: str) -> None:
+    """A condition evaluated against the Patient (its root), not only through %patient, is
+    decided for each patient even when its inputs find nothing: the outcome of one patient must
+    not be given to another."""
+    engine = Engine([trial(inc("female", expr, BRAIN))])
+    outcomes = [
+        engine.evaluate([patient(id=f"p{n}", gender=sex)], as_of=AS_OF)[0].criteria[0].outcome
+        for n, sex in enumerate(["male", "female", "male", "female"])
+    ]
+    assert outcomes == ["fail", "pass", "fail", "pass"]
+
+
 def test_an_input_hashes_once_and_never_pickles_its_hash() -> None:
     import pickle
 

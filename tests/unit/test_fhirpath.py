@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhirmatch.fhirpath import compile_expression
+from fhirmatch.fhirpath import compile_expression, parse_expression, reads_context
 from fhirmatch.trials import fhirpath_variables
 
 TRIALS = Path(__file__).resolve().parents[2] / "fixtures" / "trials"
@@ -286,6 +286,42 @@ def test_constructs_outside_the_subset_fall_back_to_fhirpathpy(expression: str) 
     assert compiled.reason
     env = {"a": [{"code": {"text": "x"}}]}
     assert compiled({}, env) == compile_expression(expression, native=False)({}, env)
+
+
+@pytest.mark.parametrize(
+    ("expression", "reads"),
+    [
+        ("gender = 'female' and %brain.empty()", True),
+        ("iif(gender = 'female', true, false)", True),
+        ("%context.gender = 'female'", True),
+        ("%resource.id.exists() or %rootResource.id.exists()", True),
+        ("$this.gender = 'female'", True),
+        ("exists(gender = 'female')", True),
+        ("where(true).exists()", True),
+        ("%a.contains(gender)", True),  # an argument that is not a criterion: read at the root
+        ("(gender)", True),
+        ("%patient.gender = 'female'", False),  # through the variable: the engine knows
+        ("%b.where(code.exists()).exists()", False),
+        ("%a.where(iif(code.exists(), true, false)).exists()", False),
+        ("%a.iif(gender.exists(), 1, 2)", False),
+        ("iif(%a.exists(), true, false)", False),
+        ("%a.valueQuantity.value > 4 and %age >= 18", False),
+        ("%a.select(value).count() > 1 and today() > %asOf", False),
+        ("%a.first().valueQuantity.value", False),
+    ],
+)
+def test_reads_context_finds_paths_that_start_at_the_evaluated_resource(
+    expression: str, reads: bool
+) -> None:
+    tree = parse_expression(expression).tree
+    assert tree is not None
+    assert reads_context(tree) is reads
+
+
+def test_no_trial_condition_reads_the_patient_but_through_its_variable() -> None:
+    """The engine decides a condition once for every patient whose inputs are absent unless it
+    reads the Patient; the seed trials read it only through %patient (or not at all)."""
+    assert not [e for e in TRIAL_EXPRESSIONS if reads_context(parse_expression(e).tree or {})]
 
 
 def test_native_can_be_switched_off() -> None:
