@@ -1416,6 +1416,8 @@ class Engine:
         self._settled: dict[tuple[int, date, str], dict[str, Any]] = {}
         #: manual criteria -> their result fields (the same for every patient)
         self._manual: dict[int, dict[str, Any]] = {}
+        #: (criterion, as-of, age) -> what its condition gave when every input was empty
+        self._empty_truths: dict[tuple[int, date, str], frozenset[bool | None]] = {}
         #: (group, its children's outcomes) -> the group's result fields
         self._groups: dict[tuple[int, tuple[Outcome, ...]], dict[str, Any]] = {}
         self._known_codes = frozenset(known)
@@ -1611,10 +1613,16 @@ class Engine:
         if cc.uses_age:
             names.append("age")
             choices.append(tuple(ctx.age))
+        # every input empty (nothing found, or nothing in its window) and the Patient unread:
+        # the answer is that of any such patient of this age
+        empty = not cc.uses_patient and all(len(b.variants) == 1 for _i, b in bindings)
+        empty = empty and not any(b.variants[0] for _i, b in bindings)
+        key = (id(cc), ctx.as_of, ctx.age_text if cc.uses_age else "")
+        known = self._empty_truths.get(key) if empty else None
+        truths: set[bool | None] = set() if known is None else set(known)
         base_env: dict[str, Any] = {"patient": ctx.patient, "asOf": ctx.as_of_text}
-        truths: set[bool | None] = set()
         try:
-            if all(len(c) == 1 for c in choices):  # the usual case: one value per input
+            if known is None and all(len(c) == 1 for c in choices):  # one value per input
                 base_env.update(zip(names, (c[0] for c in choices), strict=True))
                 truths.add(_truth(cc.evaluator(ctx.patient, base_env)))
             for n, combo in enumerate(itertools.product(*choices) if len(truths) == 0 else ()):
@@ -1627,6 +1635,8 @@ class Engine:
             log.warning("criterion %s: condition failed (%s)", c.id, type(exc).__name__)
             why = f"the condition could not be evaluated ({type(exc).__name__})"
             return self._result(c, "unknown", [], why, []), False
+        if empty and known is None and len(self._empty_truths) < _MAX_REMEMBERED:
+            self._empty_truths[key] = frozenset(truths)
         evidence = [e for _inp, b in bindings for e in b.evidence]
         if cc.uses_age or cc.uses_patient:
             evidence.insert(0, ctx.patient_ref)

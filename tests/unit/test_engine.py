@@ -646,12 +646,18 @@ def test_records_with_nothing_share_a_decision_but_never_a_result() -> None:
     engine = Engine([trial(*crits)])
     with_data = [obs("o1", "6690-2", "2026-10-30", valueQuantity=qty(5.0, "10*9/L"))]
     with_data.append(cond("b1", "94225005"))
+    # results outside the look-back window: every input empty, but each reason names its date
+    stale = [obs("o2", "6690-2", "2020-01-02", valueQuantity=qty(5.0, "10*9/L"))]
+    staler = [obs("o3", "6690-2", "2019-05-06", valueQuantity=qty(2.0, "10*9/L"))]
     people = [
         [patient()],
         [patient(birthDate="1940-01-01")],
         [patient(), *with_data],
+        [patient(), *stale],
         [patient()],
+        [patient(birthDate="1940-01-01"), *staler],
         [patient(birthDate="1940-01-01")],
+        [patient(birthDate="1960-05"), *stale],
     ]
     seen: list[Any] = []
     for n, resources in enumerate(people):
@@ -666,6 +672,9 @@ def test_records_with_nothing_share_a_decision_but_never_a_result() -> None:
     assert [c.outcome for c in first] == ["unknown", "pass", "pass", "unknown"]
     assert [c.outcome for c in old] == ["unknown", "pass", "fail", "fail"]
     assert old[2].evidence == ["Patient/p1"] and "age 86" in old[2].reason
+    dated = [engine.evaluate(people[n], as_of=AS_OF)[0].criteria[0] for n in (3, 5)]
+    assert [c.outcome for c in dated] == ["unknown", "unknown"]
+    assert "2020-01-02" in dated[0].reason and "2019-05-06" in dated[1].reason
 
 
 @pytest.mark.parametrize(
