@@ -1229,7 +1229,8 @@ _set = object.__setattr__
 
 
 _new = object.__new__
-#: bound on the group results remembered per engine (there are a few per group in practice)
+#: bound on the group results and condition answers an engine remembers (a few per criterion
+#: in practice)
 _MAX_REMEMBERED = 65536
 #: per model, the set of all its field names: every result has every field set, so one set
 #: serves all (pydantic only adds to it when a field is assigned, and each is in it already)
@@ -1261,8 +1262,8 @@ def _construct_from(model: type[_M], fields: dict[str, Any]) -> _M:
 
 
 def _result_fields(c: Criterion, outcome: Outcome, reason: str) -> dict[str, Any]:
-    """The fields of a criterion's result that are the same for every patient it is given to
-    (:func:`_from_fields` adds the lists)."""
+    """The fields of a criterion's result, in declaration order, without its lists (evidence and
+    sub-criteria): all that is the same for every patient given that outcome and reason."""
     return {
         "id": c.id,
         "kind": c.kind,
@@ -1563,17 +1564,9 @@ class Engine:
         reason: str,
         children: list[CriterionResult],
     ) -> CriterionResult:
-        return _construct(
-            CriterionResult,
-            id=c.id,
-            kind=c.kind,
-            text=c.text,
-            outcome=outcome,
-            evidence=evidence,
-            reason=reason,
-            title=None,
-            criteria=children,
-        )
+        fields = _result_fields(c, outcome, reason)
+        fields["evidence"], fields["criteria"] = evidence, children
+        return _construct_from(CriterionResult, fields)
 
     def _evaluate_condition(self, cc: _CompiledCriterion, ctx: _PatientContext) -> CriterionResult:
         bindings: list[tuple[DataInput, Binding]] | None = None
@@ -1622,8 +1615,8 @@ class Engine:
         truths: set[bool | None] = set() if known is None else set(known)
         base_env: dict[str, Any] = {"patient": ctx.patient, "asOf": ctx.as_of_text}
         try:
-            if known is None and all(len(c) == 1 for c in choices):  # one value per input
-                base_env.update(zip(names, (c[0] for c in choices), strict=True))
+            if known is None and all(len(v) == 1 for v in choices):  # one value per input
+                base_env.update(zip(names, (v[0] for v in choices), strict=True))
                 truths.add(_truth(cc.evaluator(ctx.patient, base_env)))
             for n, combo in enumerate(itertools.product(*choices) if len(truths) == 0 else ()):
                 if n >= _MAX_VARIANTS:

@@ -722,14 +722,17 @@ def reads_context(tree: dict[str, Any]) -> bool:
     ``%context``, ``%resource``, ``%rootResource``. Paths inside ``where``, ``exists``,
     ``select``, ``all``, ``repeat`` or ``iif`` applied to something else (``%cond.where(code
     ...)``) read that something's items. Conservative: what it cannot tell counts as reading."""
-    return _reads(tree, at_root=True)
+    try:
+        return _reads(tree, at_root=True)
+    except _Unsupported:  # a node of a shape it does not know
+        return True
 
 
 def _reads(node: dict[str, Any], at_root: bool) -> bool:
     kind = node.get("type")
     kids = _children(node)
     if kind == "ExternalConstant":
-        return any(_name(k) in _ROOT_VARIABLES for k in kids)
+        return any(k.get("text") in _ROOT_VARIABLES for k in kids)
     if kind == "InvocationExpression" and len(kids) == 2:
         # a target, then a member or function applied to the target's result
         if _reads(kids[0], at_root):
@@ -741,7 +744,7 @@ def _reads(node: dict[str, Any], at_root: bool) -> bool:
             # function's arguments on the current focus
             inner = False if name in _ITEM_FUNCTIONS else at_root
             return any(_reads(p, inner) for p in params)
-        return call.get("type") not in ("MemberInvocation",)
+        return call.get("type") != "MemberInvocation"
     if kind in ("MemberInvocation", "ThisInvocation", "IndexInvocation", "TotalInvocation"):
         return at_root  # a path that starts from the focus
     if kind == "FunctionInvocation":  # a function that starts from the focus
@@ -753,19 +756,13 @@ def _reads(node: dict[str, Any], at_root: bool) -> bool:
     return any(_reads(k, at_root) for k in kids)
 
 
-def _name(node: dict[str, Any]) -> str | None:
-    text = node.get("text")
-    return text if isinstance(text, str) else None
-
-
-def _function_parts(call: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
-    """(name, argument expressions) of a FunctionInvocation node."""
-    for functn in _children(call):
-        parts = _children(functn)
-        name = _name(parts[0]) if parts else None
-        params = [p for k in parts[1:] if k.get("type") == "ParamList" for p in _children(k)]
-        return name, params
-    return None, []
+def _function_parts(call: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """(name, argument expressions) of a FunctionInvocation node (:func:`_params` of its one
+    child)."""
+    kids = _children(call)
+    if len(kids) != 1:
+        raise _Unsupported("unexpected function invocation")
+    return _params(kids[0])
 
 
 #: expressions parsed in this process (trial conditions: a few hundred at most)

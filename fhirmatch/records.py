@@ -692,15 +692,18 @@ class ResourceFilter(frozenset[str]):
         rtype = resource.get("resourceType")
         if rtype not in self.coded:
             return True
-        concept = resource.get("code")
         if "component" in resource and self._known_component(resource["component"]):
             return True  # a panel whose parts an input asks for (the stains of an MMR panel)
-        if not self._only_unknown_loinc(concept):
-            if not _has_coding(concept):
-                return True  # only words, or nothing: the engine judges it by its text
-            found = _may_be_found or _import_may_be_found()[0]
-            if found(resource, str(rtype), self.known_codes, local_codes_map=True):
-                return True
+        concept = resource.get("code")
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        pairs = [
+            (c["system"], c["code"])
+            for c in (codings if isinstance(codings, list) else ())
+            if isinstance(c, dict) and isinstance(c.get("system"), str)
+            if isinstance(c.get("code"), str)
+        ]
+        if not pairs or self._codes_kept(str(rtype), pairs):
+            return True  # no coding (the engine judges it by its words), or a code it may find
         return patient_reference_of(resource) is None
 
     def keeps_brief(self, brief: _Brief) -> bool | None:
@@ -714,19 +717,23 @@ class ResourceFilter(frozenset[str]):
         codings = brief.code.coding if brief.code is not None else None
         if not codings:
             return True  # only words, or nothing: the engine judges it by its text
-        loinc = self._loinc
-        only_unknown_loinc = True
+        pairs: list[tuple[str, str]] = []
         for coding in codings:
-            system, code = coding.system, coding.code
-            if not isinstance(system, str) or not isinstance(code, str):
+            if not isinstance(coding.system, str) or not isinstance(coding.code, str):
                 return None
-            if system != _LOINC or code.strip() in loinc:
-                only_unknown_loinc = False
-        if only_unknown_loinc:
+            pairs.append((coding.system, coding.code))
+        return self._codes_kept(brief.resourceType, pairs)
+
+    def _codes_kept(self, rtype: str, pairs: list[tuple[str, str]]) -> bool:
+        """The engine's rule for a resource coded ``pairs`` (system and code as recorded):
+        decided here when every coding is an unknown LOINC code (most resources a run drops),
+        else by :func:`fhirmatch.engine._codes_may_be_found`, which comes to the same answer."""
+        loinc = self._loinc
+        if all(system == _LOINC and code.strip() not in loinc for system, code in pairs):
             return False
-        found = _codes_may_be_found or _import_may_be_found()[1]
-        keys = [canonical_coding(c.system, c.code) for c in codings]
-        return found(keys, brief.resourceType, self.known_codes, True)
+        _read, found = _ENGINE_RULES or _import_engine_rules()
+        keys = [canonical_coding(system, code) for system, code in pairs]
+        return found(keys, rtype, self.known_codes, True)
 
     def _known_component(self, components: Any) -> bool:
         """Whether a component of an Observation has a code an input asks for (the head decode
@@ -739,59 +746,28 @@ class ResourceFilter(frozenset[str]):
                 return True  # unreadable here: read in full, and judged, later
         if not isinstance(components, list):
             return False
-        for comp in components:
-            concept = comp.get("code") if isinstance(comp, dict) else None
-            codings = concept.get("coding") if isinstance(concept, dict) else None
-            for coding in codings if isinstance(codings, list) else ():
-                if not isinstance(coding, dict):
-                    continue
-                system, code = coding.get("system"), coding.get("code")
-                if isinstance(system, str) and isinstance(code, str):
-                    if canonical_coding(system, code) in self.known_codes:
-                        return True
-        return False
-
-    def _only_unknown_loinc(self, concept: Any) -> bool:
-        """True when every coding of ``concept`` is LOINC and none is known: the common case,
-        decided here without the general rule (which comes to the same answer for it)."""
-        codings = concept.get("coding") if isinstance(concept, dict) else None
-        if not isinstance(codings, list) or not codings:
-            return False
-        loinc = self._loinc
-        for coding in codings:
-            if not isinstance(coding, dict) or coding.get("system") != _LOINC:
-                return False
-            code = coding.get("code")
-            if not isinstance(code, str) or code.strip() in loinc:
-                return False
-        return True
+        codings, _found = _ENGINE_RULES or _import_engine_rules()
+        known = self.known_codes
+        return any(
+            key in known
+            for comp in components
+            if isinstance(comp, dict)
+            for key in codings(comp.get("code"))
+        )
 
 
 _LOINC = "http://loinc.org"
+#: the engine's reading of codings and its indexing rule (``_codings``,
+#: ``_codes_may_be_found``), imported when first needed (the engine imports this module)
+_ENGINE_RULES: tuple[Callable[..., list[tuple[str, str]]], Callable[..., bool]] | None = None
 
 
-def _has_coding(concept: Any) -> bool:
-    """Whether a CodeableConcept holds a coding with a system and a code."""
-    codings = concept.get("coding") if isinstance(concept, dict) else None
-    return isinstance(codings, list) and any(
-        isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
-        for c in codings
-    )
+def _import_engine_rules() -> tuple[Callable[..., list[tuple[str, str]]], Callable[..., bool]]:
+    global _ENGINE_RULES
+    from .engine import _codes_may_be_found, _codings
 
-
-#: :func:`fhirmatch.engine.may_be_found` and its form for codings already read, imported when
-#: first needed (the engine imports this module)
-_may_be_found: Callable[..., bool] | None = None
-_codes_may_be_found: Callable[..., bool] | None = None
-
-
-def _import_may_be_found() -> tuple[Callable[..., bool], Callable[..., bool]]:
-    global _may_be_found, _codes_may_be_found
-    from .engine import _codes_may_be_found as by_codes
-    from .engine import may_be_found
-
-    _may_be_found, _codes_may_be_found = may_be_found, by_codes
-    return may_be_found, by_codes
+    _ENGINE_RULES = (_codings, _codes_may_be_found)
+    return _ENGINE_RULES
 
 
 #: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)

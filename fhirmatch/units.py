@@ -219,12 +219,13 @@ def _analytes() -> dict[str, AnalyteInfo]:
         return state.analytes
     # the engine asks for every lab result it checks: remember the table of the last location
     # (named by $FHIRMATCH_MAPPINGS, or the bundled one) rather than build its path each time
+    global _LAST_ANALYTES
     override = os.environ.get("FHIRMATCH_MAPPINGS")
     last = _LAST_ANALYTES
     if last is not None and last[0] == override:
         return last[1]
     table = _analytes_at(mappings_dir() / "analytes.json")
-    globals()["_LAST_ANALYTES"] = (override, table)
+    _LAST_ANALYTES = (override, table)
     return table
 
 
