@@ -377,12 +377,13 @@ class _Reference(msgspec.Struct):
 
 
 class _Brief(msgspec.Struct):
-    """What most lines of a Bulk export need read to be routed or dropped: the type, the
-    codings of the code and the subject (typed, so decoding fails on any other shape, and the
-    line is read by :func:`decode_head` instead)."""
+    """What most lines of a Bulk export need read to be routed or dropped: the type, the code
+    and the subject (typed, so decoding fails on any other shape, and the line is read by
+    :func:`decode_head` instead). The code is left undecoded: most lines of an export repeat a
+    few codes, and :meth:`ResourceFilter.keeps_brief` judges each once."""
 
     resourceType: str | None = None
-    code: _Concept | None = None
+    code: msgspec.Raw = msgspec.Raw(b"")
     component: msgspec.Raw = msgspec.Raw(b"")
     subject: _Reference | None = None
 
@@ -408,6 +409,7 @@ def _patient_of(reference: str) -> str:
 _DECODE = msgspec.json.Decoder().decode
 _DECODE_HEAD = msgspec.json.Decoder(_Head).decode
 _DECODE_BRIEF = msgspec.json.Decoder(_Brief).decode
+_DECODE_CONCEPT = msgspec.json.Decoder(_Concept | None).decode
 _asdict = msgspec.structs.asdict
 
 
@@ -668,6 +670,7 @@ class ResourceFilter(frozenset[str]):
 
     known_codes: frozenset[tuple[str, str]]
     coded: frozenset[str]
+    _verdicts: dict[tuple[str, bytes], bool | None]
     #: the LOINC codes among ``known_codes`` (most resources a run drops are LOINC-coded)
     _loinc: frozenset[str]
 
@@ -681,6 +684,8 @@ class ResourceFilter(frozenset[str]):
         self.known_codes = frozenset(known_codes)
         self.coded = frozenset(coded)
         self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
+        #: (type, code as written) -> :meth:`keeps_brief`'s verdict
+        self._verdicts = {}
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -709,12 +714,31 @@ class ResourceFilter(frozenset[str]):
     def keeps_brief(self, brief: _Brief) -> bool | None:
         """:meth:`keeps` of a resource of a wanted type whose subject is a Patient, decided from
         its :class:`_Brief` when that is simple (every coding has a system and a code, no
-        components); None when :meth:`keeps` must judge the head."""
-        if brief.resourceType not in self.coded:
+        components); None when :meth:`keeps` must judge the head. Judged once per type and
+        code as written (a bounded table): an export repeats the same few codes."""
+        rtype = brief.resourceType
+        if rtype not in self.coded:
             return True
         if brief.component:
             return None
-        codings = brief.code.coding if brief.code is not None else None
+        key = (rtype, bytes(brief.code))
+        verdicts = self._verdicts
+        verdict = verdicts.get(key, _UNJUDGED)
+        if verdict is _UNJUDGED:
+            verdict = self._judge_code(rtype, key[1])
+            if len(verdicts) >= _MAX_VERDICTS:
+                verdicts.clear()
+            verdicts[key] = verdict
+        return verdict  # type: ignore[return-value]
+
+    def _judge_code(self, rtype: str, code: bytes) -> bool | None:
+        """:meth:`keeps_brief` of a resource of a coded type, from the JSON text of its code
+        (empty when it has none)."""
+        try:
+            concept = _DECODE_CONCEPT(code) if code else None
+        except msgspec.DecodeError:
+            return None  # another shape: the head decode reads it
+        codings = concept.coding if concept is not None else None
         if not codings:
             return True  # only words, or nothing: the engine judges it by its text
         pairs: list[tuple[str, str]] = []
@@ -722,7 +746,7 @@ class ResourceFilter(frozenset[str]):
             if not isinstance(coding.system, str) or not isinstance(coding.code, str):
                 return None
             pairs.append((coding.system, coding.code))
-        return self._codes_kept(brief.resourceType, pairs)
+        return self._codes_kept(rtype, pairs)
 
     def _codes_kept(self, rtype: str, pairs: list[tuple[str, str]]) -> bool:
         """The engine's rule for a resource coded ``pairs`` (system and code as recorded):
@@ -757,6 +781,10 @@ class ResourceFilter(frozenset[str]):
 
 
 _LOINC = "http://loinc.org"
+#: marks a code not judged yet; and the bound on the codes :meth:`ResourceFilter.keeps_brief`
+#: remembers
+_UNJUDGED = object()
+_MAX_VERDICTS = 65536
 #: the engine's reading of codings and its indexing rule (``_codings``,
 #: ``_codes_may_be_found``), imported when first needed (the engine imports this module)
 _ENGINE_RULES: tuple[Callable[..., list[tuple[str, str]]], Callable[..., bool]] | None = None

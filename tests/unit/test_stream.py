@@ -378,6 +378,8 @@ def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path)
         _coded("Observation", "unknown", "p1", (LOINC, "8480-6")),
         _coded("Observation", "two", "p1", (LOINC, "8480-6"), (LOINC, "2160-0")),
         _coded("Observation", "local", "p1", ("urn:oid:1.2.3", "K")),
+        # the same code on a Condition: only an Observation's local code may be mapped
+        _coded("Condition", "local-condition", "p1", ("urn:oid:1.2.3", "K")),
         _coded("Observation", "snomed", "p1", (sct, "1")),
         _coded("Condition", "c154", "p1", (ICD10CM, "C154")),
         _coded("Condition", "j101", "p1", (ICD10CM, "J10.1")),
@@ -420,6 +422,7 @@ def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path)
         [1, 2],
     ]
     lines = [json.dumps(r) for r in rows] + ["{not json", '"text"', ""]
+    lines += lines  # every line again: judged the same when its code has been judged before
     path = tmp_path / "mixed.ndjson"
     path.write_text("\n".join(line.replace("\\\\u", "\\u") for line in lines), "utf-8")
 
@@ -436,7 +439,9 @@ def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path)
     # a code that is not LOINC may be mapped by a ConceptMap: such Observations are kept
     assert {"known", "two", "local", "snomed", "c154", "oid-icd", "words", "text-only"} <= kept_ids
     assert "panel" in kept_ids
-    assert not {"unknown", "j101", "enc"} & kept_ids
+    assert not {"unknown", "j101", "enc", "local-condition"} & kept_ids
+    half = len(lines) // 2
+    assert [n - half for n in brief[0] if n > half] == [n for n in brief[0] if n <= half]
     assert "group" in kept_ids  # no patient reference: kept, so that it is reported
 
 
