@@ -24,12 +24,20 @@ written to stdout or files, never to logs.
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from .model import CriterionKind, Outcome, TrialStatus
 
-__all__ = ["DECEASED_CRITERION_ID", "CriterionResult", "EvaluationReport", "TrialResult"]
+__all__ = [
+    "DECEASED_CRITERION_ID",
+    "CriterionResult",
+    "EvaluationReport",
+    "TrialResult",
+    "result_json",
+]
 
 #: id of the synthetic criterion the engine adds when the patient is recorded as deceased
 DECEASED_CRITERION_ID = "patient-deceased"
@@ -92,3 +100,19 @@ class EvaluationReport(BaseModel):
     as_of: date
     results: list[TrialResult] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list)
+
+
+def _fields(obj: object) -> dict[str, Any]:
+    if isinstance(obj, CriterionResult | TrialResult):
+        return obj.__dict__
+    raise TypeError(f"cannot write {type(obj).__name__} as a result")
+
+
+_ENCODE = msgspec.json.Encoder(enc_hook=_fields).encode
+
+
+def result_json(result: TrialResult) -> bytes:
+    """``result.model_dump_json()`` as UTF-8 bytes, written about twice as fast: a result holds
+    only strings, lists, None and nested results, each of whose fields msgspec writes in the
+    same order and the same way (``fhirmatch evaluate --format ndjson`` writes thousands)."""
+    return _ENCODE(result)

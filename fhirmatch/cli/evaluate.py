@@ -33,7 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TextIO
@@ -46,7 +46,7 @@ from ..executors import (
     freeze_heap,
     partition_bytes,
 )
-from ..results import CriterionResult, EvaluationReport, TrialResult
+from ..results import CriterionResult, EvaluationReport, TrialResult, result_json
 from . import exitcodes
 
 if TYPE_CHECKING:
@@ -398,18 +398,39 @@ def _write(items: Iterator[Item], fmt: str, as_of: date, out: TextIO, tally: _Ta
         out.write("\n")
         return
     if fmt == "ndjson":
+        write = _bytes_writer(out)
         for item_problems, trial_results in items:
-            for problem in item_problems:
-                out.write(json.dumps({"problem": problem}, ensure_ascii=False))
-                out.write("\n")
-            for tr in trial_results:
-                out.write(tr.model_dump_json())
-                out.write("\n")
-            out.flush()
+            lines = [
+                json.dumps({"problem": problem}, ensure_ascii=False).encode("utf-8")
+                for problem in item_problems
+            ]
+            lines.extend(result_json(tr) for tr in trial_results)
+            lines.append(b"")
+            write(b"\n".join(lines))
         return
     for item_problems, trial_results in items:
         out.write(format_table(trial_results, as_of, item_problems))
         out.flush()
+
+
+def _bytes_writer(out: TextIO) -> Callable[[bytes], None]:
+    """Writes UTF-8 bytes to ``out`` and flushes them: to its binary buffer when it has one
+    (a file or stdout: no decoding and encoding again), else as text."""
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:
+
+        def write_text(data: bytes) -> None:
+            out.write(data.decode("utf-8"))
+            out.flush()
+
+        return write_text
+    out.flush()  # nothing written as text may follow what is written to the buffer
+
+    def write(data: bytes) -> None:
+        buffer.write(data)
+        buffer.flush()
+
+    return write
 
 
 def format_table(trial_results: list[TrialResult], as_of: date, problems: list[str]) -> str:

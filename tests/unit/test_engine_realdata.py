@@ -84,3 +84,24 @@ def test_cli_unreadable_trials_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(["evaluate", "--trials", str(bad), "--patients", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.startswith("fhirmatch:")
+
+
+def test_results_are_written_as_pydantic_writes_them() -> None:
+    """``result_json`` (how ``evaluate --format ndjson`` writes) gives the same bytes as
+    ``model_dump_json`` for every result of every real-data patient."""
+    from datetime import date
+
+    from fhirmatch.engine import Engine
+    from fhirmatch.records import iter_patient_records
+    from fhirmatch.results import result_json
+    from fhirmatch.trials import load_trials
+
+    trials = load_trials([TRIALS])
+    engine = Engine(trials)
+    paths = [DATA / "synthea-r4", DATA / "mcode-stu4", DATA / "ctm-mitre"]
+    checked = 0
+    for record in iter_patient_records(paths):
+        for result in engine.evaluate_patient_record(record, as_of=date(2026, 11, 1)):
+            assert result_json(result) == result.model_dump_json().encode("utf-8")
+            checked += 1
+    assert checked >= 121 * len(trials)

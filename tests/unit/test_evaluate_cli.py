@@ -262,3 +262,35 @@ def test_table_wraps_long_titles_at_word_boundaries() -> None:
     words = " ".join(line.strip() for line in title_lines).split()
     assert words == ["ResearchStudy/NCT0", *title.split()]
     assert all(len(line) <= 96 for line in title_lines)
+
+
+def test_result_json_writes_any_text_as_pydantic_does() -> None:
+    """Quotes, backslashes, control characters, non-ASCII and astral characters, None and
+    nested results: the same bytes as ``model_dump_json``."""
+    from fhirmatch.results import CriterionResult, result_json
+
+    odd = 'a\x00\x1f\x7f"\\/\n\r\t\b\f é 中 \u2028 \U0001f600 <>&'
+    child = CriterionResult(id="c", kind="exclusion", text=odd, outcome="unknown", reason=odd)
+    group = CriterionResult(
+        id="g", kind="inclusion", text="t", outcome="pass", evidence=[odd], criteria=[child]
+    )
+    result = TrialResult(
+        patient=f"Patient/{odd}", study="ResearchStudy/s", status="eligible", criteria=[group]
+    )
+    assert result_json(result) == result.model_dump_json().encode("utf-8")
+    with pytest.raises(TypeError):
+        result_json({"not": object()})  # type: ignore[arg-type]
+
+
+def test_ndjson_goes_to_a_text_stream_without_a_buffer_and_after_text(tmp_path: Path) -> None:
+    import io
+
+    from fhirmatch.cli.evaluate import _bytes_writer
+
+    text = io.StringIO()
+    _bytes_writer(text)("é\n".encode())
+    assert text.getvalue() == "é\n"
+    with (tmp_path / "out").open("w", encoding="utf-8") as fh:
+        fh.write("first ")  # held by the text layer: must come out before the bytes
+        _bytes_writer(fh)("é\n".encode())
+    assert (tmp_path / "out").read_text("utf-8") == "first é\n"
