@@ -55,6 +55,7 @@ __all__ = [
     "load_patient_records",
     "patient_reference_of",
     "reference_id",
+    "unicode_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -341,12 +342,29 @@ def decode_json(data: bytes | memoryview) -> Any:
     """``json.loads`` of UTF-8 ``data``, with the same result and the same exceptions, about three
     times faster: msgspec decodes it (as fast as orjson: see ``benchmarks/bench_offline.py``),
     and only what msgspec refuses (NaN, lone surrogates, anything malformed) is handed to the
-    standard library, which decides as it always did.
+    standard library, which decides as it always did; except that a string holding a lone
+    surrogate (``"\\udc80"``) raises ``UnicodeDecodeError`` (:func:`unicode_problem` says why),
+    as bytes that are not UTF-8 do: no result or record could be written with it.
     """
     try:
         return _DECODE(data)
     except msgspec.DecodeError:
-        return json.loads(bytes(data).decode("utf-8"))
+        value = json.loads(bytes(data).decode("utf-8"))
+    try:  # rare: only what msgspec refused gets here
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # "\udc80" alone is JSON but not Unicode text: it could not be written out again
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, LONE_SURROGATE) from None
+    return value
+
+
+#: the reason of the UnicodeDecodeError :func:`decode_json` raises for a lone surrogate escape
+LONE_SURROGATE = "a \\u escape of a lone surrogate, which is not Unicode text"
+
+
+def unicode_problem(exc: UnicodeDecodeError) -> str:
+    """What is wrong with text :func:`decode_json` refused as not Unicode."""
+    return "holds " + LONE_SURROGATE if exc.reason == LONE_SURROGATE else "is not UTF-8"
 
 
 class _Head(msgspec.Struct):
@@ -535,8 +553,9 @@ def read_json_file(path: Path, problems: list[str]) -> dict[str, Any] | None:
     try:
         with _open_binary(path) as fh:
             data = decode_json(fh.read())
-    except UnicodeDecodeError:
-        _problem(problems, f"{path}: not UTF-8 text; file skipped")
+    except UnicodeDecodeError as exc:
+        why = "not UTF-8 text" if exc.reason != LONE_SURROGATE else "holds " + LONE_SURROGATE
+        _problem(problems, f"{path}: {why}; file skipped")
         return None
     except (json.JSONDecodeError, EOFError, gzip.BadGzipFile) as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
@@ -910,8 +929,8 @@ def iter_ndjson_slice(
                     continue
                 try:
                     res = decode_json(body)
-                except UnicodeDecodeError:
-                    report(lineno, "is not UTF-8; line skipped")
+                except UnicodeDecodeError as exc:
+                    report(lineno, f"{unicode_problem(exc)}; line skipped")
                     continue
                 except json.JSONDecodeError:
                     report(lineno, "is not valid JSON; line skipped")

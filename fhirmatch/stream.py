@@ -59,6 +59,7 @@ from .records import (
     ndjson_patient,
     problem_text,
     read_json_file,
+    unicode_problem,
 )
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ def group_partition(
                 res = decode_json(memoryview(rest)[tab + 1 :])
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                 text = (
-                    "is not UTF-8; line skipped"
+                    f"{unicode_problem(exc)}; line skipped"
                     if isinstance(exc, UnicodeDecodeError)
                     else "is nested too deeply; skipped"
                     if isinstance(exc, RecursionError)

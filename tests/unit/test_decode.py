@@ -14,7 +14,13 @@ import pytest
 from fhirmatch import records
 from fhirmatch.engine import Engine
 from fhirmatch.executors import LocalExecutor, ProcessExecutor, freeze_heap
-from fhirmatch.records import decode_head, decode_json, patient_reference_of
+from fhirmatch.records import (
+    LONE_SURROGATE,
+    decode_head,
+    decode_json,
+    patient_reference_of,
+    unicode_problem,
+)
 from fhirmatch.stream import group_ndjson_by_patient
 from fhirmatch.trialcache import load_compiled
 
@@ -24,7 +30,7 @@ SYNTHEA = REPO.parent / "shared" / "data" / "synthea-r4"
 TRICKY = [
     b'{"resourceType": "Observation", "valueQuantity": {"value": 1.10}}',
     b'{"a": NaN, "b": Infinity}',  # not JSON, but json.loads accepts it
-    b'{"t": "\\ud800"}',  # a lone surrogate: json.loads accepts it
+    b'{"t": "\\ud83d\\ude00"}',  # a surrogate pair: one character
     b'{"v": 123456789012345678901234567890}',
     b'{"subject": {"reference": "Patient/1"}, "subject": {"reference": "Patient/2"}}',
     b"[1, 2]",
@@ -47,6 +53,15 @@ def test_decode_json_gives_what_json_loads_gives(data: bytes) -> None:
     got = decode_json(data)
     assert json.dumps(got) == json.dumps(expected)  # NaN != NaN: compare the text
     assert type(got) is type(expected)
+
+
+@pytest.mark.parametrize("data", [b'{"t": "\\ud800"}', b'{"\\udc80": 1}', b'[["x\\udfff"]]'])
+def test_a_lone_surrogate_is_refused_as_text_that_is_not_unicode(data: bytes) -> None:
+    """json.loads accepts ``"\\ud800"``, but no result or record could be written with it."""
+    with pytest.raises(UnicodeDecodeError) as caught:
+        decode_json(data)
+    assert unicode_problem(caught.value) == "holds " + LONE_SURROGATE
+    assert unicode_problem(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x")) == "is not UTF-8"
 
 
 @pytest.mark.parametrize("data", BROKEN)
@@ -150,17 +165,25 @@ def test_a_grouped_export_decodes_each_line_whole_once(
     assert len(set(calls)) == len(calls)
 
 
-@pytest.mark.parametrize("executor", ["local", "processes"])
+@pytest.mark.parametrize(
+    ("executor", "bad", "why"),
+    [
+        ("local", b'"\xff\xfexxx', "is not UTF-8"),
+        ("processes", b'"\xff\xfexxx', "is not UTF-8"),
+        ("local", b'"\\udc80xxx', "holds " + LONE_SURROGATE),
+    ],
+)
 def test_a_line_only_the_whole_decode_refuses_is_reported_once_with_its_line(
-    tmp_path: Path, executor: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, executor: str, bad: bytes, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Text that is not UTF-8 inside an element the first pass skips is found when the line
-    is decoded whole: reported with its file and line number, the rest of the patient kept."""
+    """Text that is not UTF-8 (or a lone surrogate escape) inside an element the first pass
+    skips is found when the line is decoded whole: reported with its file and line number, the
+    rest of the patient kept."""
     folder = tmp_path / "export"
     _export(folder, 6)
     path = folder / "Observation.ndjson"
     lines = path.read_bytes().splitlines()
-    lines[4] = lines[4].replace(b'"xxxxx', b'"\xff\xfexxx')
+    lines[4] = lines[4].replace(b'"xxxxx', bad)
     path.write_bytes(b"\n".join(lines) + b"\n")
     trials, terminology = load_compiled([REPO / "fixtures" / "trials"])
     ex = (
@@ -179,7 +202,7 @@ def test_a_line_only_the_whole_decode_refuses_is_reported_once_with_its_line(
             )
         )
     assert len(done) == 6
-    assert problems == [f"{path}: line 5 is not UTF-8; line skipped"]
+    assert problems == [f"{path}: line 5 {why}; line skipped"]
     assert [r.getMessage() for r in caplog.records].count(problems[0]) == 1
 
 

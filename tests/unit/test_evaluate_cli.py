@@ -294,3 +294,32 @@ def test_ndjson_goes_to_a_text_stream_without_a_buffer_and_after_text(tmp_path: 
         fh.write("first ")  # held by the text layer: must come out before the bytes
         _bytes_writer(fh)("é\n".encode())
     assert (tmp_path / "out").read_text("utf-8") == "first é\n"
+
+
+def test_a_lone_surrogate_in_the_input_is_reported_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``"\\udc80"`` parses as JSON but cannot be written out as text: that line (or Bundle) is
+    skipped with a problem naming it, and every other patient is screened."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "Patient.ndjson").write_text(
+        '{"resourceType": "Patient", "id": "bad\\udc80", "birthDate": "1960-01-01"}\n'
+        '{"resourceType": "Patient", "id": "good", "birthDate": "1960-01-01"}\n',
+        encoding="utf-8",
+    )
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    (folder / "b.json").write_text(json.dumps(bundle)[:-1] + ', "x": "\\ud800"}', encoding="utf-8")
+    code = main(
+        ["evaluate", "--trials", str(TRIALS), "--patients", str(folder), "--format", "ndjson"]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1
+    problems = sorted(r["problem"] for r in rows if "problem" in r)
+    assert problems == [
+        f"{folder / 'Patient.ndjson'}: line 1 holds a \\u escape of a lone surrogate, which is "
+        "not Unicode text; line skipped",
+        f"{folder / 'b.json'}: holds a \\u escape of a lone surrogate, which is not Unicode "
+        "text; file skipped",
+    ]
+    assert {r["patient"] for r in rows if "patient" in r} == {"Patient/good"}
