@@ -296,7 +296,7 @@ def patient_reference_of(
             continue
         if full_urls and text in full_urls:
             return full_urls[text]
-        pid = reference_id(text, "Patient")
+        pid = _patient_of(text)
         if pid:
             return pid
     return None

@@ -174,6 +174,8 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
     out = SliceOutcome(task.ordinal)
     path = Path(task.path)
     handles: dict[int, IO[bytes]] = {}
+    #: per patient id, its partition's file and the id as bytes (a patient has many lines)
+    routes: dict[str, tuple[IO[bytes], bytes]] = {}
 
     def report(lineno: int, text: str) -> None:
         out.problems.append((lineno, text))
@@ -191,20 +193,29 @@ def spill_slice(task: SliceTask) -> SliceOutcome:
             pid = _route(res, lineno, out, report)
             if pid is None:
                 continue
-            if "\t" in pid or "\n" in pid or "\r" in pid:
-                report(lineno, "refers to an invalid patient id")
-                continue
-            k = partition_of(pid, task.partitions)
-            fh = handles.get(k)
-            if fh is None:
-                name = os.path.join(task.spill_dir, f"part-{k}.{task.ordinal}.ndjson")
-                fh = handles[k] = open(name, "ab")
-                out.spilled[k] = name
-            fh.write(b"%s\t%d\t%s\n" % (pid.encode("utf-8"), lineno, body))
+            route = routes.get(pid)
+            if route is None:
+                if "\t" in pid or "\n" in pid or "\r" in pid:
+                    report(lineno, "refers to an invalid patient id")
+                    continue
+                k = partition_of(pid, task.partitions)
+                fh = handles.get(k)
+                if fh is None:
+                    name = os.path.join(task.spill_dir, f"part-{k}.{task.ordinal}.ndjson")
+                    fh = handles[k] = open(name, "ab")
+                    out.spilled[k] = name
+                if len(routes) >= _MAX_ROUTES:
+                    routes.clear()
+                route = routes[pid] = (fh, pid.encode("utf-8"))
+            route[0].write(b"%s\t%d\t%s\n" % (route[1], lineno, body))
     finally:
         for fh in handles.values():
             fh.close()
     return out
+
+
+#: bound on the patients a map task remembers the partition of
+_MAX_ROUTES = 65536
 
 
 def _route(res: dict[str, Any], lineno: int, out: SliceOutcome, report: Report) -> str | None:
