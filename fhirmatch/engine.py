@@ -1276,15 +1276,25 @@ def _result_fields(c: Criterion, outcome: Outcome, reason: str) -> dict[str, Any
     }
 
 
+#: every field of a criterion result (:func:`_from_fields` sets them all)
+_CRITERION_FIELDS = set(CriterionResult.model_fields)
+
+
 def _from_fields(
     fields: dict[str, Any], evidence: list[str], children: list[CriterionResult] | None = None
 ) -> CriterionResult:
     """A fresh result from :func:`_result_fields`: its own copy of the fields, ``evidence``, and
-    ``children`` (none when not given)."""
+    ``children`` (none when not given). :func:`_construct_from`, inlined: a patient gets over a
+    hundred of these."""
     own = fields.copy()
     own["evidence"] = evidence
     own["criteria"] = [] if children is None else children
-    return _construct_from(CriterionResult, own)
+    obj = _new(CriterionResult)
+    _set(obj, "__dict__", own)
+    _set(obj, "__pydantic_fields_set__", _CRITERION_FIELDS)
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
 
 
 def _truth(result: list[Any]) -> bool | None:
@@ -1309,6 +1319,8 @@ class _PatientContext:
         "index",
         "patient",
         "patient_ref",
+        "settled",
+        "settled_at_age",
         "terminology",
         "touched",
     )
@@ -1333,6 +1345,10 @@ class _PatientContext:
         #: :meth:`Engine._touched`); every other input is absent, without being looked up
         #: (None: any input may be present)
         self.touched = touched
+        #: the engine's results of criteria whose inputs were all absent, for this as-of date
+        #: (and this patient's age): see :meth:`Engine._evaluate_condition`
+        self.settled: dict[int, dict[str, Any]] = {}
+        self.settled_at_age: dict[int, dict[str, Any]] = {}
         ages = age_range(self.patient.get("birthDate"), as_of)
         if ages is None:
             self.age: list[list[int]] = [[]]
@@ -1412,9 +1428,9 @@ class Engine:
             if inp.text_systems:
                 self._text_inputs.append(id(inp))
         self._drafted = {id(t): tuple(t.drafted_criteria()) for t in self.trials}
-        #: (criterion, as-of, age) -> the result fields of criteria whose inputs were all absent
-        #: (:func:`_result_fields`)
-        self._settled: dict[tuple[int, date, str], dict[str, Any]] = {}
+        #: (as-of, age or "") -> criterion -> the result fields of a criterion whose inputs were
+        #: all absent (:func:`_result_fields`); the age is "" for criteria that do not read it
+        self._settled: dict[tuple[date, str], dict[int, dict[str, Any]]] = {}
         #: manual criteria -> their result fields (the same for every patient)
         self._manual: dict[int, dict[str, Any]] = {}
         #: (criterion, as-of, age) -> what its condition gave when every input was empty
@@ -1463,6 +1479,10 @@ class Engine:
         pid = patient_id or (index.patient or {}).get("id") or "unknown"
         touched = self._touched(index)
         ctx = _PatientContext(index, f"Patient/{pid}", as_of, self._value_sets, touched)
+        if len(self._settled) >= _MAX_REMEMBERED:
+            self._settled.clear()
+        ctx.settled = self._settled.setdefault((as_of, ""), {})
+        ctx.settled_at_age = self._settled.setdefault((as_of, ctx.age_text), {})
         return [self._evaluate_trial(trial, crits, ctx) for trial, crits in self._compiled]
 
     def evaluate_patient_record(self, record: PatientRecord, *, as_of: date) -> list[TrialResult]:
@@ -1552,7 +1572,12 @@ class Engine:
                 fields = _result_fields(c, outcome, _group_reason(c, outcome, children))
                 if len(self._groups) < _MAX_REMEMBERED:
                     self._groups[key] = fields
-            evidence = list(dict.fromkeys(e for k in children for e in k.evidence))
+            evidence: list[str] = []
+            for k in children:
+                if k.evidence:
+                    evidence.extend(k.evidence)
+            if len(evidence) > 1:
+                evidence = list(dict.fromkeys(evidence))
             return _from_fields(fields, evidence, children)
         return self._evaluate_condition(cc, ctx)
 
@@ -1577,15 +1602,17 @@ class Engine:
                 return self._decide(cc, ctx, bindings)[0]
         # nothing in the record for any input, and nothing else read but perhaps the age: the
         # outcome is the same for every such patient (of that age), so it is decided once
-        key = (id(cc), ctx.as_of, ctx.age_text if cc.uses_age else "")
-        evidence = [ctx.patient_ref] if cc.uses_age else []
-        settled = self._settled.get(key)
+        if cc.uses_age:
+            table, evidence = ctx.settled_at_age, [ctx.patient_ref]
+        else:
+            table, evidence = ctx.settled, []
+        settled = table.get(id(cc))
         if settled is None:
             if bindings is None:
                 bindings = [(inp, _absent(inp, ctx.as_of)) for inp in cc.inputs]
             result, evaluated = self._decide(cc, ctx, bindings)
             if evaluated and result.evidence == evidence:
-                self._settled[key] = _result_fields(cc.criterion, result.outcome, result.reason)
+                table[id(cc)] = _result_fields(cc.criterion, result.outcome, result.reason)
             return result
         return _from_fields(settled, evidence)
 
