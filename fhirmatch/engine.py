@@ -233,8 +233,19 @@ def _codings(cc: Any) -> list[tuple[str, str]]:
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
-                    out.append(canonical_coding(system, code))
+                    canonical = _CANONICAL.get((system, code))
+                    if canonical is None:
+                        if len(_CANONICAL) >= _MAX_CANONICAL:
+                            _CANONICAL.clear()
+                        canonical = _CANONICAL[system, code] = canonical_coding(system, code)
+                    out.append(canonical)
     return out
+
+
+#: :func:`~fhirmatch.terminology.canonical_coding` of the codings met lately (a population's
+#: records repeat a few thousand codes), and its bound
+_CANONICAL: dict[tuple[str, str], tuple[str, str]] = {}
+_MAX_CANONICAL = 65536
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -404,6 +415,8 @@ class PatientIndex:
         resources = list(resources)
         medications: dict[str, dict[str, Any]] | None = None  # built when first needed
         as_of_key = as_of.isoformat()
+        local_codes_map = terminology is not None
+        by_type, by_code, dates = self.by_type, self.by_code, self._dates
         for res in resources:
             rtype = res.get("resourceType")
             if not isinstance(rtype, str):
@@ -431,7 +444,7 @@ class PatientIndex:
             if (
                 only_known
                 and not is_medication
-                and not _codes_may_be_found(own, rtype, known_codes, terminology is not None)
+                and not _codes_may_be_found(own, rtype, known_codes, local_codes_map)
             ):
                 continue
             if not _is_usable(res):
@@ -439,8 +452,11 @@ class PatientIndex:
             when = _resource_date(res)
             if when is not None and when > as_of_key[: len(when)]:
                 continue  # recorded after the as-of date
-            self._dated(res, when)
-            self.by_type.setdefault(rtype, []).append(res)
+            dates[id(res)] = when  # self._dated(res, when), on the hot path
+            of_type = by_type.get(rtype)
+            if of_type is None:
+                of_type = by_type[rtype] = []
+            of_type.append(res)
             if is_medication:
                 if medications is None:
                     medications = {
@@ -459,9 +475,15 @@ class PatientIndex:
                     and any(system != LOINC for system, _ in codes)
                 ):
                     codes.extend(self._mapped_codes(res, terminology))
-            type_codes = self._type_codes.setdefault(rtype, set())
+            type_codes = self._type_codes.get(rtype)
+            if type_codes is None:
+                type_codes = self._type_codes[rtype] = set()
             for system, code in codes:
-                self.by_code.setdefault((rtype, system, code), []).append(res)
+                found = by_code.get((rtype, system, code))
+                if found is None:
+                    by_code[rtype, system, code] = [res]
+                else:
+                    found.append(res)
                 type_codes.add((system, code))
                 if system in ICD10_SYSTEMS:
                     type_ancestors = self._type_ancestors.setdefault(rtype, set())
