@@ -1275,6 +1275,12 @@ def _construct_from(model: type[_M], fields: dict[str, Any]) -> _M:
         names = _ALL_FIELDS[model] = set(model.model_fields)
     if len(fields) != len(names):
         raise TypeError(f"{model.__name__}: every field must be given")
+    return _instance(model, fields, names)
+
+
+def _instance(model: type[_M], fields: dict[str, Any], names: set[str]) -> _M:
+    """An instance of ``model`` holding ``fields`` (all of them, in declaration order), set as
+    ``model_construct`` sets them."""
     obj = _new(model)
     _set(obj, "__dict__", fields)
     _set(obj, "__pydantic_fields_set__", names)
@@ -1306,17 +1312,12 @@ def _from_fields(
     fields: dict[str, Any], evidence: list[str], children: list[CriterionResult] | None = None
 ) -> CriterionResult:
     """A fresh result from :func:`_result_fields`: its own copy of the fields, ``evidence``, and
-    ``children`` (none when not given). :func:`_construct_from`, inlined: a patient gets over a
-    hundred of these."""
+    ``children`` (none when not given). Its fields are known to be complete, so it skips
+    :func:`_construct_from`'s check: a patient gets over a hundred of these."""
     own = fields.copy()
     own["evidence"] = evidence
     own["criteria"] = [] if children is None else children
-    obj = _new(CriterionResult)
-    _set(obj, "__dict__", own)
-    _set(obj, "__pydantic_fields_set__", _CRITERION_FIELDS)
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
-    return obj
+    return _instance(CriterionResult, own, _CRITERION_FIELDS)
 
 
 def _truth(result: list[Any]) -> bool | None:
