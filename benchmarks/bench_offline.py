@@ -78,38 +78,16 @@ def decode_all(folder: Path, loads: object) -> tuple[float, float, int]:
     return time.perf_counter() - t0, time.process_time() - c0, n
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, float, int, int]:
-    """Run ``python -m fhirmatch ARGS``: (wall s, CPU s, peak RSS bytes, exit code)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhirmatch", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stderr.close()
-    if proc.returncode not in (0, 1, 2):
-        raise SystemExit(f"fhirmatch {' '.join(args)} failed:\n{err.decode()[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, proc.returncode
+def run_cli(
+    args: list[str], env: dict[str, str], floor_of: Path | None = None
+) -> tuple[float, float, int, int, float | None]:
+    """Run ``python -m fhirmatch ARGS``: (wall s, CPU s, peak RSS bytes, exit code, floor).
 
-
-def run_cli_beside_floor(
-    args: list[str], env: dict[str, str], folder: Path, loads: object
-) -> tuple[float, float, int, int, float]:
-    """:func:`run_cli`, while this process decodes the export with ``loads`` over and over on
-    the other core, until fhirmatch exits: (wall s, CPU s, peak RSS bytes, exit code, the floor
-    as seconds per whole export at the rate decoded in that same window).
-
-    The floor is sampled over exactly the time evaluate runs, so a machine whose speed drifts
-    within the minute slows both alike (a floor measured before or after may not)."""
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".ndjson"))
-    total = sum(p.stat().st_size for p in files)
+    With ``floor_of`` (an export folder), this process meanwhile decodes that export with orjson
+    over and over on the other core, until fhirmatch exits; the floor is then the seconds per
+    whole export at the rate decoded in that same window (else None). Sampled over exactly the
+    time evaluate runs, it is slowed alike when the machine's speed drifts within the minute (a
+    floor measured before or after may not be)."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -127,29 +105,36 @@ def run_cli_beside_floor(
 
         waiter = threading.Thread(target=reap, daemon=True)
         waiter.start()
-        done = 0
-        d0 = time.perf_counter()
-        while not ended:
-            for path in files:
-                with path.open("rb") as fh:
-                    n = 0
-                    for line in fh:
-                        loads(line)  # type: ignore[operator]
-                        n += 1
-                        if n % 1000 == 0 and ended:
-                            break
-                    done += fh.tell()
-                if ended:
-                    break
-        decoding = time.perf_counter() - d0
+        floor = None if floor_of is None else _decode_until(ended, floor_of)
         waiter.join()
         stop, status, usage = ended[0]
         code = os.waitstatus_to_exitcode(status)
         if code not in (0, 1, 2):
             err.seek(0)
             raise SystemExit(f"fhirmatch {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
-    floor = decoding / (done / total)
     return stop - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, code, floor
+
+
+def _decode_until(ended: list[Any], folder: Path) -> float:
+    """Decode every line of ``folder`` with orjson, again and again, until ``ended`` is filled:
+    the seconds one whole pass takes at the rate achieved."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".ndjson"))
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    d0 = time.perf_counter()
+    while not ended:
+        for path in files:
+            with path.open("rb") as fh:
+                n = 0
+                for line in fh:
+                    orjson.loads(line)
+                    n += 1
+                    if n % 1000 == 0 and ended:
+                        break
+                done += fh.tell()
+            if ended:
+                break
+    return (time.perf_counter() - d0) / (done / total)
 
 
 def run_env(tmp: Path) -> dict[str, str]:
@@ -234,7 +219,7 @@ def main() -> None:
             for run in range(1, args.repeat + 1):
                 floor_wall, floor_cpu, _n = decode_all(folder, orjson.loads)
                 ms_wall, _ms_cpu, _ = decode_all(folder, msgspec.json.Decoder().decode)
-                wall, cpu, rss, code = run_cli(evaluate, env)
+                wall, cpu, rss, code, _floor = run_cli(evaluate, env)
                 assert code == 0, f"evaluate exited {code}"
                 ratios.append(wall / floor_wall)
                 print(
@@ -244,10 +229,8 @@ def main() -> None:
                     flush=True,
                 )
             for _run in range(args.repeat):
-                wall, _cpu, _rss, code, floor = run_cli_beside_floor(
-                    evaluate, env, folder, orjson.loads
-                )
-                assert code == 0, f"evaluate exited {code}"
+                wall, _cpu, _rss, code, floor = run_cli(evaluate, env, floor_of=folder)
+                assert code == 0 and floor is not None, f"evaluate exited {code}"
                 beside.append((wall, floor))
             print(
                 f"N={size}: median wall ratio {statistics.median(ratios):.2f} (floor decoded "

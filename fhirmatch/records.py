@@ -349,8 +349,11 @@ def decode_json(data: bytes | memoryview) -> Any:
     try:
         return _DECODE(data)
     except msgspec.DecodeError:
-        value = json.loads(bytes(data).decode("utf-8"))
-    try:  # rare: only what msgspec refused gets here
+        text = bytes(data).decode("utf-8")
+        value = json.loads(text)
+    if "\\u" not in text:
+        return value  # a surrogate can only come from an escape: UTF-8 text holds none
+    try:  # rare: only what msgspec refused, with escapes, gets here
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         # "\udc80" alone is JSON but not Unicode text: it could not be written out again
@@ -861,7 +864,7 @@ def iter_ndjson_slice(
     exactly once. With ``types``, resources of other known types are skipped (before decoding
     when :func:`skippable_line` can tell), and with a :class:`ResourceFilter`, the resources it
     does not keep. With ``head``, resources are only partly decoded, except Medications, which
-    are kept whole: with ``types``, most lines into a :class:`_Brief` (type, codings, subject;
+    are kept whole: with ``types``, most lines into a :class:`_Brief` (type, code, subject;
     the resource is then yielded as just its type and subject), and any line of another shape by
     :func:`decode_head` (enough to find its patient and judge its code). Bad lines are passed to
     ``report`` and skipped.
