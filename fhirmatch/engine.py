@@ -201,13 +201,19 @@ def _ref(resource: dict[str, Any]) -> str:
     return f"{resource.get('resourceType')}/{resource.get('id', '?')}"
 
 
+def _items(value: Any) -> list[Any]:
+    """The items of an element that FHIR makes a JSON array; none when a malformed resource has
+    a value of another type there (read as absent, never a reason to stop)."""
+    return value if isinstance(value, list) else []
+
+
 def _code_of(cc: Any) -> str:
     """A human label for a CodeableConcept (its text, or the first coding's display or code)."""
     if not isinstance(cc, dict):
         return "?"
     if isinstance(cc.get("text"), str):
         return cc["text"]
-    for coding in cc.get("coding") or []:
+    for coding in _items(cc.get("coding")):
         if isinstance(coding, dict):
             return str(coding.get("display") or coding.get("code") or "?")
     return "?"
@@ -229,7 +235,7 @@ def _codings(cc: Any) -> list[tuple[str, str]]:
     (canonical system URL for OIDs and aliases, ICD-10 codes with their dot)."""
     out: list[tuple[str, str]] = []
     if isinstance(cc, dict):
-        for coding in cc.get("coding") or ():
+        for coding in _items(cc.get("coding")):
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
@@ -267,7 +273,7 @@ def icd_ancestors(code: str) -> list[str]:
 def _status_code(cc: Any) -> str | None:
     """The first code of a status CodeableConcept (the system may be omitted)."""
     if isinstance(cc, dict):
-        for coding in cc.get("coding") or []:
+        for coding in _items(cc.get("coding")):
             if isinstance(coding, dict) and isinstance(coding.get("code"), str):
                 return str(coding["code"])
     return None
@@ -277,6 +283,8 @@ def _is_usable(resource: dict[str, Any]) -> bool:
     """False for records that must be ignored everywhere (entered in error, cancelled ...)."""
     rtype = resource.get("resourceType")
     status = resource.get("status")
+    if not isinstance(status, str):
+        status = None  # read as absent
     if status == "entered-in-error":
         return False
     if rtype == "Observation":
@@ -335,7 +343,7 @@ class TextDiagnosisRule:
         cc = condition.get("code")
         if not isinstance(cc, dict):
             return False
-        codings = cc.get("coding") or ()
+        codings = _items(cc.get("coding"))
         systems = self.systems
         for coding in codings:  # on the hot path: most Conditions are coded in a known system
             if isinstance(coding, dict):
@@ -549,7 +557,8 @@ class PatientIndex:
         yield from _codings(concept)
         if self._names is not None and isinstance(concept, dict):
             texts = [concept.get("text")]
-            texts += [c.get("display") for c in concept.get("coding") or [] if isinstance(c, dict)]
+            codings = _items(concept.get("coding"))
+            texts += [c.get("display") for c in codings if isinstance(c, dict)]
             for text in texts:
                 if isinstance(text, str):
                     for name in self._names.findall(text):
@@ -848,11 +857,13 @@ def _convert(value: float, unit: str | None, inp: DataInput, rid: str) -> float:
 def _uln(obs: dict[str, Any], inp: DataInput, value_unit: str | None) -> tuple[float, str] | None:
     """(upper limit of normal in the target unit, where it came from), or None."""
     rid = _ref(obs)
-    for rr in obs.get("referenceRange") or []:
+    for rr in _items(obs.get("referenceRange")):
         high = rr.get("high") if isinstance(rr, dict) else None
         if isinstance(high, dict) and isinstance(high.get("value"), int | float):
             unit = high.get("code") if high.get("system") == UCUM and high.get("code") else None
             unit = unit or high.get("unit") or value_unit
+            if not isinstance(unit, str):
+                continue  # a unit of another JSON type: this range cannot be read
             try:
                 return _convert(float(high["value"]), unit, inp, rid), "reference range"
             except _Unusable:
