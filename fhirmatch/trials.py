@@ -14,7 +14,6 @@ R4B models) and returns a :class:`CheckReport` instead of raising, for ``fhirmat
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import re
@@ -371,16 +370,14 @@ def _string_literals(node: dict[str, Any], allowed: bool, out: list[tuple[str, b
         _string_literals(kid, allowed, out)
 
 
-@functools.lru_cache(maxsize=2048)
 def _parse_tree(expression: str) -> dict[str, Any] | None:
-    """fhirpathpy's syntax tree of a condition, parsed once per process (callers only read it)."""
-    from fhirpathpy.parser import parse
+    """fhirpathpy's syntax tree of a condition (None when it does not parse; syntax errors are
+    reported by :func:`fhirpath_problems`): the parse
+    :func:`fhirmatch.fhirpath.parse_expression` keeps, so that each condition is parsed once
+    (callers only read it)."""
+    from .fhirpath import parse_expression
 
-    try:
-        tree = parse(expression)
-    except Exception:  # syntax errors are reported by fhirpath_problems
-        return None
-    return tree if isinstance(tree, dict) else None
+    return parse_expression(expression).tree
 
 
 def code_literals(expression: str) -> list[str]:
