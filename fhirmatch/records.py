@@ -475,8 +475,19 @@ def iter_patient_records(
         paths, general, types=types, partition_bytes=partition_bytes, spill_dir=spill_dir
     ):
         source = part.records(general) if isinstance(part, Shuffle) else part
-        for rec in source:
-            yield check_record(rec)
+        try:
+            for rec in source:
+                yield check_record(rec)
+        finally:
+            close_iterator(source)  # an abandoned iteration removes its spill files at once
+
+
+def close_iterator(iterator: Iterator[Any]) -> None:
+    """Close ``iterator`` when it is a generator (or has ``close``): its ``finally`` blocks run
+    now, not whenever the last reference to it goes."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def _known_type(resource_type: str) -> bool:

@@ -50,6 +50,7 @@ from .records import (
     _finish_ndjson,
     _problem,
     check_record,
+    close_iterator,
     decode_json,
     group_bundle,
     group_single_resources,
@@ -557,5 +558,8 @@ def group_ndjson_by_patient(
         if shuffle.partitions == 1
         else shuffle.records(problems)
     )
-    for rec in source:
-        yield check_record(rec)
+    try:
+        for rec in source:
+            yield check_record(rec)
+    finally:
+        close_iterator(source)  # an abandoned iteration removes its spill files at once
