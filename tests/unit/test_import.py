@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SEEDS = SHARED / "seeds"
 PALLAS = SHARED / "data" / "ctm-mitre" / "svc_NCT02513394.json"
+#: tests that read the seed texts and the shared ClinicalTrials.gov record (beside the checkout)
+needs_shared = pytest.mark.skipif(
+    not (SEEDS.is_dir() and PALLAS.is_file()), reason=f"needs {SEEDS} and {PALLAS}"
+)
 UNSEEN = REPO / "tests" / "data" / "ctgov-unseen-NCT09000017.json"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -84,6 +88,7 @@ def test_split_markdown_sections_nesting_and_paragraphs() -> None:
         assert text[b.start : b.end] == b.text
 
 
+@needs_shared
 def test_split_page_text_glyphs_and_inline_items() -> None:
     seed0 = (SEEDS / "000_aea05274eb8e5b42.txt").read_text(encoding="utf-8")
     bullets = split_criteria(seed0)
@@ -354,6 +359,7 @@ def test_partly_recognised_criterion_keeps_a_manual_rest() -> None:
 # --------------------------------------------------------------------------------- import
 
 
+@needs_shared
 def test_record_becomes_a_study_and_a_drafted_plan() -> None:
     (record,) = read_records(PALLAS)
     bundle = study_bundle(record)
@@ -384,6 +390,7 @@ def test_record_becomes_a_study_and_a_drafted_plan() -> None:
     assert "Prior therapy with any CDK inhibitor." in texts
 
 
+@needs_shared
 def test_import_is_deterministic_and_checks_clean(tmp_path: Path) -> None:
     (record,) = read_records(PALLAS)
     first = dump_bundle(study_bundle(record))
@@ -395,6 +402,7 @@ def test_import_is_deterministic_and_checks_clean(tmp_path: Path) -> None:
     assert report.ok, report.problems
 
 
+@needs_shared
 def test_a_page_of_studies_and_missing_exclusions(tmp_path: Path) -> None:
     (record,) = read_records(PALLAS)
     other = json.loads(json.dumps(record))
@@ -411,6 +419,7 @@ def test_a_page_of_studies_and_missing_exclusions(tmp_path: Path) -> None:
     assert "no exclusion criteria were found" in plan["extension"][0]["valueMarkdown"]
 
 
+@needs_shared
 def test_cli_import_records_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "drafts"
     assert main(["trials", "import", str(PALLAS), "--out", str(out)]) == 0
@@ -629,6 +638,7 @@ def _accuracy() -> Any:
     return module
 
 
+@needs_shared
 def test_drafting_figures_do_not_fall() -> None:
     """The recall and precision published in docs/trials.md are floors."""
     accuracy = _accuracy()
