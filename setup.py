@@ -6,6 +6,13 @@ every file in it whatever its name, into ``fhirmatch/_data/<kind>`` of the build
 holds them and :mod:`fhirmatch.data` finds them with :mod:`importlib.resources`. ``MANIFEST.in``
 grafts the same folders into the sdist, so a wheel built from the sdist holds them too.
 Everything else is declared in ``pyproject.toml``.
+
+**The compiled build.** With ``FHIRMATCH_COMPILE=1`` in the environment, the modules that run
+once per NDJSON line, per patient or per criterion (:data:`COMPILED_MODULES`) are also compiled
+to C extensions with mypyc, from the same source; the wheel is then specific to the platform and
+Python version it was built on. The build backend (``build_support/backend.py``) adds mypy to the
+build requirements only then. Without it, the wheel is pure Python. Both behave the same: the
+suite runs against each (``scripts/test.sh`` and ``scripts/test-compiled.sh``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,31 @@ BUNDLE_FOLDERS = {
     "patients": ("fixtures", "patients"),
 }
 HERE = Path(__file__).resolve().parent
+#: compiled with ``FHIRMATCH_COMPILE=1``; the rest of the package stays Python
+COMPILED_MODULES = (
+    "fhirmatch/engine.py",
+    "fhirmatch/fhirpath.py",
+    "fhirmatch/qualitative.py",
+    "fhirmatch/records.py",
+    "fhirmatch/stream.py",
+)
+
+
+def compiling() -> bool:
+    """Whether this build compiles :data:`COMPILED_MODULES` (``FHIRMATCH_COMPILE=1``)."""
+    flag = os.environ.get("FHIRMATCH_COMPILE", "").strip()
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"fhirmatch build: FHIRMATCH_COMPILE must be 0 or 1, not {flag!r}")
+    return flag == "1"
+
+
+def extensions() -> list[object]:
+    """The C extensions of a compiled build (none otherwise)."""
+    if not compiling():
+        return []
+    from mypyc.build import mypycify
+
+    return list(mypycify(list(COMPILED_MODULES), opt_level="3", group_name="fhirmatch"))
 
 
 def bundle_files() -> list[tuple[Path, str]]:
@@ -64,4 +96,4 @@ class BuildWithData(build_py):
         return outputs
 
 
-setup(cmdclass={"build_py": BuildWithData})
+setup(cmdclass={"build_py": BuildWithData}, ext_modules=extensions())

@@ -56,7 +56,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -67,10 +67,7 @@ from .model import Criterion, DataInput, Outcome, Trial, TrialStatus, answers_va
 from .qualitative import NEGATIVE_CODING, POSITIVE_CODING, read_coded_answer, read_qualitative
 from .records import PatientRecord, reference_id
 from .results import DECEASED_CRITERION_ID, CriterionResult, TrialResult
-from .terminology import canonical_coding, normalise_system
-
-if TYPE_CHECKING:
-    from .terminology import DiagnosisText, Terminology
+from .terminology import DiagnosisText, Terminology, canonical_coding, normalise_system
 
 __all__ = [
     "Engine",
@@ -162,7 +159,7 @@ def _years_between(born: date, as_of: date) -> int:
     return as_of.year - born.year - ((as_of.month, as_of.day) < (born.month, born.day))
 
 
-def age_range(birth_date: str | None, as_of: date) -> tuple[int, int] | None:
+def age_range(birth_date: object, as_of: date) -> tuple[int, int] | None:
     """(youngest, oldest) possible age in whole years at ``as_of``; None when not computable.
 
     ``1960-05-17`` gives one age; ``1960-05`` and ``1960`` give the range of ages a birth on any

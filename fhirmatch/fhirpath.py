@@ -706,6 +706,11 @@ class ParsedExpression:
     tree: dict[str, Any] | None
     problems: tuple[str, ...]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled by its fields (the compiled-trial cache): a frozen dataclass compiled with
+        # mypyc cannot be unpickled by setting its attributes
+        return (ParsedExpression, (self.expression, self.tree, self.problems))
+
 
 #: variables that name the resource an expression is evaluated on
 _ROOT_VARIABLES = frozenset({"context", "resource", "rootResource"})
@@ -799,6 +804,19 @@ def remember_parsed(parsed: Iterable[ParsedExpression]) -> None:
             _PARSED.setdefault(p.expression, p)
 
 
+def _error_collector(base: type, found: list[str]) -> type:
+    """An ANTLR error listener class (``base`` is ANTLR's, imported only when parsing) that
+    appends each syntax error, with its column, to ``found``. Built with ``type()``: a class
+    statement inside a function cannot be compiled with mypyc."""
+
+    def syntax_error(
+        self: Any, recognizer: Any, offending: Any, line: int, column: int, msg: str, e: Any
+    ) -> None:
+        found.append(f"column {column + 1}: {msg}")
+
+    return type("_Collect", (base,), {"syntaxError": syntax_error})
+
+
 def _parse(expression: str) -> ParsedExpression:
     from antlr4 import CommonTokenStream, InputStream, Token
     from antlr4.error.ErrorListener import ErrorListener
@@ -809,22 +827,18 @@ def _parse(expression: str) -> ParsedExpression:
 
     found: list[str] = []
 
-    class _Collect(ErrorListener):
-        def syntaxError(
-            self, recognizer: Any, offending: Any, line: int, column: int, msg: str, e: Any
-        ) -> None:
-            found.append(f"column {column + 1}: {msg}")
+    collect = _error_collector(ErrorListener, found)
 
     if not expression or not expression.strip():
         return ParsedExpression(expression, None, ("empty expression",))
     lexer = FHIRPathLexer(InputStream(expression))
     lexer.removeErrorListeners()
-    lexer.addErrorListener(_Collect())
+    lexer.addErrorListener(collect())
     stream = CommonTokenStream(lexer)
     parser = FHIRPathParser(stream)
     parser.buildParseTrees = True
     parser.removeErrorListeners()
-    parser.addErrorListener(_Collect())
+    parser.addErrorListener(collect())
     root = None
     try:
         root = parser.expression()

@@ -37,12 +37,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+from mypy_extensions import mypyc_attr
 
+from ._shapes import _Brief, _Concept, _Head
 from .terminology import canonical_coding
 
 __all__ = [
@@ -261,6 +263,15 @@ class PatientRecord:
     def reference(self) -> str:
         return f"Patient/{self.patient_id}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
+
+
+def by_fields(obj: Any) -> tuple[Any, ...]:
+    """``__reduce__`` for a dataclass sent to worker processes: rebuilt by calling its class with
+    its fields. (A dataclass compiled with mypyc cannot be unpickled attribute by attribute.)"""
+    return (type(obj), tuple(getattr(obj, f.name) for f in fields(obj)))
+
 
 def reference_id(reference: str, resource_type: str) -> str | None:
     """The id in ``reference`` when it points to ``resource_type``, else None.
@@ -368,45 +379,6 @@ LONE_SURROGATE = "a \\u escape of a lone surrogate, which is not Unicode text"
 def unicode_problem(exc: UnicodeDecodeError) -> str:
     """What is wrong with text :func:`decode_json` refused as not Unicode."""
     return "holds " + LONE_SURROGATE if exc.reason == LONE_SURROGATE else "is not UTF-8"
-
-
-class _Head(msgspec.Struct):
-    """The top-level elements that say whose a resource is, and its code."""
-
-    resourceType: Any = None
-    id: Any = None
-    code: Any = None
-    #: an Observation's components, left undecoded (:meth:`ResourceFilter.keeps` reads them)
-    component: msgspec.Raw = msgspec.Raw(b"")
-    subject: Any = None
-    patient: Any = None
-    beneficiary: Any = None
-    individual: Any = None
-
-
-class _Coding(msgspec.Struct):
-    system: Any = None
-    code: Any = None
-
-
-class _Concept(msgspec.Struct):
-    coding: list[_Coding] | None = None
-
-
-class _Reference(msgspec.Struct):
-    reference: str | None = None
-
-
-class _Brief(msgspec.Struct):
-    """What most lines of a Bulk export need read to be routed or dropped: the type, the code
-    and the subject (typed, so decoding fails on any other shape, and the line is read by
-    :func:`decode_head` instead). The code is left undecoded: most lines of an export repeat a
-    few codes, and :meth:`ResourceFilter.keeps_brief` judges each once."""
-
-    resourceType: str | None = None
-    code: msgspec.Raw = msgspec.Raw(b"")
-    component: msgspec.Raw = msgspec.Raw(b"")
-    subject: _Reference | None = None
 
 
 #: the types :func:`iter_ndjson_slice` routes from a :class:`_Brief`: every FHIR type that
@@ -687,6 +659,7 @@ def group_bundle(data: dict[str, Any], source: str, problems: list[str]) -> Iter
         yield rec
 
 
+@mypyc_attr(native_class=False)  # a compiled class cannot subclass frozenset
 class ResourceFilter(frozenset[str]):
     """The resources a run reads: a set of resource type names (usable wherever one is), and,
     for the types in ``coded``, only the resources whose code some criterion may look for.
@@ -713,7 +686,7 @@ class ResourceFilter(frozenset[str]):
         known_codes: Iterable[tuple[str, str]] = (),
         coded: Iterable[str] = (),
     ) -> ResourceFilter:
-        self = super().__new__(cls, types)
+        self = frozenset.__new__(cls, types)
         self.known_codes = frozenset(known_codes)
         self.coded = frozenset(coded)
         self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
@@ -921,6 +894,8 @@ def iter_ndjson_slice(
                 body = line.strip()
                 if not body:
                     continue
+                # whatever the line holds (a list, a string ...): decoded JSON is not typed here
+                res: Any
                 if head:
                     try:
                         res = decode_head(body)

@@ -49,6 +49,7 @@ from .records import (
     _expand_paths,
     _finish_ndjson,
     _problem,
+    by_fields,
     check_record,
     close_iterator,
     decode_json,
@@ -148,6 +149,9 @@ class SliceTask:
     partitions: int
     types: frozenset[str] | None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
+
 
 @dataclass
 class SliceOutcome:
@@ -161,6 +165,9 @@ class SliceOutcome:
     medications: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: partition → spill file written by this slice
     spilled: dict[int, str] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def spill_slice(task: SliceTask) -> SliceOutcome:
@@ -258,6 +265,9 @@ class PartitionTask:
     index: int
     files: tuple[tuple[str, str, int], ...]
     medications: dict[str, dict[str, Any]]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def group_partition(

@@ -2,8 +2,10 @@
 (``python -m build``: the wheel is built from the sdist, each in an isolated environment),
 install the wheel with the ``sandbox`` extra into a fresh venv outside the repository, and run
 the commands a new user runs, from an empty directory and without ``--trials``: none may print a
-traceback. Slow (a fresh venv installs every dependency; the pip cache makes it cheaper), so it
-runs in ``.ci/run`` after the default suite: ``pytest -m slow tests/packaging``."""
+traceback. Every test runs twice: on the pure-Python wheel, and on the compiled wheel
+(``FHIRMATCH_COMPILE=1``, see ``setup.py``). Slow (a fresh venv installs every dependency; the
+pip cache makes it cheaper), so it runs in ``.ci/run`` after the default suite:
+``pytest -m slow tests/packaging``."""
 
 from __future__ import annotations
 
@@ -26,15 +28,17 @@ import fhirmatch
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+AS_JSON = ("--as-of", "2026-11-01", "--format", "json")
 SEED_TRIALS = {"NCT03731442", "NCT05183958", "NCT06084897", "NCT06767007", "escc-sbrt-antipd1"}
 
 
 class Installed:
     """A fresh venv holding the built wheel; :meth:`run` runs its ``fhirmatch`` in ``cwd``."""
 
-    def __init__(self, root: Path, cwd: Path) -> None:
+    def __init__(self, root: Path, cwd: Path, *, compiled: bool) -> None:
         self.root = root
         self.cwd = cwd
+        self.compiled = compiled
         self.bin = root / "venv" / "bin"
         # nothing of this checkout's environment: no PYTHONPATH, no overrides, not its venv
         self.env = {
@@ -71,29 +75,35 @@ def _no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def installed() -> Iterator[Installed]:
+@pytest.fixture(scope="module", params=["pure", "compiled"])
+def installed(request: pytest.FixtureRequest) -> Iterator[Installed]:
     # a private temporary folder, not pytest's numbered ones: another pytest session on the same
     # machine may clean those up while this (long) module still uses its venv
     root = Path(tempfile.mkdtemp(prefix="fhirmatch-wheel-"))
     try:
-        yield from _install(root)
+        yield from _install(root, compiled=request.param == "compiled")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _install(root: Path) -> Iterator[Installed]:
+def _install(root: Path, *, compiled: bool) -> Iterator[Installed]:
     assert not root.resolve().is_relative_to(REPO.resolve())
     dist = root / "dist"
+    env = {k: v for k, v in os.environ.items() if k != "FHIRMATCH_COMPILE"}
+    if compiled:
+        env["FHIRMATCH_COMPILE"] = "1"
     build = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(dist), str(REPO)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
+        env=env,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert len(list(dist.glob("*.tar.gz"))) == 1
     (wheel,) = dist.glob("*.whl")
+    # a compiled wheel is for this platform and Python only; the other runs anywhere
+    assert wheel.name.endswith("-py3-none-any.whl") != compiled, wheel.name
     venv.EnvBuilder(with_pip=True, clear=True).create(root / "venv")
     pip = subprocess.run(
         [
@@ -112,7 +122,7 @@ def _install(root: Path) -> Iterator[Installed]:
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
     empty = root / "empty"
     empty.mkdir()
-    yield Installed(root, empty)
+    yield Installed(root, empty, compiled=compiled)
 
 
 def test_the_installed_package_is_the_wheel(installed: Installed) -> None:
@@ -133,6 +143,20 @@ def test_the_installed_package_is_the_wheel(installed: Installed) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == f"fhirmatch {fhirmatch.__version__}"
 
 
+def test_the_build_is_what_it_says(installed: Installed) -> None:
+    out = installed.python(
+        "import json, importlib.machinery as m\n"
+        "import fhirmatch.cli, fhirmatch.engine, fhirmatch.fhirpath, fhirmatch.qualitative\n"
+        "import fhirmatch.records, fhirmatch.stream\n"
+        "mods = [fhirmatch.cli, fhirmatch.engine, fhirmatch.fhirpath, fhirmatch.qualitative,"
+        " fhirmatch.records, fhirmatch.stream]\n"
+        "print(json.dumps([m.__file__.endswith(tuple(m.EXTENSION_SUFFIXES)) for m in mods]))"
+    )
+    cli, *hot = json.loads(out)
+    assert not cli  # only the per-line and per-patient modules are compiled
+    assert hot == [installed.compiled] * 5
+
+
 def test_trials_check_without_a_path(installed: Installed) -> None:
     proc = installed.run("trials", "check")
     _no_traceback(proc)
@@ -146,14 +170,21 @@ def test_trials_check_without_a_path(installed: Installed) -> None:
 def test_evaluate_a_patient_file_without_trials(installed: Installed) -> None:
     patient = installed.root / "patient.json"
     shutil.copy(REPO / "fixtures" / "patients" / "demo-escc-eligible.json", patient)
-    proc = installed.run(
-        "evaluate", "--patients", str(patient), "--as-of", "2026-11-01", "--format", "json"
-    )
+    proc = installed.run("evaluate", "--patients", str(patient), *AS_JSON)
     _no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)["results"]
     assert {r["study"].split("/")[1] for r in results} == SEED_TRIALS
     assert {r["patient"] for r in results} == {"Patient/demo-escc-eligible"}
+    # the same results as this checkout gives (pure Python), whichever build is installed
+    here = subprocess.run(
+        [sys.executable, "-m", "fhirmatch", "evaluate", "--patients", str(patient), *AS_JSON],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(here.stdout)["results"] == results
 
 
 def test_demo(installed: Installed) -> None:

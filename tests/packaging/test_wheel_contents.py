@@ -23,6 +23,7 @@ from fhirmatch.data import BUNDLE_FOLDERS, PACKAGE_DATA
 REPO = Path(__file__).resolve().parents[2]
 #: what a build needs from the repository (everything else stays out of the copy)
 BUILD_INPUTS = ["fhirmatch", "mappings", "fixtures", "pyproject.toml", "setup.py", "MANIFEST.in"]
+BUILD_INPUTS += ["build_support"]
 BUILD_INPUTS += ["README.md", "LICENSE", "NOTICE", "CHANGELOG.md"]
 #: files a colleague might add: other formats, a new sub-folder
 EXTRA_FILES = {
@@ -45,7 +46,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
     """(source copy with extra data files, sdist, wheel) built from a copy of the repository."""
     base = tmp_path_factory.mktemp("build")
     src = base / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    # (and no compiled module: scripts/test-compiled.sh runs this in a copy compiled in place)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.so", "*.pyd")
     for name in BUILD_INPUTS:
         path = REPO / name
         if path.is_dir():
@@ -122,6 +124,7 @@ def test_sdist_holds_the_source_folders(built: tuple[Path, Path, Path]) -> None:
             f"{folder}/{rel}" for rel in _files(src.joinpath(*parts))
         }
     assert {"setup.py", "MANIFEST.in", "LICENSE", "NOTICE", "CHANGELOG.md"} <= names
+    assert "build_support/backend.py" in names  # the build backend pyproject.toml names
 
 
 def test_the_version_is_defined_once(capsys: pytest.CaptureFixture[str]) -> None:

@@ -125,6 +125,9 @@ def _installed_copy(site: Path, *, with_data: bool) -> None:
     shutil.copytree(
         REPO / "fhirmatch", site / "fhirmatch", ignore=shutil.ignore_patterns("__pycache__")
     )
+    # a compiled build's shared runtime sits beside the package (scripts/test-compiled.sh)
+    for runtime in REPO.glob("fhirmatch__mypyc.*"):
+        shutil.copy2(runtime, site / runtime.name)
     if with_data:
         for kind, parts in data.BUNDLE_FOLDERS.items():
             shutil.copytree(REPO.joinpath(*parts), site / "fhirmatch" / data.PACKAGE_DATA / kind)

@@ -1,0 +1,52 @@
+"""The shapes NDJSON lines are partly decoded into (:mod:`msgspec` structs), used by
+:mod:`fhirmatch.records`.
+
+They live in a module of their own because msgspec reads a struct's field types from its
+annotations: a module compiled with mypyc (see ``setup.py``) keeps them in a form msgspec cannot
+read, so this module is never compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class _Head(msgspec.Struct):
+    """The top-level elements that say whose a resource is, and its code."""
+
+    resourceType: Any = None
+    id: Any = None
+    code: Any = None
+    #: an Observation's components, left undecoded (:meth:`ResourceFilter.keeps` reads them)
+    component: msgspec.Raw = msgspec.Raw(b"")
+    subject: Any = None
+    patient: Any = None
+    beneficiary: Any = None
+    individual: Any = None
+
+
+class _Coding(msgspec.Struct):
+    system: Any = None
+    code: Any = None
+
+
+class _Concept(msgspec.Struct):
+    coding: list[_Coding] | None = None
+
+
+class _Reference(msgspec.Struct):
+    reference: str | None = None
+
+
+class _Brief(msgspec.Struct):
+    """What most lines of a Bulk export need read to be routed or dropped: the type, the code
+    and the subject (typed, so decoding fails on any other shape, and the line is read by
+    :func:`decode_head` instead). The code is left undecoded: most lines of an export repeat a
+    few codes, and :meth:`ResourceFilter.keeps_brief` judges each once."""
+
+    resourceType: str | None = None
+    code: msgspec.Raw = msgspec.Raw(b"")
+    component: msgspec.Raw = msgspec.Raw(b"")
+    subject: _Reference | None = None
