@@ -1,7 +1,7 @@
 """Offline screening against its floor: `fhirmatch evaluate` end to end vs decoding the export.
 
     .venv/bin/python benchmarks/bench_offline.py [--sizes 2000 8000] [--templates 5]
-        [--repeat 3] [--keep DIR]
+        [--repeat 3] [--keep DIR] [--builds pure compiled]
 
 **The export.** For each size N, a Bulk Data export of N Synthea-sized patients, written by
 ``bench_scale.write_export`` (NDJSON split by resource type, the types a fhirmatch ``$export`` asks
@@ -34,6 +34,12 @@ filled; the median wall time of those is the figure (goal: at most 0.5 s).
 Every run has Python's bytecode cache, as an installed fhirmatch has (``pip`` compiles the
 package when it installs it): ``PYTHONDONTWRITEBYTECODE`` is removed from the runs'
 environment, so a checkout's first run writes ``__pycache__`` and the others read it.
+
+**Builds**: each figure is measured for each of ``--builds``: ``pure`` is this checkout as it is
+(pure Python); ``compiled`` is the build ``FHIRMATCH_COMPILE=1`` makes (``setup.py``: the
+per-line and per-patient modules compiled with mypyc), made once per run in a temporary copy of
+the package (``setup.py build_ext --inplace``; it needs mypy, from the ``dev`` extra, and a C
+compiler). The runs of the builds alternate, so each meets the same moments of the machine.
 
 A first line describes the machine. Memory: the peak RSS of evaluate for each size shows whether
 it grows with the population.
@@ -79,9 +85,10 @@ def decode_all(folder: Path, loads: object) -> tuple[float, float, int]:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], floor_of: Path | None = None
+    args: list[str], env: dict[str, str], root: Path = REPO, floor_of: Path | None = None
 ) -> tuple[float, float, int, int, float | None]:
-    """Run ``python -m fhirmatch ARGS``: (wall s, CPU s, peak RSS bytes, exit code, floor).
+    """Run ``python -m fhirmatch ARGS`` in ``root`` (the fhirmatch there is the one run): (wall s,
+    CPU s, peak RSS bytes, exit code, floor).
 
     With ``floor_of`` (an export folder), this process meanwhile decodes that export with orjson
     over and over on the other core, until fhirmatch exits; the floor is then the seconds per
@@ -95,7 +102,7 @@ def run_cli(
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
-            cwd=REPO,
+            cwd=root,
         )
         ended: list[tuple[float, int, Any]] = []
 
@@ -137,21 +144,49 @@ def _decode_until(ended: list[Any], folder: Path) -> float:
     return (time.perf_counter() - d0) / (done / total)
 
 
-def run_env(tmp: Path) -> dict[str, str]:
-    """The runs' environment: their own trial cache, and bytecode cached (see above)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    return {**env, "FHIRMATCH_CACHE_DIR": str(tmp / "startup-cache")}
+def run_env(tmp: Path, build: str) -> dict[str, str]:
+    """A build's runs' environment: its own trial cache, and bytecode cached (see above)."""
+    skip = ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    return {**env, "FHIRMATCH_CACHE_DIR": str(tmp / f"cache-{build}")}
 
 
-def startup(tmp: Path, runs: int) -> tuple[float, list[float]]:
-    """(wall s with an empty trial cache, wall s of each run with the cache filled)."""
-    empty = tmp / "empty.ndjson"
-    empty.write_text("")
-    env = run_env(tmp)
+def compiled_root(tmp: Path) -> Path:
+    """A copy of the package with its hot modules compiled in place (``FHIRMATCH_COMPILE=1``),
+    beside links to this checkout's data folders; ``python -m fhirmatch`` run there runs it."""
+    root = tmp / "compiled"
+    shutil.copytree(
+        REPO / "fhirmatch",
+        root / "fhirmatch",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"),
+    )
+    shutil.copytree(REPO / "build_support", root / "build_support")
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy2(REPO / name, root / name)
+    for name in ("mappings", "fixtures"):
+        (root / name).symlink_to(REPO / name)
+    print("compiling the compiled build (mypyc, once per run) ...", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"],
+        cwd=root,
+        env={**os.environ, "FHIRMATCH_COMPILE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"the compiled build failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    check = "import fhirmatch.engine as e, importlib.machinery as m; "
+    check += "assert e.__file__.endswith(tuple(m.EXTENSION_SUFFIXES)), e.__file__"
+    subprocess.run([sys.executable, "-c", check], cwd=root, check=True)
+    return root
+
+
+def startup(env: dict[str, str], root: Path, empty: Path) -> float:
+    """Wall s of evaluate on an empty input (exit 2: no patients)."""
     args = ["evaluate", "--trials", str(TRIALS), "--patients", str(empty), "--format", "json"]
-    cold = run_cli(args, env)
-    assert cold[3] == 2, "an empty input must exit 2"
-    return cold[0], [run_cli(args, env)[0] for _ in range(runs)]
+    wall, _cpu, _rss, code, _floor = run_cli(args, env, root)
+    assert code == 2, "an empty input must exit 2"
+    return wall
 
 
 def export_types() -> set[str]:
@@ -173,24 +208,36 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--startup-runs", type=int, default=7)
     ap.add_argument("--keep", type=Path, help="keep the exports here and reuse them")
+    ap.add_argument(
+        "--builds", nargs="+", choices=["pure", "compiled"], default=["pure", "compiled"]
+    )
     args = ap.parse_args()
     print(machine(), flush=True)
     types = export_types()
     with tempfile.TemporaryDirectory(prefix="fhirmatch-bench-offline-") as raw:
         tmp = Path(raw)
-        cold, warm = startup(tmp, args.startup_runs)
+        roots = {b: compiled_root(tmp) if b == "compiled" else REPO for b in args.builds}
+        envs = {b: run_env(tmp, b) for b in args.builds}
+        empty = tmp / "empty.ndjson"
+        empty.write_text("")
+        cold = {b: startup(envs[b], roots[b], empty) for b in args.builds}
+        warm: dict[str, list[float]] = {b: [] for b in args.builds}
+        for _run in range(args.startup_runs):
+            for b in args.builds:
+                warm[b].append(startup(envs[b], roots[b], empty))
+        for b in args.builds:
+            print(
+                f"{b}: start-up (evaluate, empty input): {statistics.median(warm[b]):.2f} s "
+                f"median of {len(warm[b])} with the trial cache filled (min {min(warm[b]):.2f}, "
+                f"max {max(warm[b]):.2f}); {cold[b]:.2f} s with an empty cache",
+                flush=True,
+            )
         print(
-            f"start-up (evaluate, empty input): {statistics.median(warm):.2f} s median of "
-            f"{len(warm)} with the trial cache filled (min {min(warm):.2f}, max {max(warm):.2f}); "
-            f"{cold:.2f} s with an empty cache",
-            flush=True,
+            "| build | patients | NDJSON MB | run | orjson decode s | msgspec decode s "
+            "| evaluate s | ratio (wall) | orjson CPU s | evaluate CPU s | ratio (CPU) "
+            "| evaluate peak RSS MB |"
         )
-        env = run_env(tmp)
-        print(
-            "| patients | NDJSON MB | run | orjson decode s | msgspec decode s | evaluate s "
-            "| ratio (wall) | orjson CPU s | evaluate CPU s | ratio (CPU) | evaluate peak RSS MB |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         for size in args.sizes:
             base = args.keep if args.keep is not None else tmp
             folder = base / f"offline-{size}"
@@ -202,44 +249,37 @@ def main() -> None:
                 marker.write_text("ok")
             mb = sum(p.stat().st_size for p in folder.glob("*.ndjson")) / 1e6
             out = tmp / "out.ndjson"
-            ratios, beside = [], []
-            evaluate = [
-                "evaluate",
-                "--trials",
-                str(TRIALS),
-                "--patients",
-                str(folder),
-                "--as-of",
-                AS_OF,
-                "--format",
-                "ndjson",
-                "--output",
-                str(out),
-            ]
+            ratios: dict[str, list[float]] = {b: [] for b in args.builds}
+            beside: dict[str, list[tuple[float, float]]] = {b: [] for b in args.builds}
+            evaluate = ["evaluate", "--trials", str(TRIALS), "--patients", str(folder)]
+            evaluate += ["--as-of", AS_OF, "--format", "ndjson", "--output", str(out)]
             for run in range(1, args.repeat + 1):
-                floor_wall, floor_cpu, _n = decode_all(folder, orjson.loads)
-                ms_wall, _ms_cpu, _ = decode_all(folder, msgspec.json.Decoder().decode)
-                wall, cpu, rss, code, _floor = run_cli(evaluate, env)
-                assert code == 0, f"evaluate exited {code}"
-                ratios.append(wall / floor_wall)
+                for b in args.builds:
+                    floor_wall, floor_cpu, _n = decode_all(folder, orjson.loads)
+                    ms_wall, _ms_cpu, _ = decode_all(folder, msgspec.json.Decoder().decode)
+                    wall, cpu, rss, code, _floor = run_cli(evaluate, envs[b], roots[b])
+                    assert code == 0, f"evaluate exited {code}"
+                    ratios[b].append(wall / floor_wall)
+                    print(
+                        f"| {b} | {size} | {mb:.0f} | {run} | {floor_wall:.2f} | {ms_wall:.2f} "
+                        f"| {wall:.2f} | {wall / floor_wall:.2f} | {floor_cpu:.2f} | {cpu:.2f} "
+                        f"| {cpu / floor_cpu:.2f} | {rss / 1e6:.0f} |",
+                        flush=True,
+                    )
+            for _run in range(args.repeat):
+                for b in args.builds:
+                    wall, _cpu, _rss, code, floor = run_cli(evaluate, envs[b], roots[b], folder)
+                    assert code == 0 and floor is not None, f"evaluate exited {code}"
+                    beside[b].append((wall, floor))
+            for b in args.builds:
                 print(
-                    f"| {size} | {mb:.0f} | {run} | {floor_wall:.2f} | {ms_wall:.2f} | {wall:.2f} "
-                    f"| {wall / floor_wall:.2f} | {floor_cpu:.2f} | {cpu:.2f} "
-                    f"| {cpu / floor_cpu:.2f} | {rss / 1e6:.0f} |",
+                    f"{b}, N={size}: median wall ratio {statistics.median(ratios[b]):.2f} (floor "
+                    "decoded before each run); with the floor decoded beside each run, in the "
+                    "same seconds on the other core: "
+                    + ", ".join(f"{w:.2f} s / {f:.2f} s = {w / f:.2f}" for w, f in beside[b])
+                    + f", median {statistics.median(w / f for w, f in beside[b]):.2f}",
                     flush=True,
                 )
-            for _run in range(args.repeat):
-                wall, _cpu, _rss, code, floor = run_cli(evaluate, env, floor_of=folder)
-                assert code == 0 and floor is not None, f"evaluate exited {code}"
-                beside.append((wall, floor))
-            print(
-                f"N={size}: median wall ratio {statistics.median(ratios):.2f} (floor decoded "
-                "before each run); with the floor decoded beside each run, in the same seconds "
-                "on the other core: "
-                + ", ".join(f"{w:.2f} s / {f:.2f} s = {w / f:.2f}" for w, f in beside)
-                + f", median {statistics.median(w / f for w, f in beside):.2f}",
-                flush=True,
-            )
             out.unlink(missing_ok=True)
 
 
