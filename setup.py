@@ -96,4 +96,5 @@ class BuildWithData(build_py):
         return outputs
 
 
-setup(cmdclass={"build_py": BuildWithData}, ext_modules=extensions())
+if __name__ == "__main__":  # as the build runs it; the tests load it for COMPILED_MODULES
+    setup(cmdclass={"build_py": BuildWithData}, ext_modules=extensions())
