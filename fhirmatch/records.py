@@ -446,20 +446,20 @@ def iter_patient_records(
     for part in plan_input(
         paths, general, types=types, partition_bytes=partition_bytes, spill_dir=spill_dir
     ):
-        source = part.records(general) if isinstance(part, Shuffle) else part
-        try:
-            for rec in source:
-                yield check_record(rec)
-        finally:
-            close_iterator(source)  # an abandoned iteration removes its spill files at once
+        yield from checked_records(part.records(general) if isinstance(part, Shuffle) else part)
 
 
-def close_iterator(iterator: Iterator[Any]) -> None:
-    """Close ``iterator`` when it is a generator (or has ``close``): its ``finally`` blocks run
-    now, not whenever the last reference to it goes."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
+def checked_records(source: Iterator[PatientRecord]) -> Iterator[PatientRecord]:
+    """:func:`check_record` of each record of ``source``. Stopping early closes ``source`` at
+    once (when it can be closed), so its ``finally`` blocks run now, not whenever its last
+    reference goes: an abandoned iteration removes its spill files."""
+    try:
+        for rec in source:
+            yield check_record(rec)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def _known_type(resource_type: str) -> bool:

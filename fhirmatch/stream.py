@@ -50,8 +50,7 @@ from .records import (
     _finish_ndjson,
     _problem,
     by_fields,
-    check_record,
-    close_iterator,
+    checked_records,
     decode_json,
     group_bundle,
     group_single_resources,
@@ -568,8 +567,4 @@ def group_ndjson_by_patient(
         if shuffle.partitions == 1
         else shuffle.records(problems)
     )
-    try:
-        for rec in source:
-            yield check_record(rec)
-    finally:
-        close_iterator(source)  # an abandoned iteration removes its spill files at once
+    yield from checked_records(source)
