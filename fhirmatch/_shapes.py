@@ -40,6 +40,13 @@ class _Reference(msgspec.Struct):
     reference: str | None = None
 
 
+class _Part(msgspec.Struct):
+    """One component of an Observation (a panel's part), read only as far as its code, which is
+    left undecoded."""
+
+    code: msgspec.Raw = msgspec.Raw(b"")
+
+
 class _Brief(msgspec.Struct):
     """What most lines of a Bulk export need read to be routed or dropped: the type, the code
     and the subject (typed, so decoding fails on any other shape, and the line is read by

@@ -142,7 +142,7 @@ def member_of(terminology: Terminology | None, url: str, items: list[Any]) -> li
     if len(items) != 1:
         return []
     item = items[0]
-    if isinstance(item, Mapping):
+    if isinstance(item, dict) or isinstance(item, Mapping):
         if isinstance(item.get("coding"), list):
             answers = [_coding_member(terminology, url, c) for c in item["coding"]]
             if True in answers:
@@ -164,7 +164,9 @@ def _bare_code(terminology: Terminology, url: str, code: str) -> list[Any]:
 
 
 def _coding_member(terminology: Terminology, url: str, coding: Any) -> bool | None:
-    if not isinstance(coding, Mapping) or not isinstance(coding.get("code"), str):
+    if not (isinstance(coding, dict) or isinstance(coding, Mapping)):
+        return None
+    if not isinstance(coding.get("code"), str):
         return None
     system = coding.get("system")
     if isinstance(system, str) and system:
@@ -297,7 +299,8 @@ def _compile_member(target: _Code, key: str) -> _Code:
     def step(focus: list[Any], env: Mapping[str, Any]) -> list[Any]:
         out: list[Any] = []
         for item in inner(focus, env):
-            if isinstance(item, Mapping):
+            # decoded JSON is dicts: the exact check first, the ABC's slower one for the rest
+            if isinstance(item, dict) or isinstance(item, Mapping):
                 value = item.get(key)
                 if value is not None:
                     if isinstance(value, list):
@@ -589,7 +592,7 @@ def _number_operand(value: list[Any]) -> Any:
     if not value:
         return None
     data = _data(value[0])
-    if not isinstance(data, numbers.Number):
+    if not isinstance(data, int | float) and not isinstance(data, numbers.Number):
         raise ValueError("expected a number")
     return data
 

@@ -118,7 +118,7 @@ def read_coded_answer(
     stable"`` -> LOINC LA14122-8). None when there is no such text, it matches no wording, or
     it matches answers of two ValueSets."""
     cc = obs.get("valueCodeableConcept")
-    if isinstance(cc, Mapping):
+    if isinstance(cc, dict) or isinstance(cc, Mapping):
         if any(terminology.matches(url, cc) for url in value_sets):
             return None  # coded: the condition reads the code
         text = cc.get("text")
@@ -144,7 +144,7 @@ def read_text(text: str) -> Result | None:
 
 
 def _coded(terminology: Terminology, cc: Any) -> Result | None:
-    if not isinstance(cc, Mapping):
+    if not (isinstance(cc, dict) or isinstance(cc, Mapping)):
         return None
     positive = terminology.matches(POSITIVE_VS, cc)
     negative = terminology.matches(NEGATIVE_VS, cc)
@@ -206,7 +206,8 @@ def _sources(
     if "valueCodeableConcept" in obs:
         cc = obs["valueCodeableConcept"]
         result = _coded(terminology, cc)
-        if result is None and isinstance(cc, Mapping) and isinstance(cc.get("text"), str):
+        readable = isinstance(cc, dict) or isinstance(cc, Mapping)
+        if result is None and readable and isinstance(cc.get("text"), str):
             result = read_text(cc["text"])
         yield "valueCodeableConcept", result
     if "valueString" in obs:
@@ -231,7 +232,7 @@ def _sources(
             yield "interpretation", result
     if "valueQuantity" in obs:
         q = obs["valueQuantity"]
-        value = q.get("value") if isinstance(q, Mapping) else None
+        value = q.get("value") if isinstance(q, dict) or isinstance(q, Mapping) else None
         if threshold is None or not isinstance(value, int | float) or isinstance(value, bool):
             yield "valueQuantity", None
         else:

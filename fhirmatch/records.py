@@ -44,7 +44,7 @@ from typing import IO, Any
 import msgspec
 from mypy_extensions import mypyc_attr
 
-from ._shapes import _Brief, _Concept, _Head
+from ._shapes import _Brief, _Concept, _Head, _Part
 from .terminology import canonical_coding
 
 __all__ = [
@@ -403,6 +403,7 @@ _DECODE = msgspec.json.Decoder().decode
 _DECODE_HEAD = msgspec.json.Decoder(_Head).decode
 _DECODE_BRIEF = msgspec.json.Decoder(_Brief).decode
 _DECODE_CONCEPT = msgspec.json.Decoder(_Concept | None).decode
+_DECODE_PARTS = msgspec.json.Decoder(list[_Part]).decode
 _asdict = msgspec.structs.asdict
 
 
@@ -677,6 +678,8 @@ class ResourceFilter(frozenset[str]):
     known_codes: frozenset[tuple[str, str]]
     coded: frozenset[str]
     _verdicts: dict[tuple[str, bytes], bool | None]
+    #: a component's code as written -> whether an input asks for it (see :meth:`_parts_kept`)
+    _part_verdicts: dict[bytes, bool]
     #: the LOINC codes among ``known_codes`` (most resources a run drops are LOINC-coded)
     _loinc: frozenset[str]
 
@@ -692,6 +695,7 @@ class ResourceFilter(frozenset[str]):
         self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
         #: (type, code as written) -> :meth:`keeps_brief`'s verdict
         self._verdicts = {}
+        self._part_verdicts = {}
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -719,14 +723,13 @@ class ResourceFilter(frozenset[str]):
 
     def keeps_brief(self, brief: _Brief) -> bool | None:
         """:meth:`keeps` of a resource of a wanted type whose subject is a Patient, decided from
-        its :class:`_Brief` when that is simple (every coding has a system and a code, no
-        components); None when :meth:`keeps` must judge the head. Judged once per type and
-        code as written (a bounded table): an export repeats the same few codes."""
+        its :class:`_Brief` when that is simple (every coding has a system and a code; the
+        components, if any, a list of objects); None when :meth:`keeps` must judge the head.
+        Judged once per type and code as written (a bounded table): an export repeats the same
+        few codes."""
         rtype = brief.resourceType
         if rtype not in self.coded:
             return True
-        if brief.component:
-            return None
         key = (rtype, bytes(brief.code))
         verdicts = self._verdicts
         verdict = verdicts.get(key, _UNJUDGED)
@@ -735,7 +738,37 @@ class ResourceFilter(frozenset[str]):
             if len(verdicts) >= _MAX_VERDICTS:
                 verdicts.clear()
             verdicts[key] = verdict
+        if verdict is False and brief.component:
+            # a panel whose own code is not wanted: kept when a part's code is (as in keeps)
+            return self._parts_kept(brief.component)
         return verdict  # type: ignore[return-value]
+
+    def _parts_kept(self, raw: msgspec.Raw) -> bool | None:
+        """:meth:`_known_component` of the components as written, each part's code judged once
+        (a bounded table: the parts of a panel repeat a few codes); None when they are not a
+        list of objects (the head decode reads them)."""
+        try:
+            parts = _DECODE_PARTS(raw)
+        except msgspec.DecodeError:
+            return None
+        codings, _found = _ENGINE_RULES or _import_engine_rules()
+        known = self.known_codes
+        verdicts = self._part_verdicts
+        for part in parts:
+            code = bytes(part.code)
+            verdict = verdicts.get(code)
+            if verdict is None:
+                try:
+                    concept = _DECODE(code) if code else None
+                except (ValueError, RecursionError):  # not UTF-8, say: the head decode reads it
+                    return None
+                verdict = any(key in known for key in codings(concept))
+                if len(verdicts) >= _MAX_VERDICTS:
+                    verdicts.clear()
+                verdicts[code] = verdict
+            if verdict:
+                return True
+        return False
 
     def _judge_code(self, rtype: str, code: bytes) -> bool | None:
         """:meth:`keeps_brief` of a resource of a coded type, from the JSON text of its code
@@ -772,8 +805,8 @@ class ResourceFilter(frozenset[str]):
         if isinstance(components, msgspec.Raw):
             try:
                 components = _DECODE(components)
-            except msgspec.DecodeError:
-                return True  # unreadable here: read in full, and judged, later
+            except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
+                return True  # unreadable here (not JSON, not UTF-8): read in full, judged later
         if not isinstance(components, list):
             return False
         codings, _found = _ENGINE_RULES or _import_engine_rules()

@@ -407,6 +407,25 @@ def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path)
             "component": [{"code": {"coding": [{"system": LOINC, "code": "2160-0"}]}}],
         },
         {**obs, "id": "bad-panel", "component": "x"},
+        # panels whose own code no input asks for: kept for a part's code, judged part by part
+        {
+            **obs,
+            "id": "panel-mixed",
+            "component": [
+                {"value": 1},
+                {"code": None},
+                {"code": {"coding": [{"code": 1}]}},
+                {"code": {"coding": [{"system": LOINC, "code": "2160-0"}]}},
+            ],
+        },
+        {
+            **obs,
+            "id": "panel-number",
+            "component": [5, {"code": {"coding": [{"system": LOINC, "code": "2160-0"}]}}],
+        },
+        {**obs, "id": "panel-unknown", "component": [{"code": obs["code"]}, {"code": {}}]},
+        {**obs, "id": "panel-empty", "component": []},
+        {**obs, "id": "panel-odd", "component": [{"code": "2160-0"}, "2160-0"]},
         {**obs, "id": "escaped", "resourceType": "Obs\u0065rvation"},
         {
             **obs,
@@ -438,11 +457,37 @@ def test_the_brief_read_of_a_line_keeps_what_the_full_read_keeps(tmp_path: Path)
     kept_ids = {json.loads(lines[n - 1]).get("id") for n in brief[0]}
     # a code that is not LOINC may be mapped by a ConceptMap: such Observations are kept
     assert {"known", "two", "local", "snomed", "c154", "oid-icd", "words", "text-only"} <= kept_ids
-    assert "panel" in kept_ids
+    assert {"panel", "panel-mixed", "panel-number"} <= kept_ids
+    assert not {"panel-unknown", "panel-empty", "panel-odd"} & kept_ids
     assert not {"unknown", "j101", "enc", "local-condition"} & kept_ids
     half = len(lines) // 2
     assert [n - half for n in brief[0] if n > half] == [n for n in brief[0] if n <= half]
     assert "group" in kept_ids  # no patient reference: kept, so that it is reported
+
+
+def test_a_panel_with_text_that_is_not_utf8_is_reported_not_fatal(tmp_path: Path) -> None:
+    """A panel whose own code no input asks for is judged by its parts' codes. When text in the
+    parts is not UTF-8, the line is kept to be decoded whole, and reported there with its line
+    number; the read goes on."""
+    unknown = {"coding": [{"system": LOINC, "code": "8480-6"}]}
+    odd = {"coding": [{"system": LOINC, "code": 8480}]}  # read from the head, not the brief
+    lines = [
+        json.dumps({**_obs(f"o{n}", "p1"), "code": code, "component": [{"code": {"text": "T"}}]})
+        .encode("utf-8")
+        .replace(b'"T"', b'"\xff"')
+        for n, code in enumerate((unknown, odd))
+    ]
+    path = tmp_path / "x.ndjson"
+    lines.append(json.dumps({"resourceType": "Patient", "id": "p1"}).encode("utf-8"))
+    path.write_bytes(b"\n".join(lines))
+    problems: list[str] = []
+    recs = list(group_ndjson_by_patient([path], problems, types=CODE_FILTER, partitions=2))
+    assert [r.patient_id for r in recs] == ["p1"]
+    assert [r["resourceType"] for r in recs[0].resources] == ["Patient"]
+    assert problems == [
+        f"{path}: line 1 is not UTF-8; line skipped",
+        f"{path}: line 2 is not UTF-8; line skipped",
+    ]
 
 
 def test_code_filter_survives_pickling_for_worker_processes() -> None:
