@@ -306,14 +306,7 @@ def group_partition(
             try:
                 res = decode_json(memoryview(rest)[tab + 1 :])
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                text = (
-                    f"{unicode_problem(exc)}; line skipped"
-                    if isinstance(exc, UnicodeDecodeError)
-                    else "is nested too deeply; skipped"
-                    if isinstance(exc, RecursionError)
-                    else "is not valid JSON; line skipped"
-                )
-                _report(report, task, n, int(rest[:tab]), text)
+                _report(report, task, n, int(rest[:tab]), _undecodable(exc))
                 continue
             # the map phase read this line's resourceType and patient from the same text, with
             # the same decoder: the whole resource is of this patient
@@ -327,6 +320,15 @@ def group_partition(
                 seen.append(task.files[n][1])
         rec.source = ", ".join(seen)
         yield _finish_ndjson(rec, task.medications)
+
+
+def _undecodable(exc: ValueError | RecursionError) -> str:
+    """The problem of a line the first pass read in part, and the whole decode refused."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{unicode_problem(exc)}; line skipped"
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply; skipped"
+    return "is not valid JSON; line skipped"
 
 
 def _report(
@@ -529,10 +531,18 @@ def _spill_in_memory(
     def report(lineno: int, text: str) -> None:
         out.problems.append((lineno, text))
 
-    for lineno, res, _body in iter_ndjson_slice(path, report, types=types):
+    # read as the map phase reads (in part, most lines only as far as type, code and patient),
+    # and each kept line decoded whole at once, as the reduce phase does
+    for lineno, res, body in iter_ndjson_slice(path, report, types=types, head=True):
         pid = _route(res, lineno, out, report)
-        if pid is not None:
-            grouped.setdefault(pid, []).append(res)
+        if pid is None:
+            continue
+        try:
+            whole = decode_json(body)
+        except (ValueError, RecursionError) as exc:
+            report(lineno, _undecodable(exc))
+            continue
+        grouped.setdefault(pid, []).append(whole)
     return out, grouped
 
 

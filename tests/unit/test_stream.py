@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from fhirmatch import records
 from fhirmatch.records import (
     ResourceFilter,
     iter_ndjson_slice,
@@ -344,6 +345,33 @@ def test_code_filter_drops_resources_no_input_can_find(tmp_path: Path, partition
         )
     (rec,) = records
     assert sorted(r["id"] for r in rec.resources) == sorted(KEPT)
+    assert problems == [f"{path}: line 9 (Observation/orphan) has no patient reference"]
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_only_the_lines_kept_are_decoded_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partitions: int
+) -> None:
+    """In memory (one partition) as through spill files, a line the filter drops is read only as
+    far as its type, code and patient: only the lines kept are decoded whole."""
+    path = tmp_path / "export.ndjson"
+    _code_filter_export(path)
+    decoded: list[str] = []
+    real = records._DECODE
+
+    def counting(data: bytes) -> Any:
+        res = real(data)
+        if isinstance(res, dict) and "resourceType" in res:
+            decoded.append(res["id"])
+        return res
+
+    monkeypatch.setattr(records, "_DECODE", counting)
+    problems: list[str] = []
+    (rec,) = group_ndjson_by_patient(
+        [path], problems, partitions=partitions, types=CODE_FILTER, spill_dir=tmp_path
+    )
+    assert sorted(r["id"] for r in rec.resources) == sorted(KEPT)
+    assert sorted(decoded) == sorted(KEPT)
     assert problems == [f"{path}: line 9 (Observation/orphan) has no patient reference"]
 
 
