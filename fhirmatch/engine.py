@@ -251,6 +251,22 @@ _CANONICAL: dict[tuple[str, str], tuple[str, str]] = {}
 _MAX_CANONICAL = 65536
 
 
+def _names_in(pattern: re.Pattern[str], text: str) -> list[str]:
+    """The medicine names ``pattern`` finds in a medication's text, in lower case (remembered:
+    a population's prescriptions repeat a few hundred texts, and the search is slow)."""
+    key = (pattern, text)
+    found = _NAMES_IN_TEXT.get(key)
+    if found is None:
+        if len(_NAMES_IN_TEXT) >= _MAX_CANONICAL:
+            _NAMES_IN_TEXT.clear()
+        found = _NAMES_IN_TEXT[key] = [name.lower() for name in pattern.findall(text)]
+    return found
+
+
+#: :func:`_names_in` of the texts met lately, per pattern (each engine has its own)
+_NAMES_IN_TEXT: dict[tuple[re.Pattern[str], str], list[str]] = {}
+
+
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
 
 
@@ -558,8 +574,8 @@ class PatientIndex:
             texts += [c.get("display") for c in codings if isinstance(c, dict)]
             for text in texts:
                 if isinstance(text, str):
-                    for name in self._names.findall(text):
-                        yield MEDICATION_NAME_SYSTEM, name.lower()
+                    for name in _names_in(self._names, text):
+                        yield MEDICATION_NAME_SYSTEM, name
 
     def _mapped_codes(self, res: dict[str, Any], terminology: Terminology) -> list[tuple[str, str]]:
         try:

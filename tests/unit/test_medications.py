@@ -198,3 +198,16 @@ def test_dispense_dated_after_the_as_of_date_is_not_known_yet(engine: Engine) ->
 def test_the_shipped_table_has_the_documented_header() -> None:
     lines = [ln for ln in TABLE.read_text(encoding="utf-8").splitlines() if not ln.startswith("#")]
     assert lines[0] == HEADER.strip()
+
+
+def test_names_found_in_a_text_are_remembered_for_each_engines_names() -> None:
+    """The search for medicine names is remembered per text (a population repeats a few hundred
+    drug texts), and per pattern: engines whose trials ask for other names share the memory."""
+    from fhirmatch.engine import _name_pattern, _names_in
+
+    first, second = _name_pattern(["camrelizumab"]), _name_pattern(["pembrolizumab", "keytruda"])
+    assert first is not None and second is not None
+    text = "Camrelizumab 200 mg, then KEYTRUDA (pembrolizumab)"
+    assert _names_in(first, text) == ["camrelizumab"]
+    assert _names_in(second, text) == ["keytruda", "pembrolizumab"]
+    assert _names_in(first, text) == ["camrelizumab"]
