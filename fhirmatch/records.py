@@ -677,7 +677,8 @@ class ResourceFilter(frozenset[str]):
 
     known_codes: frozenset[tuple[str, str]]
     coded: frozenset[str]
-    _verdicts: dict[tuple[str, bytes], bool | None]
+    #: per coded type, its codes as written -> :meth:`keeps_brief`'s verdict
+    _verdicts: dict[str, dict[bytes, bool | None]]
     #: a component's code as written -> whether an input asks for it (see :meth:`_parts_kept`)
     _part_verdicts: dict[bytes, bool]
     #: the LOINC codes among ``known_codes`` (most resources a run drops are LOINC-coded)
@@ -693,8 +694,7 @@ class ResourceFilter(frozenset[str]):
         self.known_codes = frozenset(known_codes)
         self.coded = frozenset(coded)
         self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
-        #: (type, code as written) -> :meth:`keeps_brief`'s verdict
-        self._verdicts = {}
+        self._verdicts = {rtype: {} for rtype in self.coded}
         self._part_verdicts = {}
         return self
 
@@ -728,16 +728,16 @@ class ResourceFilter(frozenset[str]):
         Judged once per type and code as written (a bounded table): an export repeats the same
         few codes."""
         rtype = brief.resourceType
-        if rtype not in self.coded:
-            return True
-        key = (rtype, bytes(brief.code))
-        verdicts = self._verdicts
-        verdict = verdicts.get(key, _UNJUDGED)
+        verdicts = self._verdicts.get(rtype) if rtype is not None else None
+        if rtype is None or verdicts is None:
+            return True  # not a coded type: kept whatever its code
+        code = bytes(brief.code)
+        verdict = verdicts.get(code, _UNJUDGED)
         if verdict is _UNJUDGED:
-            verdict = self._judge_code(rtype, key[1])
+            verdict = self._judge_code(rtype, code)
             if len(verdicts) >= _MAX_VERDICTS:
                 verdicts.clear()
-            verdicts[key] = verdict
+            verdicts[code] = verdict
         if verdict is False and brief.component:
             # a panel whose own code is not wanted: kept when a part's code is (as in keeps)
             return self._parts_kept(brief.component)
