@@ -468,7 +468,7 @@ def _known_type(resource_type: str) -> bool:
 
 
 def _value_keys(resource: dict[str, Any]) -> list[str]:
-    return [k for k in resource if k[:5] == "value" and len(k) > 5 and k[5].isupper()]
+    return [k for k in resource if k.startswith("value") and len(k) > 5 and k[5].isupper()]
 
 
 def check_record(rec: PatientRecord, *, quiet: bool = False) -> PatientRecord:
