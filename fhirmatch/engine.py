@@ -1271,10 +1271,13 @@ def _reads_patient(expression: str | None) -> bool:
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_set = object.__setattr__
-
-
 _new = object.__new__
+# the setters of the four slots of a pydantic model (what model_construct sets, by
+# object.__setattr__): called directly, they skip the look-up of the attribute by name
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 #: bound on the group results and condition answers an engine remembers (a few per criterion
 #: in practice)
 _MAX_REMEMBERED = 65536
@@ -1306,10 +1309,10 @@ def _instance(model: type[_M], fields: dict[str, Any], names: set[str]) -> _M:
     """An instance of ``model`` holding ``fields`` (all of them, in declaration order), set as
     ``model_construct`` sets them."""
     obj = _new(model)
-    _set(obj, "__dict__", fields)
-    _set(obj, "__pydantic_fields_set__", names)
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
+    _set_dict(obj, fields)
+    _set_fields_set(obj, names)
+    _set_extra(obj, None)
+    _set_private(obj, None)
     return obj
 
 
