@@ -56,7 +56,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 
@@ -108,7 +108,7 @@ MEDICATION_TYPES = frozenset(
 MEDICATION_NAME_SYSTEM = "https://fhirmatch.dev/fhir/CodeSystem/medication-name"
 
 #: where each type keeps its clinically relevant date, in order of preference
-_DATE_FIELDS: dict[str, tuple[str, ...]] = {
+_DATE_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod", "issued"),
     "Condition": ("onsetDateTime", "onsetPeriod", "recordedDate"),
     "Procedure": ("performedDateTime", "performedPeriod"),
@@ -118,7 +118,13 @@ _DATE_FIELDS: dict[str, tuple[str, ...]] = {
     "MedicationDispense": ("whenHandedOver", "whenPrepared"),
     "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
 }
-_GENERIC_DATE_FIELDS = ("effectiveDateTime", "effectivePeriod", "date", "recordedDate", "issued")
+_GENERIC_DATE_FIELDS: Final = (
+    "effectiveDateTime",
+    "effectivePeriod",
+    "date",
+    "recordedDate",
+    "issued",
+)
 
 _CENSOR_LOW = 0.0
 _CENSOR_HIGH = 1e12
@@ -129,7 +135,7 @@ _SCORE_UNITS = frozenset({"{score}", "1", "{Score}", "{ScoreOf}"})
 # --------------------------------------------------------------------------- dates and ages
 
 
-_UNSET: Any = object()
+_UNSET: Final[Any] = object()
 
 
 def _date_key(value: Any) -> str | None:
@@ -247,8 +253,8 @@ def _codings(cc: Any) -> list[tuple[str, str]]:
 
 #: :func:`~fhirmatch.terminology.canonical_coding` of the codings met lately (a population's
 #: records repeat a few thousand codes), and its bound
-_CANONICAL: dict[tuple[str, str], tuple[str, str]] = {}
-_MAX_CANONICAL = 65536
+_CANONICAL: Final[dict[tuple[str, str], tuple[str, str]]] = {}
+_MAX_CANONICAL: Final = 65536
 
 
 def _names_in(pattern: re.Pattern[str], text: str) -> list[str]:
@@ -264,7 +270,7 @@ def _names_in(pattern: re.Pattern[str], text: str) -> list[str]:
 
 
 #: :func:`_names_in` of the texts met lately, per pattern (each engine has its own)
-_NAMES_IN_TEXT: dict[tuple[re.Pattern[str], str], list[str]] = {}
+_NAMES_IN_TEXT: Final[dict[tuple[re.Pattern[str], str], list[str]]] = {}
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})
@@ -1271,19 +1277,21 @@ def _reads_patient(expression: str | None) -> bool:
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_new = object.__new__
+# Final, here and on the module's other constants read per patient: the compiled build keeps a
+# Final name in a static variable instead of looking it up in the module's dict at each use
+_new: Final = object.__new__
 # the setters of the four slots of a pydantic model (what model_construct sets, by
 # object.__setattr__): called directly, they skip the look-up of the attribute by name
-_set_dict = BaseModel.__dict__["__dict__"].__set__
-_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
-_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+_set_dict: Final = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set: Final = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra: Final = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private: Final = BaseModel.__dict__["__pydantic_private__"].__set__
 #: bound on the group results and condition answers an engine remembers (a few per criterion
 #: in practice)
-_MAX_REMEMBERED = 65536
+_MAX_REMEMBERED: Final = 65536
 #: per model, the set of all its field names: every result has every field set, so one set
 #: serves all (pydantic only adds to it when a field is assigned, and each is in it already)
-_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
+_ALL_FIELDS: Final[dict[type[BaseModel], set[str]]] = {}
 
 
 def _construct(model: type[_M], /, **fields: Any) -> _M:
@@ -1332,7 +1340,7 @@ def _result_fields(c: Criterion, outcome: Outcome, reason: str) -> dict[str, Any
 
 
 #: every field of a criterion result (:func:`_from_fields` sets them all)
-_CRITERION_FIELDS = set(CriterionResult.model_fields)
+_CRITERION_FIELDS: Final = set(CriterionResult.model_fields)
 
 
 def _from_fields(

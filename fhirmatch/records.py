@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import msgspec
 from mypy_extensions import mypyc_attr
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 #: element names that point from a resource to its patient, in the order they are tried
 PATIENT_REFERENCE_FIELDS = ("subject", "patient", "beneficiary", "individual")
 #: resource types that are not about one patient (no reference expected)
-SHARED_TYPES = frozenset(
+SHARED_TYPES: Final = frozenset(
     {
         "Medication",
         "Organization",
@@ -381,11 +381,13 @@ def unicode_problem(exc: UnicodeDecodeError) -> str:
     return "holds " + LONE_SURROGATE if exc.reason == LONE_SURROGATE else "is not UTF-8"
 
 
+# Final, here and on the module's other constants read per line: the compiled build keeps a
+# Final name in a static variable instead of looking it up in the module's dict at each use
 #: the types :func:`iter_ndjson_slice` routes from a :class:`_Brief`: every FHIR type that
 #: belongs to one patient (not the Patient itself, nor the shared types)
-_ROUTABLE = RESOURCE_TYPES - SHARED_TYPES - {"Patient"}
+_ROUTABLE: Final = RESOURCE_TYPES - SHARED_TYPES - {"Patient"}
 #: patient id (or "" for none) of the references met lately (a patient's lines repeat one)
-_PATIENT_IDS: dict[str, str] = {}
+_PATIENT_IDS: Final[dict[str, str]] = {}
 
 
 def _patient_of(reference: str) -> str:
@@ -400,10 +402,10 @@ def _patient_of(reference: str) -> str:
 
 
 _DECODE = msgspec.json.Decoder().decode
-_DECODE_HEAD = msgspec.json.Decoder(_Head).decode
-_DECODE_BRIEF = msgspec.json.Decoder(_Brief).decode
-_DECODE_CONCEPT = msgspec.json.Decoder(_Concept | None).decode
-_DECODE_PARTS = msgspec.json.Decoder(list[_Part]).decode
+_DECODE_HEAD: Final = msgspec.json.Decoder(_Head).decode
+_DECODE_BRIEF: Final = msgspec.json.Decoder(_Brief).decode
+_DECODE_CONCEPT: Final = msgspec.json.Decoder(_Concept | None).decode
+_DECODE_PARTS: Final = msgspec.json.Decoder(list[_Part]).decode
 _asdict = msgspec.structs.asdict
 
 
@@ -819,11 +821,11 @@ class ResourceFilter(frozenset[str]):
         )
 
 
-_LOINC = "http://loinc.org"
+_LOINC: Final = "http://loinc.org"
 #: marks a code not judged yet; and the bound on the codes :meth:`ResourceFilter.keeps_brief`
 #: remembers
-_UNJUDGED = object()
-_MAX_VERDICTS = 65536
+_UNJUDGED: Final = object()
+_MAX_VERDICTS: Final = 65536
 #: the engine's reading of codings and its indexing rule (``_codings``,
 #: ``_codes_may_be_found``), imported when first needed (the engine imports this module)
 _ENGINE_RULES: tuple[Callable[..., list[tuple[str, str]]], Callable[..., bool]] | None = None
