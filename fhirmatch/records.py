@@ -381,6 +381,16 @@ def unicode_problem(exc: UnicodeDecodeError) -> str:
     return "holds " + LONE_SURROGATE if exc.reason == LONE_SURROGATE else "is not UTF-8"
 
 
+def undecodable_problem(exc: ValueError | RecursionError) -> str:
+    """The problem of a line that was read in part, and that :func:`decode_json` then refused
+    whole (``UnicodeDecodeError`` is a ``ValueError``)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{unicode_problem(exc)}; line skipped"
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply; skipped"
+    return "is not valid JSON; line skipped"
+
+
 # Final, here and on the module's other constants read per line: the compiled build keeps a
 # Final name in a static variable instead of looking it up in the module's dict at each use
 #: the types :func:`iter_ndjson_slice` routes from a :class:`_Brief`: every FHIR type that
@@ -999,8 +1009,31 @@ def _iter_ndjson_lines(
     def report(lineno: int, text: str) -> None:
         _problem(problems, problem_text(path, lineno, text))
 
-    for lineno, res, _body in iter_ndjson_slice(path, report, types=types):
-        yield lineno, res
+    yield from iter_ndjson_whole(path, report, types)
+
+
+def iter_ndjson_whole(
+    path: Path, report: Report, types: frozenset[str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, resource)`` for each readable line of ``path`` that ``types`` keeps, the
+    resource decoded whole. With ``types``, every line is first read in part, as
+    :func:`iter_ndjson_slice` reads it with ``head`` (most only as far as type, code and
+    patient), and only the lines kept are decoded whole; a line the whole decode then refuses
+    is reported. Without, each line is decoded whole at once."""
+    if types is None:
+        for lineno, res, _body in iter_ndjson_slice(path, report):
+            yield lineno, res
+        return
+    for lineno, res, body in iter_ndjson_slice(path, report, types=types, head=True):
+        if res["resourceType"] == "Medication":
+            yield lineno, res  # the partial read keeps Medications whole
+            continue
+        try:
+            whole = decode_json(body)
+        except (ValueError, RecursionError) as exc:
+            report(lineno, undecodable_problem(exc))
+            continue
+        yield lineno, whole
 
 
 def ndjson_is_contiguous(

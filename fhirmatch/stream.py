@@ -56,11 +56,12 @@ from .records import (
     group_single_resources,
     iter_contiguous_ndjson,
     iter_ndjson_slice,
+    iter_ndjson_whole,
     ndjson_is_contiguous,
     ndjson_patient,
     problem_text,
     read_json_file,
-    unicode_problem,
+    undecodable_problem,
 )
 
 if TYPE_CHECKING:
@@ -306,7 +307,7 @@ def group_partition(
             try:
                 res = decode_json(memoryview(rest)[tab + 1 :])
             except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                _report(report, task, n, int(rest[:tab]), _undecodable(exc))
+                _report(report, task, n, int(rest[:tab]), undecodable_problem(exc))
                 continue
             # the map phase read this line's resourceType and patient from the same text, with
             # the same decoder: the whole resource is of this patient
@@ -320,15 +321,6 @@ def group_partition(
                 seen.append(task.files[n][1])
         rec.source = ", ".join(seen)
         yield _finish_ndjson(rec, task.medications)
-
-
-def _undecodable(exc: ValueError | RecursionError) -> str:
-    """The problem of a line the first pass read in part, and the whole decode refused."""
-    if isinstance(exc, UnicodeDecodeError):
-        return f"{unicode_problem(exc)}; line skipped"
-    if isinstance(exc, RecursionError):
-        return "is nested too deeply; skipped"
-    return "is not valid JSON; line skipped"
 
 
 def _report(
@@ -531,18 +523,10 @@ def _spill_in_memory(
     def report(lineno: int, text: str) -> None:
         out.problems.append((lineno, text))
 
-    # read as the map phase reads (in part, most lines only as far as type, code and patient),
-    # and each kept line decoded whole at once, as the reduce phase does
-    for lineno, res, body in iter_ndjson_slice(path, report, types=types, head=True):
+    for lineno, res in iter_ndjson_whole(path, report, types):
         pid = _route(res, lineno, out, report)
-        if pid is None:
-            continue
-        try:
-            whole = decode_json(body)
-        except (ValueError, RecursionError) as exc:
-            report(lineno, _undecodable(exc))
-            continue
-        grouped.setdefault(pid, []).append(whole)
+        if pid is not None:
+            grouped.setdefault(pid, []).append(res)
     return out, grouped
 
 
