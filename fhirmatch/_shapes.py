@@ -4,6 +4,9 @@
 They live in a module of their own because msgspec reads a struct's field types from its
 annotations: a module compiled with mypyc (see ``setup.py``) keeps them in a form msgspec cannot
 read, so this module is never compiled.
+
+Each is made with ``gc=False``: it holds only what JSON decodes to, which can form no reference
+cycle, so the garbage collector need not track the one or two made per line.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 import msgspec
 
 
-class _Head(msgspec.Struct):
+class _Head(msgspec.Struct, gc=False):
     """The top-level elements that say whose a resource is, and its code."""
 
     resourceType: Any = None
@@ -27,27 +30,27 @@ class _Head(msgspec.Struct):
     individual: Any = None
 
 
-class _Coding(msgspec.Struct):
+class _Coding(msgspec.Struct, gc=False):
     system: Any = None
     code: Any = None
 
 
-class _Concept(msgspec.Struct):
+class _Concept(msgspec.Struct, gc=False):
     coding: list[_Coding] | None = None
 
 
-class _Reference(msgspec.Struct):
+class _Reference(msgspec.Struct, gc=False):
     reference: str | None = None
 
 
-class _Part(msgspec.Struct):
+class _Part(msgspec.Struct, gc=False):
     """One component of an Observation (a panel's part), read only as far as its code, which is
     left undecoded."""
 
     code: msgspec.Raw = msgspec.Raw(b"")
 
 
-class _Brief(msgspec.Struct):
+class _Brief(msgspec.Struct, gc=False):
     """What most lines of a Bulk export need read to be routed or dropped: the type, the code
     and the subject (typed, so decoding fails on any other shape, and the line is read by
     :func:`decode_head` instead). The code is left undecoded: most lines of an export repeat a
