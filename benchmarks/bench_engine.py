@@ -34,7 +34,15 @@ from typing import Any
 
 import fhirpathpy
 
-from fhirmatch.engine import Engine, PatientIndex, _PatientContext, _truth, resolve_input
+from fhirmatch.engine import (
+    Engine,
+    PatientIndex,
+    _PatientContext,
+    _trials_terminology,
+    _truth,
+    resolve_input,
+)
+from fhirmatch.fhirpath import _user_functions
 from fhirmatch.model import Criterion, DataInput, Trial
 from fhirmatch.records import iter_patient_records
 
@@ -307,8 +315,11 @@ class NaiveIndex(PatientIndex):
         return out
 
 
-def naive_evaluate(trials: list[Trial], resources: list[dict[str, Any]]) -> int:
-    """Evaluate every computable criterion uncompiled, without index or shared inputs."""
+def naive_evaluate(
+    trials: list[Trial], resources: list[dict[str, Any]], functions: dict[str, Any]
+) -> int:
+    """Evaluate every computable criterion uncompiled, without index or shared inputs
+    (``functions``: fhirmatch's FHIRPath functions for fhirpathpy, ``memberOf``)."""
     index = NaiveIndex(resources, as_of=AS_OF)
     ctx = _PatientContext(index, "Patient/x", AS_OF)
     count = 0
@@ -326,7 +337,8 @@ def naive_evaluate(trials: list[Trial], resources: list[dict[str, Any]]) -> int:
             }
             for inp in c.inputs:
                 env[inp.name] = resolve_input(index, inp).variants[0]
-            _truth(fhirpathpy.evaluate(ctx.patient, c.expression, env))
+            options = {"userInvocationTable": functions}
+            _truth(fhirpathpy.evaluate(ctx.patient, c.expression, env, options=options))
             count += 1
 
     for t in trials:
@@ -402,9 +414,10 @@ def main() -> None:
     if not naive_records:
         return
     n_same = len(naive_records) * len(trials)
+    functions = _user_functions(_trials_terminology(trials))  # the terminology Engine(trials) uses
     t0 = time.perf_counter()
     for rec in naive_records:
-        naive_evaluate(trials, rec.resources)
+        naive_evaluate(trials, rec.resources, functions)
     naive_s = time.perf_counter() - t0
     slow_engine = Engine(trials, native_fhirpath=False)
     t0 = time.perf_counter()
