@@ -283,36 +283,26 @@ def build_population(path: Path, n_patients: int, n_templates: int, seed: int = 
     return written
 
 
-class NaiveIndex(PatientIndex):
+def naive_find(
+    resources: list[dict[str, Any]], resource_type: str, codes: frozenset[tuple[str, str]]
+) -> list[dict[str, Any]]:
     """No index: every lookup scans the whole record."""
-
-    def __init__(self, resources: list[dict[str, Any]], *, as_of: date) -> None:
-        super().__init__([], as_of=as_of)
-        self.all = resources
-        self.patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
-
-    def find(
-        self,
-        resource_type: str,
-        codes: frozenset[tuple[str, str]],
-        value_set: str | None = None,
-    ) -> list[dict[str, Any]]:
-        out = []
-        for r in self.all:
-            if r.get("resourceType") != resource_type or r.get("status") not in (
-                "final",
-                "amended",
-                "corrected",
-                None,
-                "active",
-                "completed",
-            ):
-                continue
-            for c in (r.get("code") or {}).get("coding") or []:
-                if (c.get("system"), c.get("code")) in codes:
-                    out.append(r)
-                    break
-        return out
+    out = []
+    for r in resources:
+        if r.get("resourceType") != resource_type or r.get("status") not in (
+            "final",
+            "amended",
+            "corrected",
+            None,
+            "active",
+            "completed",
+        ):
+            continue
+        for c in (r.get("code") or {}).get("coding") or []:
+            if (c.get("system"), c.get("code")) in codes:
+                out.append(r)
+                break
+    return out
 
 
 def naive_evaluate(
@@ -320,8 +310,8 @@ def naive_evaluate(
 ) -> int:
     """Evaluate every computable criterion uncompiled, without index or shared inputs
     (``functions``: fhirmatch's FHIRPath functions for fhirpathpy, ``memberOf``)."""
-    index = NaiveIndex(resources, as_of=AS_OF)
-    ctx = _PatientContext(index, "Patient/x", AS_OF)
+    patient = [r for r in resources if r.get("resourceType") == "Patient"][:1]
+    ctx = _PatientContext(PatientIndex(patient, as_of=AS_OF), "Patient/x", AS_OF)
     count = 0
 
     def walk(crits: tuple[Criterion, ...]) -> None:
@@ -336,6 +326,10 @@ def naive_evaluate(
                 "age": ctx.age[0],
             }
             for inp in c.inputs:
+                # the scan's finds, resolved by the engine's rules (an index of just those: the
+                # engine's index class cannot be subclassed when it is compiled)
+                found = naive_find(resources, inp.resource_type, inp.codes)
+                index = PatientIndex(found, as_of=AS_OF)
                 env[inp.name] = resolve_input(index, inp).variants[0]
             options = {"userInvocationTable": functions}
             _truth(fhirpathpy.evaluate(ctx.patient, c.expression, env, options=options))
