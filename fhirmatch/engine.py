@@ -263,14 +263,16 @@ def _names_in(pattern: re.Pattern[str], text: str) -> list[str]:
     key = (pattern, text)
     found = _NAMES_IN_TEXT.get(key)
     if found is None:
-        if len(_NAMES_IN_TEXT) >= _MAX_CANONICAL:
+        if len(_NAMES_IN_TEXT) >= _MAX_NAMES_IN_TEXT:
             _NAMES_IN_TEXT.clear()
         found = _NAMES_IN_TEXT[key] = [name.lower() for name in pattern.findall(text)]
     return found
 
 
-#: :func:`_names_in` of the texts met lately, per pattern (each engine has its own)
+#: :func:`_names_in` of the texts met lately, per pattern (each engine has its own), and its
+#: bound
 _NAMES_IN_TEXT: Final[dict[tuple[re.Pattern[str], str], list[str]]] = {}
+_MAX_NAMES_IN_TEXT: Final = 16384
 
 
 ICD10_SYSTEMS = frozenset({"http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10"})

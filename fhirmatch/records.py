@@ -763,8 +763,6 @@ class ResourceFilter(frozenset[str]):
             parts = _DECODE_PARTS(raw)
         except msgspec.DecodeError:
             return None
-        codings, _found = _ENGINE_RULES or _import_engine_rules()
-        known = self.known_codes
         verdicts = self._part_verdicts
         for part in parts:
             code = bytes(part.code)
@@ -774,7 +772,7 @@ class ResourceFilter(frozenset[str]):
                     concept = _DECODE(code) if code else None
                 except (ValueError, RecursionError):  # not UTF-8, say: the head decode reads it
                     return None
-                verdict = any(key in known for key in codings(concept))
+                verdict = self._asks_for(concept)
                 if len(verdicts) >= _MAX_VERDICTS:
                     verdicts.clear()
                 verdicts[code] = verdict
@@ -821,14 +819,16 @@ class ResourceFilter(frozenset[str]):
                 return True  # unreadable here (not JSON, not UTF-8): read in full, judged later
         if not isinstance(components, list):
             return False
+        return any(
+            self._asks_for(comp.get("code")) for comp in components if isinstance(comp, dict)
+        )
+
+    def _asks_for(self, concept: Any) -> bool:
+        """Whether a component's code (a CodeableConcept as decoded) has a coding an input asks
+        for."""
         codings, _found = _ENGINE_RULES or _import_engine_rules()
         known = self.known_codes
-        return any(
-            key in known
-            for comp in components
-            if isinstance(comp, dict)
-            for key in codings(comp.get("code"))
-        )
+        return any(key in known for key in codings(concept))
 
 
 _LOINC: Final = "http://loinc.org"
