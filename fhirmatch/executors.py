@@ -36,13 +36,12 @@ import argparse
 import gc
 import hashlib
 import logging
-import multiprocessing
 import os
 import pickle
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from datetime import date
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
@@ -64,6 +63,8 @@ from .stream import (
 )
 
 if TYPE_CHECKING:
+    import multiprocessing.context
+
     from .model import Trial
     from .terminology import Terminology
 
@@ -343,6 +344,8 @@ def _process_partition(task: PartitionTask, as_of: date) -> PartitionResults:
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
+    import multiprocessing  # here: `evaluate` with the local executor never needs it
+
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
@@ -365,6 +368,8 @@ class ProcessExecutor(_Base):
         self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
         self.trials = tuple(trials)
+        from concurrent.futures import ProcessPoolExecutor
+
         self.pool = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=_mp_context(),
