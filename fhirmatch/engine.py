@@ -260,18 +260,27 @@ _MAX_CANONICAL: Final = 65536
 def _names_in(pattern: re.Pattern[str], text: str) -> list[str]:
     """The medicine names ``pattern`` finds in a medication's text, in lower case (remembered:
     a population's prescriptions repeat a few hundred texts, and the search is slow)."""
-    key = (pattern, text)
-    found = _NAMES_IN_TEXT.get(key)
-    if found is None:
-        if len(_NAMES_IN_TEXT) >= _MAX_NAMES_IN_TEXT:
+    # by the pattern's id, not the pattern: hashing a pattern hashes its whole compiled program
+    # (thousands of names) every time; the pattern is kept beside its table, so its id is not
+    # reused while the table is remembered
+    held = _NAMES_IN_TEXT.get(id(pattern))
+    if held is None or held[0] is not pattern:
+        if len(_NAMES_IN_TEXT) >= _MAX_PATTERNS:
             _NAMES_IN_TEXT.clear()
-        found = _NAMES_IN_TEXT[key] = [name.lower() for name in pattern.findall(text)]
+        held = _NAMES_IN_TEXT[id(pattern)] = (pattern, {})
+    table = held[1]
+    found = table.get(text)
+    if found is None:
+        if len(table) >= _MAX_NAMES_IN_TEXT:
+            table.clear()
+        found = table[text] = [name.lower() for name in pattern.findall(text)]
     return found
 
 
-#: :func:`_names_in` of the texts met lately, per pattern (each engine has its own), and its
-#: bound
-_NAMES_IN_TEXT: Final[dict[tuple[re.Pattern[str], str], list[str]]] = {}
+#: :func:`_names_in` of the texts met lately, per pattern (each engine has its own): by the
+#: pattern's ``id()``, the pattern and its texts; and their bounds
+_NAMES_IN_TEXT: Final[dict[int, tuple[re.Pattern[str], dict[str, list[str]]]]] = {}
+_MAX_PATTERNS: Final = 64
 _MAX_NAMES_IN_TEXT: Final = 16384
 
 
