@@ -60,3 +60,26 @@ class _Brief(msgspec.Struct, gc=False):
     code: msgspec.Raw = msgspec.Raw(b"")
     component: msgspec.Raw = msgspec.Raw(b"")
     subject: _Reference | None = None
+    #: an Observation's status and its first date, as written (:meth:`ResourceFilter.outdated`)
+    status: msgspec.Raw = msgspec.Raw(b"")
+    effectiveDateTime: msgspec.Raw = msgspec.Raw(b"")
+
+
+class _Dated(msgspec.Struct, gc=False):
+    """What, besides its code, the screening engine reads of a resource dated outside every
+    window that asks for its code: the statuses that make it usable or in scope, and its dates
+    (each left as written). See :meth:`ResourceFilter.outdated`."""
+
+    status: msgspec.Raw = msgspec.Raw(b"")
+    clinicalStatus: msgspec.Raw = msgspec.Raw(b"")
+    verificationStatus: msgspec.Raw = msgspec.Raw(b"")
+    effectiveDateTime: msgspec.Raw = msgspec.Raw(b"")
+    effectiveInstant: msgspec.Raw = msgspec.Raw(b"")
+    effectivePeriod: msgspec.Raw = msgspec.Raw(b"")
+    issued: msgspec.Raw = msgspec.Raw(b"")
+    onsetDateTime: msgspec.Raw = msgspec.Raw(b"")
+    onsetPeriod: msgspec.Raw = msgspec.Raw(b"")
+    recordedDate: msgspec.Raw = msgspec.Raw(b"")
+    performedDateTime: msgspec.Raw = msgspec.Raw(b"")
+    performedPeriod: msgspec.Raw = msgspec.Raw(b"")
+    date: msgspec.Raw = msgspec.Raw(b"")

@@ -154,7 +154,7 @@ class _Base:
         for part in plan_input(
             paths,
             general,
-            types=wanted_types(self.trials),
+            types=wanted_types(self.trials, as_of),
             partition_bytes=partition_bytes,
             spill_dir=spill_dir,
             slice_bytes=slice_bytes,

@@ -38,13 +38,14 @@ import os
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import date
 from pathlib import Path
 from typing import IO, Any, Final
 
 import msgspec
 from mypy_extensions import mypyc_attr
 
-from ._shapes import _Brief, _Concept, _Head, _Part
+from ._shapes import _Brief, _Concept, _Dated, _Head, _Part
 from .terminology import canonical_coding
 
 __all__ = [
@@ -416,6 +417,7 @@ _DECODE_HEAD: Final = msgspec.json.Decoder(_Head).decode
 _DECODE_BRIEF: Final = msgspec.json.Decoder(_Brief).decode
 _DECODE_CONCEPT: Final = msgspec.json.Decoder(_Concept | None).decode
 _DECODE_PARTS: Final = msgspec.json.Decoder(list[_Part]).decode
+_DECODE_DATED: Final = msgspec.json.Decoder(_Dated).decode
 _asdict = msgspec.structs.asdict
 
 
@@ -685,10 +687,28 @@ class ResourceFilter(frozenset[str]):
     grouping and indexing most of a record (vital signs, surveys, encounter procedures ...).
     The whole check needs only the resource's ``resourceType`` and ``code``
     (:func:`decode_head` keeps both).
+
+    With ``as_of`` and ``windows`` (the widest look-back window of the inputs that ask for a
+    code, when each has one), a kept line whose every code is asked for only within such
+    windows, and which is dated outside all of them, is :meth:`outdated`. The engine cannot
+    match such a resource; all it reads of it is its date, to name the latest ("the latest ...
+    is outside the window"), and whether its status lets it count. So of a patient's outdated
+    lines of one kind (type, code and statuses as written), the NDJSON reader keeps only the
+    latest (:func:`iter_ndjson_slice`): a long history of routine labs is mostly such lines.
     """
 
     known_codes: frozenset[tuple[str, str]]
     coded: frozenset[str]
+    #: the date :meth:`outdated` judges by, or None: no line is outdated
+    as_of: date | None
+    #: ``(type, system, code)`` -> the widest look-back window (days) of the inputs asking for
+    #: it, for the codes that only inputs with a window ask for
+    windows: dict[tuple[str, str, str], int]
+    #: per coded type whose dates :class:`_Dated` holds, its codes as written -> the window a
+    #: resource so coded must be dated within to be read whole (-1: read whole, whatever its date)
+    _code_windows: dict[str, dict[bytes, int]]
+    #: per such type, the elements the engine reads its date from
+    _dates_of: dict[str, tuple[str, ...]]
     #: per coded type, its codes as written -> :meth:`keeps_brief`'s verdict
     _verdicts: dict[str, dict[bytes, bool | None]]
     #: a component's code as written -> whether an input asks for it (see :meth:`_parts_kept`)
@@ -701,6 +721,8 @@ class ResourceFilter(frozenset[str]):
         types: Iterable[str],
         known_codes: Iterable[tuple[str, str]] = (),
         coded: Iterable[str] = (),
+        windows: dict[tuple[str, str, str], int] | None = None,
+        as_of: date | None = None,
     ) -> ResourceFilter:
         self = frozenset.__new__(cls, types)
         self.known_codes = frozenset(known_codes)
@@ -708,10 +730,21 @@ class ResourceFilter(frozenset[str]):
         self._loinc = frozenset(code for system, code in self.known_codes if system == _LOINC)
         self._verdicts = {rtype: {} for rtype in self.coded}
         self._part_verdicts = {}
+        self.windows = dict(windows or {})
+        self.as_of = as_of if self.windows else None
+        self._dates_of = {
+            rtype: names
+            for rtype in self.coded
+            if set(names := _date_fields(rtype)) <= _DATED_FIELDS
+        }
+        self._code_windows = {rtype: {} for rtype in self._dates_of}
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ResourceFilter, (tuple(self), self.known_codes, self.coded))
+        return (
+            ResourceFilter,
+            (tuple(self), self.known_codes, self.coded, self.windows, self.as_of),
+        )
 
     def keeps(self, resource: dict[str, Any]) -> bool:
         """Whether ``resource`` (of a type in the set) is read: it may matter to a criterion,
@@ -754,6 +787,86 @@ class ResourceFilter(frozenset[str]):
             # a panel whose own code is not wanted: kept when a part's code is (as in keeps)
             return self._parts_kept(brief.component)
         return verdict  # type: ignore[return-value]
+
+    def outdated(self, brief: _Brief, body: bytes) -> tuple[bytes, str] | None:
+        """For a line :meth:`keeps_brief` keeps: None when it may match an input (or is a
+        panel, or its dates cannot be read here); else it is dated outside every window that
+        asks for its code, and this is ``(what the engine reads of it besides its date, its
+        date)``: its code and statuses as written, and :func:`fhirmatch.engine._resource_date`
+        ("" for none). The engine cannot match such a resource; it only names the latest date
+        among those alike, to say that an older record exists."""
+        as_of = self.as_of
+        rtype = brief.resourceType
+        if as_of is None or rtype is None or brief.component:
+            return None
+        windows = self._code_windows.get(rtype)
+        if windows is None:
+            return None
+        code = bytes(brief.code)
+        days = windows.get(code)
+        if days is None:
+            days = self._window_of(rtype, code)
+            if len(windows) >= _MAX_VERDICTS:
+                windows.clear()
+            windows[code] = days
+        if days < 0:
+            return None
+        date_key, to_date = _ENGINE_DATES or _import_engine_dates()
+        when = None
+        if rtype == "Observation" and brief.effectiveDateTime:
+            # most lines: the brief read holds the date the engine reads first, and the status,
+            # the only one it reads of an Observation (inputs that filter on a clinical status
+            # have no window here: see fhirmatch.stream.wanted_types)
+            try:
+                when = date_key(_DECODE(brief.effectiveDateTime))
+            except (ValueError, RecursionError):
+                return None  # the whole decode reports it
+        if when:
+            status = bytes(brief.status) + b"\0\0"
+        else:
+            try:
+                dated = _DECODE_DATED(body)
+            except msgspec.DecodeError:
+                return None
+            for name in self._dates_of[rtype]:
+                raw = getattr(dated, name)
+                if raw:
+                    try:
+                        when = date_key(_DECODE(raw))
+                    except (ValueError, RecursionError):
+                        return None  # the whole decode reports it
+                    if when:
+                        break
+            statuses = (dated.status, dated.clinicalStatus, dated.verificationStatus)
+            status = b"\0".join([bytes(raw) for raw in statuses])
+        day = to_date(when) if when else None
+        if day is not None and (as_of - day).days <= days:
+            return None  # within a window: read whole
+        return code + b"\0" + status, when or ""
+
+    def _window_of(self, rtype: str, code: bytes) -> int:
+        """The widest window of the inputs asking for a resource of ``rtype`` coded ``code``
+        (its JSON text), or -1 when one of its codes may be found without a window (or in a way
+        other than by itself: a category above it, a ConceptMap)."""
+        try:
+            concept = _DECODE_CONCEPT(code) if code else None
+        except msgspec.DecodeError:
+            return -1
+        codings = concept.coding if concept is not None else None
+        if not codings:
+            return -1
+        widest = -1
+        for coding in codings:
+            system, value = coding.system, coding.code
+            if not isinstance(system, str) or not isinstance(value, str):
+                return -1
+            if system == _LOINC and value.strip() not in self._loinc:
+                continue  # an unknown LOINC code is found by nothing
+            days = self.windows.get((rtype, *canonical_coding(system, value)))
+            if days is None:
+                return -1
+            widest = max(widest, days)
+        return widest
 
     def _parts_kept(self, raw: msgspec.Raw) -> bool | None:
         """:meth:`_known_component` of the components as written, each part's code judged once
@@ -849,6 +962,30 @@ def _import_engine_rules() -> tuple[Callable[..., list[tuple[str, str]]], Callab
     return _ENGINE_RULES
 
 
+#: the engine's reading of a date element (``_date_key``, ``_to_date``), imported when first
+#: needed
+_ENGINE_DATES: tuple[Callable[[Any], str | None], Callable[[str], date | None]] | None = None
+
+
+def _import_engine_dates() -> tuple[Callable[[Any], str | None], Callable[[str], date | None]]:
+    global _ENGINE_DATES
+    from .engine import _date_key, _to_date
+
+    _ENGINE_DATES = (_date_key, _to_date)
+    return _ENGINE_DATES
+
+
+def _date_fields(rtype: str) -> tuple[str, ...]:
+    """The elements the engine reads a resource's date from, in its order of preference."""
+    from .engine import _DATE_FIELDS, _GENERIC_DATE_FIELDS
+
+    return _DATE_FIELDS.get(rtype, _GENERIC_DATE_FIELDS)
+
+
+#: the date elements :class:`_Dated` reads
+_DATED_FIELDS: Final = frozenset(_Dated.__struct_fields__)
+
+
 #: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)
 _TYPE_PATTERN = re.compile(rb'"resourceType"\s*:\s*"([A-Za-z]+)"')
 #: problem reporter: ``(line number or 0 for the whole file, text after "path: line N ")``
@@ -895,12 +1032,21 @@ def iter_ndjson_slice(
     does not keep. With ``head``, resources are only partly decoded, except Medications, which
     are kept whole: with ``types``, most lines into a :class:`_Brief` (type, code, subject;
     the resource is then yielded as just its type and subject), and any line of another shape by
-    :func:`decode_head` (enough to find its patient and judge its code). Bad lines are passed to
-    ``report`` and skipped.
+    :func:`decode_head` (enough to find its patient and judge its code). Of the lines
+    :meth:`ResourceFilter.outdated` finds in a run of one patient's lines, only the latest of
+    each kind is yielded, when the run ends (the others cannot change a result). Bad lines are
+    passed to ``report`` and skipped.
     """
     lineno = 0
     keeps = types.keeps if isinstance(types, ResourceFilter) else None
     keeps_brief = types.keeps_brief if isinstance(types, ResourceFilter) else None
+    outdated = None
+    if isinstance(types, ResourceFilter) and types.as_of is not None:
+        outdated = types.outdated
+    #: of the lines outdated in the current run of one patient's lines, the latest of each kind
+    #: (type, code, statuses): yielded when the run ends, the others dropped
+    held: dict[tuple[str, bytes], tuple[str, int, dict[str, Any], bytes]] = {}
+    held_ref = ""
     brief = _DECODE_BRIEF if head and types is not None else None
     try:
         with _open_binary(path) as fh:
@@ -934,7 +1080,21 @@ def iter_ndjson_slice(
                                 "resourceType": short.resourceType,
                                 "subject": {"reference": ref},
                             }
-                            yield lineno, routed, line.strip()
+                            body = line.strip()
+                            if outdated is not None:
+                                if ref != held_ref:
+                                    for _when, n, r, b in held.values():
+                                        yield n, r, b
+                                    held.clear()
+                                    held_ref = ref
+                                found = outdated(short, body)
+                                if found is not None:
+                                    kind = (short.resourceType, found[0])
+                                    had = held.get(kind)
+                                    if had is None or found[1] > had[0]:
+                                        held[kind] = (found[1], lineno, routed, body)
+                                    continue
+                            yield lineno, routed, body
                             continue
                 body = line.strip()
                 if not body:
@@ -982,6 +1142,8 @@ def iter_ndjson_slice(
                 yield lineno, res, body
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         report(0, f"cannot be read to the end ({type(exc).__name__})")
+    for _when, n, r, b in held.values():
+        yield n, r, b
     return lineno
 
 

@@ -37,6 +37,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -99,12 +100,25 @@ MEDICATION_TYPES = frozenset(
 )
 
 
-def wanted_types(trials: Sequence[Trial]) -> ResourceFilter:
+def wanted_types(trials: Sequence[Trial], as_of: date | None = None) -> ResourceFilter:
     """The resources screening ``trials`` reads: Patient, every data input's type, Medication
     when a medication resource may refer to one; and of the coded types (not Patient nor the
     medicines), only resources with a code that an input asks for (the same rule as the
-    engine's index: see :class:`~fhirmatch.records.ResourceFilter`)."""
+    engine's index: see :class:`~fhirmatch.records.ResourceFilter`). With ``as_of``, of the
+    resources dated outside every look-back window that asks for their code, only the latest of
+    each kind is read (:meth:`~fhirmatch.records.ResourceFilter.outdated`)."""
     inputs = [inp for t in trials for inp in t.all_inputs()]
+    windows: dict[tuple[str, str, str], int | None] = {}
+    for inp in inputs:
+        # an input that also filters on other elements (bodySite) or on a clinical status reads
+        # more of a resource outside its window than ResourceFilter.outdated keeps
+        days = inp.lookback_days
+        if inp.extra_filters or inp.clinical_status != "any":
+            days = None
+        for system, code in (*inp.codes, *inp.possible_codes):
+            key = (inp.resource_type, system, code)
+            had = windows.get(key, days)
+            windows[key] = None if had is None or days is None else max(had, days)
     types = {"Patient"} | {inp.resource_type for inp in inputs}
     if types & MEDICATION_TYPES:
         types.add("Medication")
@@ -114,7 +128,8 @@ def wanted_types(trials: Sequence[Trial]) -> ResourceFilter:
         # a diagnosis written in words under any code system the trials do not read is looked
         # for among all Conditions (the engine's TextDiagnosisRule): keep every one
         coded -= {"Condition"}
-    return ResourceFilter(types, known, coded)
+    bounded = {key: days for key, days in windows.items() if days is not None}
+    return ResourceFilter(types, known, coded, bounded, as_of)
 
 
 def partition_of(patient_id: str, partitions: int) -> int:

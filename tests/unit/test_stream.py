@@ -532,6 +532,150 @@ def test_code_filter_survives_pickling_for_worker_processes() -> None:
     assert not copy.keeps(_coded("Observation", "bp", "p1", (LOINC, "8480-6")))
 
 
+# --------------------------------------------------------------------------- outdated lines
+
+
+def test_wanted_types_give_each_code_the_widest_window_asking_for_it() -> None:
+    import datetime as dt
+
+    from fhirmatch.model import Criterion, DataInput, Trial
+
+    crea = frozenset({(LOINC, "2160-0")})
+    alt = frozenset({(LOINC, "1742-6")})
+    bili = frozenset({(LOINC, "1975-2")})
+    hb = frozenset({(LOINC, "718-7")})
+    inputs = (
+        DataInput(name="a", resource_type="Observation", codes=crea, lookback_days=14),
+        DataInput(name="b", resource_type="Observation", codes=crea, lookback_days=28),
+        DataInput(name="c", resource_type="Observation", codes=alt, lookback_days=28),
+        DataInput(name="d", resource_type="Observation", codes=alt),  # ever: no window
+        DataInput(
+            name="e",
+            resource_type="Observation",
+            codes=bili,
+            lookback_days=28,
+            extra_filters=(("bodySite", "https://example.org/vs"),),
+        ),
+        DataInput(
+            name="f",
+            resource_type="Observation",
+            codes=hb,
+            lookback_days=28,
+            clinical_status="active",
+        ),
+    )
+    crit = Criterion(id="c", kind="inclusion", text="d", inputs=inputs)
+    t = Trial(id="t", title="t", identifiers=(), criteria=(crit,), plan_definition_id="pd")
+    as_of = dt.date(2026, 11, 1)
+    wanted = wanted_types([t], as_of)
+    assert wanted.windows == {("Observation", LOINC, "2160-0"): 28}
+    assert wanted.as_of == as_of
+    assert wanted_types([t]).as_of is None  # without a date, every kept line is read whole
+
+
+def _dated(rid: str, pid: str, code: str, when: str | None, **more: Any) -> dict[str, Any]:
+    res = {**_coded("Observation", rid, pid, (LOINC, code)), "status": "final", **more}
+    if when is not None:
+        res["effectiveDateTime"] = when
+    return res
+
+
+def _outdated_export(path: Path) -> None:
+    rows = [
+        {"resourceType": "Patient", "id": "p1"},
+        _dated("new", "p1", "2160-0", "2026-10-20"),  # within 30 days: read whole
+        _dated("old1", "p1", "2160-0", "2024-01-01T08:00:00Z"),
+        _dated("old2", "p1", "2160-0", "2025-05-01", valueQuantity={"value": 1.1}),
+        _dated("old3", "p1", "2160-0", "2024-12-01"),
+        # another status is another kind: its own latest is kept
+        _dated("prelim", "p1", "2160-0", "2025-06-01", status="preliminary"),
+        # no date: never within a window, and no date to name: a dated one of its kind stands
+        # for it
+        _dated("nodate", "p1", "2160-0", None),
+        # dated by a period (read by the general path): the same kind as old1-old3, older
+        _dated("period", "p1", "2160-0", None, effectivePeriod={"start": "2022-01-01"}),
+        # a panel is always read whole
+        {**_dated("panel", "p1", "2160-0", "2020-01-01"), "component": []},
+        # asked for without a window: every one is read whole
+        _dated("alt1", "p1", "1742-6", "2019-01-01"),
+        _dated("alt2", "p1", "1742-6", "2020-01-01"),
+        {"resourceType": "Patient", "id": "p2"},
+        _dated("p2old", "p2", "2160-0", "2023-01-01"),
+        _dated("p2older", "p2", "2160-0", "2022-01-01"),
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("partitions", [None, 1, 3])
+def test_outdated_lines_keep_only_the_latest_of_each_kind(tmp_path: Path, partitions: Any) -> None:
+    """Of the lines dated outside every window that asks for their code, each patient keeps the
+    latest of each kind (code and statuses as written): all the engine reads of them is that
+    date. Patient-ordered, and through spill files."""
+    import datetime as dt
+
+    path = tmp_path / "export.ndjson"
+    _outdated_export(path)
+    windows = {("Observation", LOINC, "2160-0"): 30}
+    types = ResourceFilter(
+        {"Patient", "Observation"},
+        {(LOINC, "2160-0"), (LOINC, "1742-6")},
+        {"Observation"},
+        windows,
+        dt.date(2026, 11, 1),
+    )
+    problems: list[str] = []
+    if partitions is None:
+        got = list(iter_patient_records([path], problems=problems, types=types))
+    else:
+        got = list(
+            group_ndjson_by_patient(
+                [path], problems, partitions=partitions, types=types, spill_dir=tmp_path
+            )
+        )
+    kept = {rec.patient_id: sorted(r["id"] for r in rec.resources) for rec in got}
+    assert kept == {
+        "p1": sorted(["p1", "new", "old2", "prelim", "panel", "alt1", "alt2"]),
+        "p2": ["p2", "p2old"],
+    }
+    assert problems == []
+    # the kept line is read whole, as it was written
+    (old2,) = (r for rec in got for r in rec.resources if r["id"] == "old2")
+    assert old2["valueQuantity"] == {"value": 1.1}
+    # without the as-of date, nothing is dropped for its date
+    whole = ResourceFilter(types, types.known_codes, types.coded, windows)
+    (p1, p2) = iter_patient_records([path], types=whole)
+    assert len(p1.resources) == 11 and len(p2.resources) == 3
+
+
+def test_dropping_outdated_lines_changes_no_result(tmp_path: Path) -> None:
+    """The seed trials on one patient whose creatinine results are all older than the window:
+    reading the export drops all but the latest, and the results are those of the engine on
+    the whole record, down to the date the reason names."""
+    import datetime as dt
+
+    from fhirmatch.engine import Engine
+    from fhirmatch.executors import LocalExecutor
+    from fhirmatch.trials import load_trials
+
+    as_of = dt.date(2026, 11, 1)
+    trials = load_trials([Path(__file__).resolve().parents[2] / "fixtures" / "trials"])
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1960-05-05"}
+    labs = [
+        _dated(f"crea{n}", "p1", "2160-0", when, valueQuantity={"value": 0.9, "unit": "mg/dL"})
+        for n, when in enumerate(["2019-01-01", "2023-03-03", "2021-02-02"])
+    ]
+    path = tmp_path / "export.ndjson"
+    path.write_text("".join(json.dumps(x) + "\n" for x in [patient, *labs]), encoding="utf-8")
+    (rec,) = iter_patient_records([path], types=wanted_types(trials, as_of))
+    assert sorted(r["id"] for r in rec.resources) == ["crea1", "p1"]
+    engine = Engine(trials)
+    expected = [r.model_dump(mode="json") for r in engine.evaluate([patient, *labs], as_of=as_of)]
+    (got,) = LocalExecutor(engine).evaluate_files([path], as_of=as_of)
+    assert [r.model_dump(mode="json") for r in got[1]] == expected
+    reasons = json.dumps(expected)
+    assert "the latest, 2023-03-03, is outside the window" in reasons
+
+
 # --------------------------------------------------------------------------- slices
 
 
