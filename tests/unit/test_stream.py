@@ -328,6 +328,20 @@ CODE_FILTER = ResourceFilter(
 KEPT = ["p1", "crea", "local", "both", "c15", "text", "rx", "panel"]
 
 
+def _read(
+    path: Path, types: ResourceFilter, partitions: int | None, problems: list[str]
+) -> list[records.PatientRecord]:
+    """The records of ``path`` as the reader groups them (in memory or patient-ordered, as it
+    chooses), or through ``partitions`` spill files (beside ``path``)."""
+    if partitions is None:
+        return list(iter_patient_records([path], problems=problems, types=types))
+    return list(
+        group_ndjson_by_patient(
+            [path], problems, partitions=partitions, types=types, spill_dir=path.parent
+        )
+    )
+
+
 @pytest.mark.parametrize("partitions", [None, 3])
 def test_code_filter_drops_resources_no_input_can_find(tmp_path: Path, partitions: Any) -> None:
     """In memory, through spill files, and patient-ordered: the same resources are kept (those
@@ -335,15 +349,7 @@ def test_code_filter_drops_resources_no_input_can_find(tmp_path: Path, partition
     path = tmp_path / "export.ndjson"
     _code_filter_export(path)
     problems: list[str] = []
-    if partitions is None:
-        records = list(iter_patient_records([path], problems=problems, types=CODE_FILTER))
-    else:
-        records = list(
-            group_ndjson_by_patient(
-                [path], problems, partitions=partitions, types=CODE_FILTER, spill_dir=tmp_path
-            )
-        )
-    (rec,) = records
+    (rec,) = _read(path, CODE_FILTER, partitions, problems)
     assert sorted(r["id"] for r in rec.resources) == sorted(KEPT)
     assert problems == [f"{path}: line 9 (Observation/orphan) has no patient reference"]
 
@@ -561,7 +567,7 @@ def test_wanted_types_give_each_code_the_widest_window_asking_for_it() -> None:
             resource_type="Observation",
             codes=hb,
             lookback_days=28,
-            clinical_status="active",
+            clinical_status="current",
         ),
     )
     crit = Criterion(id="c", kind="inclusion", text="d", inputs=inputs)
@@ -624,14 +630,7 @@ def test_outdated_lines_keep_only_the_latest_of_each_kind(tmp_path: Path, partit
         dt.date(2026, 11, 1),
     )
     problems: list[str] = []
-    if partitions is None:
-        got = list(iter_patient_records([path], problems=problems, types=types))
-    else:
-        got = list(
-            group_ndjson_by_patient(
-                [path], problems, partitions=partitions, types=types, spill_dir=tmp_path
-            )
-        )
+    got = _read(path, types, partitions, problems)
     kept = {rec.patient_id: sorted(r["id"] for r in rec.resources) for rec in got}
     assert kept == {
         "p1": sorted(["p1", "new", "old2", "prelim", "panel", "alt1", "alt2"]),
