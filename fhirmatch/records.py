@@ -847,7 +847,9 @@ class ResourceFilter(frozenset[str]):
     def _window_of(self, rtype: str, code: bytes) -> int:
         """The widest window of the inputs asking for a resource of ``rtype`` coded ``code``
         (its JSON text), or -1 when one of its codes may be found without a window (or in a way
-        other than by itself: a category above it, a ConceptMap)."""
+        other than by itself: an ICD-10 category above it, a ConceptMap)."""
+        from .engine import ICD10_SYSTEMS
+
         try:
             concept = _DECODE_CONCEPT(code) if code else None
         except msgspec.DecodeError:
@@ -862,7 +864,10 @@ class ResourceFilter(frozenset[str]):
                 return -1
             if system == _LOINC and value.strip() not in self._loinc:
                 continue  # an unknown LOINC code is found by nothing
-            days = self.windows.get((rtype, *canonical_coding(system, value)))
+            system, value = canonical_coding(system, value)
+            if system in ICD10_SYSTEMS:
+                return -1  # an input asking for a category above it may have another window
+            days = self.windows.get((rtype, system, value))
             if days is None:
                 return -1
             widest = max(widest, days)

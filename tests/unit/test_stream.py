@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from fhirmatch import records
@@ -644,6 +645,37 @@ def test_outdated_lines_keep_only_the_latest_of_each_kind(tmp_path: Path, partit
     whole = ResourceFilter(types, types.known_codes, types.coded, windows)
     (p1, p2) = iter_patient_records([path], types=whole)
     assert len(p1.resources) == 11 and len(p2.resources) == 3
+
+
+def test_an_icd10_code_is_never_outdated() -> None:
+    """An ICD-10 code is also found through the categories above it, which other inputs may ask
+    for without a window: a line so coded is read whole whatever its date."""
+    import datetime as dt
+
+    from fhirmatch.records import _Brief
+
+    types = ResourceFilter(
+        {"Patient", "Condition"},
+        {(ICD10CM, "I21.4"), (ICD10CM, "I21")},
+        {"Condition"},
+        {("Condition", ICD10CM, "I21.4"): 180},
+        dt.date(2026, 11, 1),
+    )
+    old = {**_coded("Condition", "mi", "p1", (ICD10CM, "I21.4")), "onsetDateTime": "2001-01-01"}
+    line = json.dumps(old).encode()
+    brief = msgspec.json.decode(line, type=_Brief)
+    assert types.keeps_brief(brief) is True
+    assert types.outdated(brief, line) is None
+    # the same window on a code without a hierarchy: outdated
+    loinc = ResourceFilter(
+        {"Patient", "Observation"},
+        {(LOINC, "2160-0")},
+        {"Observation"},
+        {("Observation", LOINC, "2160-0"): 180},
+        dt.date(2026, 11, 1),
+    )
+    crea = json.dumps(_dated("crea", "p1", "2160-0", "2001-01-01")).encode()
+    assert loinc.outdated(msgspec.json.decode(crea, type=_Brief), crea) is not None
 
 
 def test_dropping_outdated_lines_changes_no_result(tmp_path: Path) -> None:
