@@ -707,8 +707,6 @@ class ResourceFilter(frozenset[str]):
     #: per coded type whose dates :class:`_Dated` holds, its codes as written -> the window a
     #: resource so coded must be dated within to be read whole (-1: read whole, whatever its date)
     _code_windows: dict[str, dict[bytes, int]]
-    #: per such type, the elements the engine reads its date from
-    _dates_of: dict[str, tuple[str, ...]]
     #: per coded type, its codes as written -> :meth:`keeps_brief`'s verdict
     _verdicts: dict[str, dict[bytes, bool | None]]
     #: a component's code as written -> whether an input asks for it (see :meth:`_parts_kept`)
@@ -732,12 +730,9 @@ class ResourceFilter(frozenset[str]):
         self._part_verdicts = {}
         self.windows = dict(windows or {})
         self.as_of = as_of if self.windows else None
-        self._dates_of = {
-            rtype: names
-            for rtype in self.coded
-            if set(names := _date_fields(rtype)) <= _DATED_FIELDS
+        self._code_windows = {
+            rtype: {} for rtype in self.coded if set(_date_fields(rtype)) <= set(_DATED_DATES)
         }
-        self._code_windows = {rtype: {} for rtype in self._dates_of}
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -811,7 +806,7 @@ class ResourceFilter(frozenset[str]):
             windows[code] = days
         if days < 0:
             return None
-        date_key, to_date = _ENGINE_DATES or _import_engine_dates()
+        date_key, resource_date, to_date = _ENGINE_DATES or _import_engine_dates()
         when = None
         if rtype == "Observation" and brief.effectiveDateTime:
             # most lines: the brief read holds the date the engine reads first, and the status,
@@ -828,15 +823,15 @@ class ResourceFilter(frozenset[str]):
                 dated = _DECODE_DATED(body)
             except msgspec.DecodeError:
                 return None
-            for name in self._dates_of[rtype]:
+            elements: dict[str, Any] = {"resourceType": rtype}
+            for name in _DATED_DATES:
                 raw = getattr(dated, name)
                 if raw:
                     try:
-                        when = date_key(_DECODE(raw))
+                        elements[name] = _DECODE(raw)
                     except (ValueError, RecursionError):
                         return None  # the whole decode reports it
-                    if when:
-                        break
+            when = resource_date(elements)
             statuses = (dated.status, dated.clinicalStatus, dated.verificationStatus)
             status = b"\0".join([bytes(raw) for raw in statuses])
         day = to_date(when) if when else None
@@ -967,16 +962,21 @@ def _import_engine_rules() -> tuple[Callable[..., list[tuple[str, str]]], Callab
     return _ENGINE_RULES
 
 
-#: the engine's reading of a date element (``_date_key``, ``_to_date``), imported when first
-#: needed
-_ENGINE_DATES: tuple[Callable[[Any], str | None], Callable[[str], date | None]] | None = None
+_DateRules = tuple[
+    Callable[[Any], str | None],
+    Callable[[dict[str, Any]], str | None],
+    Callable[[str], date | None],
+]
+#: the engine's reading of dates (``_date_key`` of one element, ``_resource_date`` of a
+#: resource, ``_to_date``), imported when first needed
+_ENGINE_DATES: _DateRules | None = None
 
 
-def _import_engine_dates() -> tuple[Callable[[Any], str | None], Callable[[str], date | None]]:
+def _import_engine_dates() -> _DateRules:
     global _ENGINE_DATES
-    from .engine import _date_key, _to_date
+    from .engine import _date_key, _resource_date, _to_date
 
-    _ENGINE_DATES = (_date_key, _to_date)
+    _ENGINE_DATES = (_date_key, _resource_date, _to_date)
     return _ENGINE_DATES
 
 
@@ -987,8 +987,10 @@ def _date_fields(rtype: str) -> tuple[str, ...]:
     return _DATE_FIELDS.get(rtype, _GENERIC_DATE_FIELDS)
 
 
-#: the date elements :class:`_Dated` reads
-_DATED_FIELDS: Final = frozenset(_Dated.__struct_fields__)
+#: the date elements :class:`_Dated` reads (its fields but the statuses)
+_DATED_DATES: Final = tuple(
+    name for name in _Dated.__struct_fields__ if not name.lower().endswith("status")
+)
 
 
 #: ``"resourceType": "X"`` anywhere in an NDJSON line (top level or contained resources)
