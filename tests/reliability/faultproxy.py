@@ -22,7 +22,8 @@ its query string (and, for ``POST [type]/_search``, the form body after a newlin
 ``times`` times (``None``: for ever), optionally after letting ``skip`` matching requests
 through. ``before_forward`` hooks run for every forwarded request (tests use them to change the
 server's data during a run). :class:`RandomFaults` adds faults at random rates to the requests no
-scheduled fault matched (a flaky network between a job and its server).
+scheduled fault matched (a flaky network between a job and its server), never more than a few in a
+row for one request.
 
 Upstream URLs in response bodies and ``Location`` headers are rewritten to the proxy's own
 origin, so ``next`` links keep paging through the proxy.
@@ -92,18 +93,37 @@ class Fault:
 class RandomFaults:
     """Faults drawn at random (seeded) for each request no scheduled fault matches: answer
     ``unavailable`` of them with 503, ``too_many`` with 429, and close the connection without
-    a reply after forwarding ``dropped`` of them (the server acted; its answer is lost)."""
+    a reply after forwarding ``dropped`` of them (the server acted; its answer is lost).
+
+    One request (the same method, target and body) meets at most ``max_in_a_row`` faults in a
+    row; the next attempt goes through. Concurrent requests take the seeded draws in an order
+    that depends on timing, so without the cap one request could, on a loaded machine, meet
+    enough faults in a row to exhaust any client's retries. With it, a client allowing more
+    attempts than ``max_in_a_row`` completes every request, whatever the order.
+    """
 
     unavailable: float = 0.0
     too_many: float = 0.0
     dropped: float = 0.0
     seed: int = 0
+    max_in_a_row: int = 3
     rng: random.Random = field(init=False)
+    in_a_row: dict[tuple[str, str, bytes], int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def draw(self) -> Fault | None:
+    def draw(self, method: str, target: str, body: bytes | None) -> Fault | None:
+        """The fault for this attempt of a request, if any (call under the proxy's lock)."""
+        key = (method, target, body or b"")
+        fault = self._draw()
+        if fault is None or self.in_a_row.get(key, 0) >= self.max_in_a_row:
+            self.in_a_row.pop(key, None)
+            return None
+        self.in_a_row[key] = self.in_a_row.get(key, 0) + 1
+        return fault
+
+    def _draw(self) -> Fault | None:
         x = self.rng.random()
         if x < self.unavailable:
             return Fault("status", status=503, times=None)
@@ -189,7 +209,7 @@ class FaultProxy:
                     break
             else:
                 if self.random is not None:
-                    chosen = self.random.draw()
+                    chosen = self.random.draw(method, target, body)
             self.seen.append(Seen(method, target, chosen.kind if chosen else None))
             return chosen
 

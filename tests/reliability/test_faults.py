@@ -198,7 +198,10 @@ def test_flaky_network_run_converges_to_a_clean_run(
 ) -> None:
     """Through a proxy answering 10% of requests with 503, 5% with 429 and dropping 3% of
     connections after the server acted, a concurrent run ends with exactly the ResearchSubjects
-    and Provenance of a clean run on the same population: none duplicated, nobody skipped."""
+    and Provenance of a clean run on the same population: none duplicated, nobody skipped.
+
+    The proxy faults one request at most three times in a row, fewer than the client's eight
+    attempts, so every request completes whatever order the concurrent requests take."""
     n = 30
     clean_tag, clean_ids = make_population(fhir_base_url, n)
     tag, ids = make_population(fhir_base_url, n)
@@ -228,6 +231,15 @@ def test_flaky_network_run_converges_to_a_clean_run(
     assert [s.written for s in flaky.summaries.values()] == [
         s.written for s in clean.summaries.values()
     ]
+
+
+def test_random_faults_stop_before_a_request_runs_out_of_attempts() -> None:
+    faults = RandomFaults(unavailable=1.0, max_in_a_row=3)
+    met = [faults.draw("GET", "/fhir/Patient?_id=a", None) is not None for _ in range(5)]
+    assert met == [True, True, True, False, True]
+    # another request (another target, or the same target with another body) has its own count
+    assert faults.draw("GET", "/fhir/Patient?_id=b", None) is not None
+    assert faults.draw("POST", "/fhir/Patient/_search", b"_id=a") is not None
 
 
 def test_retries_exhausted_skips_with_reason(
