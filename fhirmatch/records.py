@@ -396,7 +396,7 @@ def undecodable_problem(exc: ValueError | RecursionError) -> str:
 # Final name in a static variable instead of looking it up in the module's dict at each use
 #: the types :func:`iter_ndjson_slice` routes from a :class:`_Brief`: every FHIR type that
 #: belongs to one patient (not the Patient itself, nor the shared types)
-_ROUTABLE: Final = RESOURCE_TYPES - SHARED_TYPES - {"Patient"}
+_ROUTABLE: Final[frozenset[str]] = RESOURCE_TYPES - SHARED_TYPES - {"Patient"}
 #: patient id (or "" for none) of the references met lately (a patient's lines repeat one)
 _PATIENT_IDS: Final[dict[str, str]] = {}
 
@@ -783,13 +783,16 @@ class ResourceFilter(frozenset[str]):
             return self._parts_kept(brief.component)
         return verdict  # type: ignore[return-value]
 
-    def outdated(self, brief: _Brief, body: bytes) -> tuple[bytes, str] | None:
+    def outdated(
+        self, brief: _Brief, body: bytes, code: bytes | None = None
+    ) -> tuple[bytes, str] | None:
         """For a line :meth:`keeps_brief` keeps: None when it may match an input (or is a
         panel, or its dates cannot be read here); else it is dated outside every window that
         asks for its code, and this is ``(what the engine reads of it besides its date, its
         date)``: its code and statuses as written, and :func:`fhirmatch.engine._resource_date`
         ("" for none). The engine cannot match such a resource; it only names the latest date
-        among those alike, to say that an older record exists."""
+        among those alike, to say that an older record exists. ``code`` is ``bytes(brief.code)``
+        when the caller has it already."""
         as_of = self.as_of
         rtype = brief.resourceType
         if as_of is None or rtype is None or brief.component:
@@ -797,7 +800,8 @@ class ResourceFilter(frozenset[str]):
         windows = self._code_windows.get(rtype)
         if windows is None:
             return None
-        code = bytes(brief.code)
+        if code is None:
+            code = bytes(brief.code)
         days = windows.get(code)
         if days is None:
             days = self._window_of(rtype, code)
@@ -1047,14 +1051,26 @@ def iter_ndjson_slice(
     lineno = 0
     keeps = types.keeps if isinstance(types, ResourceFilter) else None
     keeps_brief = types.keeps_brief if isinstance(types, ResourceFilter) else None
+    #: per coded type, keeps_brief's table of verdicts by code as written: looked up here, so
+    #: that keeps_brief is called only for a code not judged yet (or a panel's parts)
+    verdicts: dict[str, dict[bytes, bool | None]] = {}
     outdated = None
-    if isinstance(types, ResourceFilter) and types.as_of is not None:
-        outdated = types.outdated
+    if isinstance(types, ResourceFilter):
+        verdicts = types._verdicts
+        if types.as_of is not None:
+            outdated = types.outdated
     #: of the lines outdated in the current run of one patient's lines, the latest of each kind
     #: (type, code, statuses): yielded when the run ends, the others dropped
     held: dict[tuple[str, bytes], tuple[str, int, dict[str, Any], bytes]] = {}
     held_ref = ""
     brief = _DECODE_BRIEF if head and types is not None else None
+    # what the previous line's type and subject came to: an export's file holds one type, and
+    # its lines come a patient at a time
+    last_type: str | None = None
+    routable = wanted = False
+    table: dict[bytes, bool | None] | None = None
+    last_ref = ""
+    last_pid = ""
     try:
         with _open_binary(path) as fh:
             if start > 0:
@@ -1070,23 +1086,37 @@ def iter_ndjson_slice(
                         short = brief(line)
                     except msgspec.DecodeError:
                         short = None  # another shape: read below
-                    if (
-                        short is not None
-                        and short.resourceType in _ROUTABLE
-                        and short.subject is not None
-                        and (ref := short.subject.reference) is not None
-                        and _patient_of(ref)
-                    ):
-                        if short.resourceType not in types:  # type: ignore[operator]
+                    if short is not None:
+                        rtype = short.resourceType
+                        if rtype != last_type:
+                            last_type = rtype
+                            routable = rtype is not None and rtype in _ROUTABLE
+                            wanted = routable and rtype in types  # type: ignore[operator]
+                            table = verdicts.get(rtype) if rtype is not None else None
+                        subject = short.subject
+                        if routable and subject is not None:
+                            ref = subject.reference
+                            if ref is not None and ref != last_ref:
+                                last_ref = ref
+                                last_pid = _patient_of(ref)
+                        else:
+                            ref = None
+                    if short is not None and ref is not None and last_pid:
+                        if not wanted:
                             continue
-                        kept = True if keeps is None else keeps_brief(short)  # type: ignore[misc]
+                        rtype = last_type
+                        assert rtype is not None
+                        code = b""
+                        kept: object = True  # or False, None: keeps_brief's verdict
+                        if table is not None:
+                            code = bytes(short.code)
+                            kept = table.get(code, _UNJUDGED)
+                            if kept is _UNJUDGED or (kept is False and short.component):
+                                kept = keeps_brief(short)  # type: ignore[misc]
                         if kept is False:
                             continue
                         if kept is True:
-                            routed = {
-                                "resourceType": short.resourceType,
-                                "subject": {"reference": ref},
-                            }
+                            routed = {"resourceType": rtype, "subject": {"reference": ref}}
                             body = line.strip()
                             if outdated is not None:
                                 if ref != held_ref:
@@ -1094,9 +1124,9 @@ def iter_ndjson_slice(
                                         yield n, r, b
                                     held.clear()
                                     held_ref = ref
-                                found = outdated(short, body)
+                                found = None if table is None else outdated(short, body, code)
                                 if found is not None:
-                                    kind = (short.resourceType, found[0])
+                                    kind = (rtype, found[0])
                                     had = held.get(kind)
                                     if had is None or found[1] > had[0]:
                                         held[kind] = (found[1], lineno, routed, body)
