@@ -1087,12 +1087,12 @@ def iter_ndjson_slice(
                     except msgspec.DecodeError:
                         short = None  # another shape: read below
                     if short is not None:
-                        rtype = short.resourceType
-                        if rtype != last_type:
-                            last_type = rtype
-                            routable = rtype is not None and rtype in _ROUTABLE
-                            wanted = routable and rtype in types  # type: ignore[operator]
-                            table = verdicts.get(rtype) if rtype is not None else None
+                        btype = short.resourceType
+                        if btype != last_type:
+                            last_type = btype
+                            routable = btype is not None and btype in _ROUTABLE
+                            wanted = routable and btype in types  # type: ignore[operator]
+                            table = verdicts.get(btype) if btype is not None else None
                         subject = short.subject
                         if routable and subject is not None:
                             ref = subject.reference
@@ -1104,8 +1104,8 @@ def iter_ndjson_slice(
                     if short is not None and ref is not None and last_pid:
                         if not wanted:
                             continue
-                        rtype = last_type
-                        assert rtype is not None
+                        btype = last_type
+                        assert btype is not None
                         code = b""
                         kept: object = True  # or False, None: keeps_brief's verdict
                         if table is not None:
@@ -1116,7 +1116,7 @@ def iter_ndjson_slice(
                         if kept is False:
                             continue
                         if kept is True:
-                            routed = {"resourceType": rtype, "subject": {"reference": ref}}
+                            routed = {"resourceType": btype, "subject": {"reference": ref}}
                             body = line.strip()
                             if outdated is not None:
                                 if ref != held_ref:
@@ -1126,7 +1126,7 @@ def iter_ndjson_slice(
                                     held_ref = ref
                                 found = None if table is None else outdated(short, body, code)
                                 if found is not None:
-                                    kind = (rtype, found[0])
+                                    kind = (btype, found[0])
                                     had = held.get(kind)
                                     if had is None or found[1] > had[0]:
                                         held[kind] = (found[1], lineno, routed, body)
