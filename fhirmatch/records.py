@@ -1104,8 +1104,7 @@ def iter_ndjson_slice(
                     if short is not None and ref is not None and last_pid:
                         if not wanted:
                             continue
-                        btype = last_type
-                        assert btype is not None
+                        assert btype is not None  # routable: this line's type, last_type
                         code = b""
                         kept: object = True  # or False, None: keeps_brief's verdict
                         if table is not None:
