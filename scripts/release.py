@@ -9,13 +9,17 @@
 * for each CPython found (3.11 or newer, with its headers), the compiled wheel built from the same
   sdist (``FHIRMATCH_COMPILE=1``, see ``setup.py``) and repaired by auditwheel, which checks that
   it needs nothing of the build machine but glibc and tags it ``manylinux_2_X`` accordingly;
+* the wheels of every dependency, the ``sandbox`` extra's included, for each of those Pythons and
+  for the same platform (``pip download --only-binary :all: --platform manylinux_2_X``), so that
+  the folder installs on a machine with no package index (``--no-dependencies`` leaves them out);
 * ``SHA256SUMS``.
 
-Then it checks the release as installed: for each of those Pythons, a fresh venv installs
-``fhirmatch==<version>`` with ``--find-links <out>`` (its dependencies come from the package index),
-and the installed distribution must be that Python's compiled wheel, as pip prefers a wheel made
-for the platform to the pure one. A last venv installs the pure wheel. Each evaluates the bundled
-demo patients against the bundled trials, and every output must be the same, byte for byte.
+Then it checks the release as installed, with ``--find-links <out>`` and, when the folder holds
+the dependencies, ``--no-index``: for each of those Pythons a fresh venv installs
+``fhirmatch[sandbox]==<version>``, and the installed distribution must be that Python's compiled
+wheel, as pip prefers a wheel made for the platform to the pure one. Another venv installs the
+pure wheel. Each evaluates the bundled demo patients against the bundled trials, and every output
+must be the same, byte for byte.
 
 Pythons: ``--python`` names them; without it, the one running this script, then every
 ``python3.N`` on ``PATH`` and under ``$PYENV_ROOT/versions`` (or ``~/.pyenv/versions``) that works.
@@ -149,10 +153,12 @@ def wheel_tags(wheel: Path) -> tuple[str, str, str]:
 class Release:
     """One release run: its output folder, a scratch folder for venvs and logs, and the steps."""
 
-    def __init__(self, out: Path, scratch: Path, version: str) -> None:
+    def __init__(self, out: Path, scratch: Path, version: str, *, offline: bool) -> None:
         self.out = out
         self.scratch = scratch
         self.version = version
+        #: whether the folder holds the dependencies, so installs use no package index
+        self.offline = offline
         self.logs = scratch / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         # nothing of the caller's environment that changes a build or an install
@@ -184,11 +190,14 @@ class Release:
         print(f"  {name}: {time.monotonic() - started:.0f} s", flush=True)
         return proc.stdout
 
-    def venv(self, name: str, python: Python) -> Path:
-        """A fresh venv of ``python`` with an up-to-date pip; its ``bin`` folder."""
+    def venv(self, name: str, python: Python, *, upgrade_pip: bool) -> Path:
+        """A fresh venv of ``python``, with the pip that Python bundles or the latest one; its
+        ``bin`` folder."""
         root = self.scratch / name
         self.run(f"{name}-venv", [python.path, "-m", "venv", "--clear", root])
         bin_ = root / "bin"
+        if not upgrade_pip:
+            return bin_
         self.run(
             f"{name}-pip",
             [
@@ -218,7 +227,7 @@ class Release:
 
     def compiled_wheel(self, python: Python, sdist: Path) -> Path:
         """The compiled wheel of ``python``, built from ``sdist`` and repaired into ``out``."""
-        bin_ = self.venv(f"build-{python.minor}", python)
+        bin_ = self.venv(f"build-{python.minor}", python, upgrade_pip=True)
         self.run(
             f"build-{python.minor}-frontend",
             [
@@ -252,8 +261,9 @@ class Release:
         return wheel
 
     def install(self, name: str, python: Python, requirement: str) -> Path:
-        """A fresh venv of ``python`` with ``requirement`` installed, from ``out`` or a file."""
-        bin_ = self.venv(name, python)
+        """A fresh venv of ``python`` with ``requirement`` installed, from ``out`` or a file, by
+        the pip that Python bundles (as on a machine that installs with no package index)."""
+        bin_ = self.venv(name, python, upgrade_pip=False)
         self.run(
             f"{name}-install",
             [
@@ -263,12 +273,45 @@ class Release:
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
+                *(["--no-index"] if self.offline else []),
                 "--find-links",
                 self.out,
                 requirement,
             ],
         )
         return bin_
+
+    def dependencies(self, python: Python, wheel: Path) -> None:
+        """Every dependency's wheel for ``python`` on ``wheel``'s platform, into ``out``."""
+        platforms = [
+            p for p in wheel_tags(wheel)[2].split(".") if re.fullmatch(r"manylinux_\d+_\d+_\w+", p)
+        ]
+        if not platforms:
+            raise ReleaseError(f"{wheel.name}: no manylinux_X_Y platform tag")
+        self.run(
+            f"dependencies-{python.minor}",
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--dest",
+                self.out,
+                "--find-links",
+                self.out,
+                "--only-binary",
+                ":all:",
+                "--platform",
+                platforms[0],
+                "--implementation",
+                "cp",
+                "--python-version",
+                python.minor,
+                f"fhirmatch[sandbox]=={self.version}",
+            ],
+        )
 
     def installed_tags(self, bin_: Path) -> list[str]:
         """The tags in the ``WHEEL`` file of the fhirmatch installed in ``bin_``'s venv."""
@@ -337,22 +380,25 @@ class Release:
         return sums
 
 
-def release(out: Path, pythons: list[Python], version: str, scratch: Path) -> list[Path]:
-    """Build and check everything (see the module's docstring); the files written."""
-    rel = Release(out, scratch, version)
-    this = probe(sys.executable)
-    if this is None:
-        raise ReleaseError(f"{sys.executable} cannot build fhirmatch (no headers or venv)")
-    print(f"sdist and pure wheel (Python {this.minor})", flush=True)
+def release(
+    out: Path, pythons: list[Python], version: str, scratch: Path, *, dependencies: bool
+) -> list[Path]:
+    """Build and check everything (see the module's docstring); fhirmatch's own files."""
+    rel = Release(out, scratch, version, offline=dependencies)
+    print("sdist and pure wheel", flush=True)
     sdist = rel.sdist()
     pure = rel.pure_wheel(sdist)
     compiled: dict[Python, Path] = {}
     for python in pythons:
         print(f"compiled wheel for Python {python.minor} ({python.path})", flush=True)
         compiled[python] = rel.compiled_wheel(python, sdist)
+    if dependencies:
+        print("dependencies", flush=True)
+        for python, wheel in compiled.items():
+            rel.dependencies(python, wheel)
 
-    print("checking the installs", flush=True)
-    bin_ = rel.install("pure", this, str(pure))
+    print("checking the installs" + (" (no package index)" if dependencies else ""), flush=True)
+    bin_ = rel.install("pure", pythons[0], f"{pure}[sandbox]")
     if any(rel.compiled_modules(bin_)):
         raise ReleaseError("the pure wheel holds compiled modules")
     reference = rel.evaluate(bin_)
@@ -360,7 +406,7 @@ def release(out: Path, pythons: list[Python], version: str, scratch: Path) -> li
         raise ReleaseError("the pure wheel evaluated no patients")
     for python, wheel in compiled.items():
         name = f"installed-{python.minor}"
-        bin_ = rel.install(name, python, f"fhirmatch=={version}")
+        bin_ = rel.install(name, python, f"fhirmatch[sandbox]=={version}")
         tags = rel.installed_tags(bin_)
         expected = wheel_tags(wheel)
         if not tags or any(not t.startswith(f"{expected[0]}-{expected[1]}-") for t in tags):
@@ -395,6 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a CPython to build a compiled wheel for (repeat; default: every one found)",
     )
     parser.add_argument(
+        "--no-dependencies",
+        action="store_true",
+        help="leave the dependencies' wheels out (installs then need a package index)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the scratch folder (venvs, logs) and say where"
     )
     args = parser.parse_args(argv)
@@ -420,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True)
     scratch = Path(tempfile.mkdtemp(prefix="fhirmatch-release-"))
     try:
-        files = release(out, pythons, version, scratch)
+        files = release(out, pythons, version, scratch, dependencies=not args.no_dependencies)
     except ReleaseError as exc:
         print(f"release failed: {exc}\n(logs: {scratch / 'logs'})", file=sys.stderr)
         args.keep = True
@@ -432,9 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     for path in files:
         print(f"{path.stat().st_size:>12,}  {path.relative_to(out.parent)}")
+    others = [p for p in out.iterdir() if p not in files]
+    if others:
+        size = sum(p.stat().st_size for p in others)
+        print(f"{size:>12,}  {len(others)} wheels of dependencies")
     print(
-        f"checked: pip chose the compiled wheel on Python {', '.join(p.minor for p in pythons)},"
-        " and each gave the pure wheel's results byte for byte"
+        f"checked: pip chose the compiled wheel on Python {', '.join(p.minor for p in pythons)}"
+        + (" with no package index" if others else "")
+        + ", and each gave the pure wheel's results byte for byte"
     )
     return 0
 
