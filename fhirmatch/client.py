@@ -10,6 +10,7 @@ to another scheme/host/port, and stops when a ``next`` link repeats.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,6 +28,9 @@ from .errors import (
     PreconditionFailed,
 )
 from .http import HttpTransport, RetryPolicy, Timeouts, TransportStats, redact_url, same_origin
+from .records import LONE_SURROGATE, mend_lone_surrogates
+
+log = logging.getLogger(__name__)
 
 #: the least read timeout for ``GET /metadata`` (seconds)
 METADATA_READ_TIMEOUT = 60.0
@@ -632,6 +636,17 @@ class FhirClient:
             raise DataError(where, "server answer is not JSON") from None
         if not isinstance(body, dict):
             raise DataError(where, "server answer is not a JSON object")
+        content = response.content
+        if b"\\ud" in content or b"\\uD" in content:  # a surrogate comes only from an escape
+            body, mended = mend_lone_surrogates(body)
+            if mended:
+                log.warning(
+                    "%s: %d string(s) of the server's answer hold a %s; each such character "
+                    "is read as U+FFFD",
+                    where,
+                    mended,
+                    LONE_SURROGATE,
+                )
         return body
 
 

@@ -376,6 +376,42 @@ def decode_json(data: bytes | memoryview) -> Any:
 #: the reason of the UnicodeDecodeError :func:`decode_json` raises for a lone surrogate escape
 LONE_SURROGATE = "a \\u escape of a lone surrogate, which is not Unicode text"
 
+#: a surrogate code point, which a str holds only from a lone escape (built with chr: mypyc
+#: refuses surrogates in literals)
+_SURROGATE: Final = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]")
+
+
+def mend_lone_surrogates(value: Any) -> tuple[Any, int]:
+    """``value``, decoded JSON, with every lone surrogate in its strings and keys (what a
+    ``"\\udc80"`` escape decodes to) replaced by U+REPLACEMENT CHARACTER, and how many strings
+    held one. A valid pair of escapes is one character once decoded, so it is left alone.
+
+    For a FHIR server's answers: a resource holding such text is kept, and only the character
+    that is not Unicode is lost (its codes are ASCII). Without this, a unit or a display holding
+    one would reach a result's reason, and the result could not be written as UTF-8."""
+    if isinstance(value, str):
+        if value.isascii() or _SURROGATE.search(value) is None:
+            return value, 0
+        return _SURROGATE.sub("\ufffd", value), 1
+    if isinstance(value, list):
+        mended = 0
+        items = []
+        for item in value:
+            item, n = mend_lone_surrogates(item)
+            items.append(item)
+            mended += n
+        return (items if mended else value), mended
+    if isinstance(value, dict):
+        mended = 0
+        pairs = []
+        for key, item in value.items():
+            key, k = mend_lone_surrogates(key)
+            item, n = mend_lone_surrogates(item)
+            pairs.append((key, item))
+            mended += k + n
+        return (dict(pairs) if mended else value), mended
+    return value, 0
+
 
 def unicode_problem(exc: UnicodeDecodeError) -> str:
     """What is wrong with text :func:`decode_json` refused as not Unicode."""

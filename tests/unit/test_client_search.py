@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import urllib.parse
 from typing import Any
 
@@ -217,3 +219,39 @@ def test_client_repr_has_no_secret() -> None:
     c = FhirClient(ClientConfig("https://x.org/fhir", auth=BearerAuth("tok-secret-42")))
     assert "tok-secret-42" not in repr(c)
     assert "https://x.org/fhir" in repr(c)
+
+
+@responses.activate
+def test_a_lone_surrogate_in_an_answer_is_read_as_a_replacement_character(
+    client: FhirClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # JSON allows "\udc80" alone, but it is not Unicode text: a result quoting it (a unit in a
+    # reason) could not be written as UTF-8. A pair of escapes is one character and stays.
+    text = (
+        '{"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": '
+        '{"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"}, '
+        '"code": {"text": "Kreatinin \\ud83d\\ude00"}, '
+        '"valueQuantity": {"value": 1.0, "unit": "mg\\udc80dL"}}, "search": {"mode": "match"}}]}'
+    )
+    responses.get(f"{BASE}/Observation", body=text, content_type="application/fhir+json")
+    with caplog.at_level(logging.WARNING, logger="fhirmatch.client"):
+        (resource,) = client.search_all("Observation", {}).matches
+    assert resource["valueQuantity"]["unit"] == "mg\ufffddL"
+    assert resource["code"]["text"] == "Kreatinin \U0001f600"
+    json.dumps(resource, ensure_ascii=False).encode("utf-8")  # can be written out again
+    (record,) = [r for r in caplog.records if r.name == "fhirmatch.client"]
+    assert "1 string(s)" in record.getMessage() and "lone surrogate" in record.getMessage()
+    assert "mg" not in record.getMessage()  # no patient data in the log
+
+
+@responses.activate
+def test_an_answer_without_lone_surrogates_is_kept_as_it_is(
+    client: FhirClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = page([obs(1)], None)
+    body["entry"][0]["resource"]["note"] = [{"text": "\\ud83d is text here, not an escape"}]
+    responses.get(f"{BASE}/Observation", json=body)
+    with caplog.at_level(logging.WARNING, logger="fhirmatch.client"):
+        (resource,) = client.search_all("Observation", {}).matches
+    assert resource == body["entry"][0]["resource"]
+    assert not [r for r in caplog.records if r.name == "fhirmatch.client"]
