@@ -196,22 +196,14 @@ class Release:
         root = self.scratch / name
         self.run(f"{name}-venv", [python.path, "-m", "venv", "--clear", root])
         bin_ = root / "bin"
-        if not upgrade_pip:
-            return bin_
-        self.run(
-            f"{name}-pip",
-            [
-                bin_ / "python",
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--upgrade",
-                "pip",
-            ],
-        )
+        if upgrade_pip:
+            self.pip(f"{name}-pip", bin_ / "python", "install", "--upgrade", "pip")
         return bin_
+
+    def pip(self, name: str, python: Path, command: str, *args: str | Path) -> str:
+        """``python -m pip command args``, quietly; see :meth:`run`."""
+        quiet = ("--quiet", "--disable-pip-version-check")
+        return self.run(name, [python, "-m", "pip", command, *quiet, *args])
 
     def sdist(self) -> Path:
         self.run("sdist", [sys.executable, "-m", "build", "--sdist", "--outdir", self.out, REPO])
@@ -228,18 +220,7 @@ class Release:
     def compiled_wheel(self, python: Python, sdist: Path) -> Path:
         """The compiled wheel of ``python``, built from ``sdist`` and repaired into ``out``."""
         bin_ = self.venv(f"build-{python.minor}", python, upgrade_pip=True)
-        self.run(
-            f"build-{python.minor}-frontend",
-            [
-                bin_ / "python",
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                BUILD,
-            ],
-        )
+        self.pip(f"build-{python.minor}-frontend", bin_ / "python", "install", BUILD)
         raw = self.scratch / f"raw-{python.minor}"
         self.run(
             f"wheel-{python.minor}",
@@ -264,20 +245,15 @@ class Release:
         """A fresh venv of ``python`` with ``requirement`` installed, from ``out`` or a file, by
         the pip that Python bundles (as on a machine that installs with no package index)."""
         bin_ = self.venv(name, python, upgrade_pip=False)
-        self.run(
+        index = ["--no-index"] if self.offline else []
+        self.pip(
             f"{name}-install",
-            [
-                bin_ / "python",
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                *(["--no-index"] if self.offline else []),
-                "--find-links",
-                self.out,
-                requirement,
-            ],
+            bin_ / "python",
+            "install",
+            *index,
+            "--find-links",
+            self.out,
+            requirement,
         )
         return bin_
 
@@ -288,29 +264,14 @@ class Release:
         ]
         if not platforms:
             raise ReleaseError(f"{wheel.name}: no manylinux_X_Y platform tag")
-        self.run(
+        self.pip(
             f"dependencies-{python.minor}",
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--dest",
-                self.out,
-                "--find-links",
-                self.out,
-                "--only-binary",
-                ":all:",
-                "--platform",
-                platforms[0],
-                "--implementation",
-                "cp",
-                "--python-version",
-                python.minor,
-                f"fhirmatch[sandbox]=={self.version}",
-            ],
+            Path(sys.executable),
+            "download",
+            *("--dest", self.out, "--find-links", self.out, "--only-binary", ":all:"),
+            *("--platform", platforms[0], "--implementation", "cp"),
+            *("--python-version", python.minor),
+            f"fhirmatch[sandbox]=={self.version}",
         )
 
     def installed_tags(self, bin_: Path) -> list[str]:
