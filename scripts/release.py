@@ -3,7 +3,7 @@
     .venv/bin/python scripts/release.py [--out DIR] [--python PATH]...
 
 (``sh scripts/release.sh`` sets up ``.venv`` first and runs this.) It writes, into ``--out``
-(default ``dist/<version>``, emptied first):
+(default ``dist/<version>``; emptied first, so it must be new, empty or made by this script):
 
 * the sdist, and the pure-Python wheel built from it (``py3-none-any``: runs anywhere);
 * for each CPython found (3.11 or newer, with its headers), the compiled wheel built from the same
@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = "build>=1.2,<2"
 #: the oldest Python fhirmatch supports (``requires-python`` in pyproject.toml)
 OLDEST = (3, 11)
+#: the file that marks a folder this script made, and may empty (``--out``)
+MARKER = ".fhirmatch-release"
 #: what each installed build evaluates; the outputs must be identical
 AS_OF = "2026-11-01"
 #: what an interpreter reports of itself: version, implementation, headers, venv support
@@ -333,7 +335,7 @@ class Release:
     def checksums(self) -> Path:
         lines = []
         for path in sorted(self.out.iterdir()):
-            if path.is_file() and path.name != "SHA256SUMS":
+            if path.is_file() and path.name not in ("SHA256SUMS", MARKER):
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 lines.append(f"{digest}  {path.name}\n")
         sums = self.out / "SHA256SUMS"
@@ -416,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = (args.out or REPO / "dist" / version).resolve()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out}: not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        # it is emptied first: only ever a folder this script made
+        parser.error(f"--out {out}: holds files, and is not a release folder; name a new one")
     try:
         pythons = find_pythons(args.python, dict(os.environ))
     except ReleaseError as exc:
@@ -430,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("made by scripts/release.py, which empties it\n", encoding="utf-8")
     scratch = Path(tempfile.mkdtemp(prefix="fhirmatch-release-"))
     try:
         files = release(out, pythons, version, scratch, dependencies=not args.no_dependencies)
@@ -444,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     for path in files:
         print(f"{path.stat().st_size:>12,}  {path.relative_to(out.parent)}")
-    others = [p for p in out.iterdir() if p not in files]
+    others = [p for p in out.iterdir() if p not in files and p.name != MARKER]
     if others:
         size = sum(p.stat().st_size for p in others)
         print(f"{size:>12,}  {len(others)} wheels of dependencies")

@@ -93,3 +93,11 @@ def test_wheel_tags(release: ModuleType) -> None:
     assert release.wheel_tags(Path("fhirmatch-0.1.0-py3-none-any.whl")) == ("py3", "none", "any")
     with pytest.raises(release.ReleaseError):
         release.wheel_tags(Path("fhirmatch-0.1.0.tar.gz"))
+
+
+def test_a_folder_it_did_not_make_is_never_emptied(release: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("someone's file", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        release.main(["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert (tmp_path / "keep.txt").read_text(encoding="utf-8") == "someone's file"
