@@ -383,12 +383,13 @@ _SURROGATE: Final = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]")
 
 def mend_lone_surrogates(value: Any) -> tuple[Any, int]:
     """``value``, decoded JSON, with every lone surrogate in its strings and keys (what a
-    ``"\\udc80"`` escape decodes to) replaced by U+REPLACEMENT CHARACTER, and how many strings
-    held one. A valid pair of escapes is one character once decoded, so it is left alone.
+    ``"\\udc80"`` escape decodes to) replaced by U+FFFD REPLACEMENT CHARACTER, and how many
+    strings held one. A valid pair of escapes is one character once decoded, so it is left alone.
 
     For a FHIR server's answers: a resource holding such text is kept, and only the character
-    that is not Unicode is lost (its codes are ASCII). Without this, a unit or a display holding
-    one would reach a result's reason, and the result could not be written as UTF-8."""
+    that is not Unicode is lost (a code or an id is almost always ASCII). Without this, a unit or a
+    display holding one would reach a result's reason, and the result could not be written as
+    UTF-8."""
     if isinstance(value, str):
         if value.isascii() or _SURROGATE.search(value) is None:
             return value, 0
