@@ -641,7 +641,7 @@ class FhirClient:
             body, mended = mend_lone_surrogates(body)
             if mended:
                 log.warning(
-                    "%s: %d string(s) of the server's answer hold a %s; each such character "
+                    "%s: %d string(s) of the server's answer hold %s; each such character "
                     "is read as U+FFFD",
                     where,
                     mended,
