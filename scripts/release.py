@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -43,6 +42,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compiled_check  # beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 #: the ``build`` frontend installed into each Python's build venv (as in the ``test`` extra)
@@ -313,21 +315,13 @@ class Release:
 
     def compiled_modules(self, bin_: Path) -> list[bool]:
         """For each module setup.py compiles, whether the installed one is an extension."""
-        spec = importlib.util.spec_from_file_location("fhirmatch_setup", REPO / "setup.py")
-        assert spec is not None and spec.loader is not None
-        setup = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(setup)
-        names = [p.removesuffix(".py").replace("/", ".") for p in setup.COMPILED_MODULES]
         out = self.run(
             f"modules-{bin_.parent.name}",
             [
                 bin_ / "python",
                 "-c",
-                "import importlib, importlib.machinery, json, sys\n"
-                "suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)\n"
-                "print(json.dumps([importlib.import_module(n).__file__.endswith(suffixes)"
-                " for n in json.loads(sys.argv[1])]))",
-                json.dumps(names),
+                compiled_check.PROBE,
+                json.dumps(compiled_check.module_names()),
             ],
         )
         return list(json.loads(out))

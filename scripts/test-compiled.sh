@@ -18,13 +18,5 @@ cd "$work/src"
 FHIRMATCH_COMPILE=1 "$root/.venv/bin/python" setup.py --quiet build_ext --inplace \
     >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; echo "$0: the compiled build failed" >&2; exit 1; }
 # every module setup.py compiles must now load as an extension
-PYTHONPATH="$work/src" "$root/.venv/bin/python" -c '
-import importlib, importlib.machinery, importlib.util
-spec = importlib.util.spec_from_file_location("fhirmatch_setup", "setup.py")
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
-for path in build.COMPILED_MODULES:
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), module
-print("compiled:", ", ".join(build.COMPILED_MODULES))'
+PYTHONPATH="$work/src" "$root/.venv/bin/python" scripts/compiled_check.py compiled
 PYTHONPATH="$work/src" "$root/.venv/bin/python" -m pytest -m "not slow" -q -p no:cacheprovider "$@"

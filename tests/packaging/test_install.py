@@ -145,20 +145,15 @@ def test_the_installed_package_is_the_wheel(installed: Installed) -> None:
 
 
 def test_the_build_is_what_it_says(installed: Installed) -> None:
-    spec = importlib.util.spec_from_file_location("fhirmatch_setup", REPO / "setup.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    compiled = [p.removesuffix(".py").replace("/", ".") for p in build.COMPILED_MODULES]
-    assert "fhirmatch.engine" in compiled
-    out = installed.python(
-        "import importlib, importlib.machinery, json, sys\n"
-        "suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)\n"
-        "names = json.loads(sys.argv[1])\n"
-        "print(json.dumps([importlib.import_module(n).__file__.endswith(suffixes)"
-        " for n in names]))",
-        json.dumps(["fhirmatch.cli", *compiled]),
+    spec = importlib.util.spec_from_file_location(
+        "compiled_check", REPO / "scripts/compiled_check.py"
     )
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    compiled = check.module_names()
+    assert "fhirmatch.engine" in compiled
+    out = installed.python(check.PROBE, json.dumps(["fhirmatch.cli", *compiled]))
     cli, *hot = json.loads(out)
     assert not cli  # only the modules setup.py names are compiled
     assert hot == [installed.compiled] * len(compiled)
