@@ -43,7 +43,10 @@ environment, so a checkout's first run writes ``__pycache__`` and the others rea
 (pure Python); ``compiled`` is the build ``FHIRMATCH_COMPILE=1`` makes (``setup.py``: the
 per-line and per-patient modules compiled with mypyc), made once per run in a temporary copy of
 the package (``setup.py build_ext --inplace``; it needs mypy, from the ``dev`` extra, and a C
-compiler). The runs of the builds alternate, so each meets the same moments of the machine.
+compiler). ``--installed VENV`` adds the fhirmatch installed in that virtual environment, run
+by its Python from an empty directory: what a ``pip install`` gave, for example from a release
+folder (``pip install --no-index --find-links dist/VERSION fhirmatch``, README). The runs of the
+builds alternate, so each meets the same moments of the machine.
 
 A first line describes the machine. Memory: the peak RSS of evaluate for each size shows whether
 it grows with the population.
@@ -89,10 +92,14 @@ def decode_all(folder: Path, loads: object) -> tuple[float, float, int]:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], root: Path = REPO, floor_of: Path | None = None
+    args: list[str],
+    env: dict[str, str],
+    root: Path = REPO,
+    floor_of: Path | None = None,
+    python: str = sys.executable,
 ) -> tuple[float, float, int, int, float | None]:
-    """Run ``python -m fhirmatch ARGS`` in ``root`` (the fhirmatch there is the one run): (wall s,
-    CPU s, peak RSS bytes, exit code, floor).
+    """Run ``python -m fhirmatch ARGS`` in ``root`` (the fhirmatch there, or else the one
+    ``python`` has installed, is the one run): (wall s, CPU s, peak RSS bytes, exit code, floor).
 
     With ``floor_of`` (an export folder), this process meanwhile decodes that export with orjson
     over and over on the other core, until fhirmatch exits; the floor is then the seconds per
@@ -102,7 +109,7 @@ def run_cli(
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fhirmatch", *args],
+            [python, "-m", "fhirmatch", *args],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -179,16 +186,33 @@ def compiled_root(tmp: Path) -> Path:
     )
     if proc.returncode != 0:
         raise SystemExit(f"the compiled build failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    check = "import fhirmatch.engine as e, importlib.machinery as m; "
-    check += "assert e.__file__.endswith(tuple(m.EXTENSION_SUFFIXES)), e.__file__"
-    subprocess.run([sys.executable, "-c", check], cwd=root, check=True)
+    check = [sys.executable, str(REPO / "scripts" / "compiled_check.py"), "compiled"]
+    subprocess.run(check, cwd=root, check=True, stdout=subprocess.DEVNULL)
     return root
 
 
-def startup(env: dict[str, str], root: Path, empty: Path) -> float:
+def installed_root(tmp: Path, venv: Path) -> tuple[Path, str]:
+    """An empty directory to run ``venv``'s fhirmatch from (so no checkout is imported), and
+    that venv's Python; says which build of fhirmatch it holds."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"--installed {venv}: no bin/python there")
+    root = tmp / "installed"
+    root.mkdir()
+    code = "import fhirmatch, fhirmatch.engine as e; print(fhirmatch.__version__, e.__file__)"
+    out = subprocess.run([python, "-c", code], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"--installed {venv}: fhirmatch does not import:\n{out.stderr[-2000:]}")
+    version, engine = out.stdout.split()
+    kind = "compiled" if not engine.endswith(".py") else "pure"
+    print(f"installed: fhirmatch {version} in {venv}, the {kind} build ({Path(engine).name})")
+    return root, str(python)
+
+
+def startup(env: dict[str, str], root: Path, empty: Path, python: str) -> float:
     """Wall s of evaluate on an empty input (exit 2: no patients)."""
     args = ["evaluate", "--trials", str(TRIALS), "--patients", str(empty), "--format", "json"]
-    wall, _cpu, _rss, code, _floor = run_cli(args, env, root)
+    wall, _cpu, _rss, code, _floor = run_cli(args, env, root, python=python)
     assert code == 2, "an empty input must exit 2"
     return wall
 
@@ -215,20 +239,30 @@ def main() -> None:
     ap.add_argument(
         "--builds", nargs="+", choices=["pure", "compiled"], default=["pure", "compiled"]
     )
+    ap.add_argument(
+        "--installed",
+        type=Path,
+        metavar="VENV",
+        help="also measure the fhirmatch installed in this virtual environment",
+    )
     args = ap.parse_args()
     print(machine(), flush=True)
     types = export_types()
     with tempfile.TemporaryDirectory(prefix="fhirmatch-bench-offline-") as raw:
         tmp = Path(raw)
         roots = {b: compiled_root(tmp) if b == "compiled" else REPO for b in args.builds}
+        pythons = dict.fromkeys(args.builds, sys.executable)
+        if args.installed is not None:
+            args.builds.append("installed")
+            roots["installed"], pythons["installed"] = installed_root(tmp, args.installed)
         envs = {b: run_env(tmp, b) for b in args.builds}
         empty = tmp / "empty.ndjson"
         empty.write_text("")
-        cold = {b: startup(envs[b], roots[b], empty) for b in args.builds}
+        cold = {b: startup(envs[b], roots[b], empty, pythons[b]) for b in args.builds}
         warm: dict[str, list[float]] = {b: [] for b in args.builds}
         for _run in range(args.startup_runs):
             for b in args.builds:
-                warm[b].append(startup(envs[b], roots[b], empty))
+                warm[b].append(startup(envs[b], roots[b], empty, pythons[b]))
         for b in args.builds:
             print(
                 f"{b}: start-up (evaluate, empty input): {statistics.median(warm[b]):.2f} s "
@@ -263,7 +297,9 @@ def main() -> None:
                 for b in args.builds:
                     floor_wall, floor_cpu, _n = decode_all(folder, orjson.loads)
                     ms_wall, _ms_cpu, _ = decode_all(folder, msgspec.json.Decoder().decode)
-                    wall, cpu, rss, code, _floor = run_cli(evaluate, envs[b], roots[b])
+                    wall, cpu, rss, code, _floor = run_cli(
+                        evaluate, envs[b], roots[b], python=pythons[b]
+                    )
                     assert code == 0, f"evaluate exited {code}"
                     ratios[b].append(wall / floor_wall)
                     walls[b].append(wall)
@@ -276,7 +312,9 @@ def main() -> None:
                     )
             for _run in range(args.repeat):
                 for b in args.builds:
-                    wall, _cpu, _rss, code, floor = run_cli(evaluate, envs[b], roots[b], folder)
+                    wall, _cpu, _rss, code, floor = run_cli(
+                        evaluate, envs[b], roots[b], folder, pythons[b]
+                    )
                     assert code == 0 and floor is not None, f"evaluate exited {code}"
                     beside[b].append((wall, floor))
             for b in args.builds:
