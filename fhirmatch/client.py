@@ -682,7 +682,7 @@ def _outcome(response: requests.Response) -> EntryOutcome:
             resource = body
     oo = None
     if resource is not None and resource.get("resourceType") == "OperationOutcome":
-        oo = _oo_text(resource)
+        oo = _oo_text(mend_lone_surrogates(resource)[0])
     return EntryOutcome(
         status=response.status_code,
         location=response.headers.get("Location") or response.headers.get("Content-Location"),

@@ -227,15 +227,24 @@ def outcome_text(response: requests.Response) -> str | None:
                     text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
                     if text:
                         texts.append(str(text))
-                return "; ".join(texts)[:1000] or None
+                return _unicode("; ".join(texts)[:1000]) or None
             # OAuth token endpoints answer {"error": ..., "error_description": ...}
             if "error" in body:
                 desc = body.get("error_description")
-                return f"{body['error']}: {desc}" if desc else str(body["error"])
+                return _unicode(f"{body['error']}: {desc}" if desc else str(body["error"]))
         return None
     if ctype.startswith("text/plain"):
         return response.text[:300].strip() or None
     return None
+
+
+def _unicode(text: str) -> str:
+    """``text`` with each lone surrogate (what a JSON ``"\\udc80"`` escape decodes to) replaced by
+    U+FFFD: a server's words go into error messages, logs and reports, which are written as
+    UTF-8, and such a character cannot be."""
+    from .records import mend_lone_surrogates
+
+    return str(mend_lone_surrogates(text)[0])
 
 
 def _error_class(status: int) -> type[NetworkError]:

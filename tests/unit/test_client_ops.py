@@ -132,6 +132,43 @@ def test_update_if_match_conflict(client: FhirClient) -> None:
     assert len(responses.calls) == 1
 
 
+#: an OperationOutcome whose diagnostics hold a JSON escape of a lone surrogate, which decodes
+#: to a str that cannot be written as UTF-8
+LONE_SURROGATE_OO = (
+    b'{"resourceType": "OperationOutcome", "issue": [{"diagnostics": "bad unit \\udc80 here"}]}'
+)
+
+
+@responses.activate
+def test_a_lone_surrogate_in_an_error_outcome_is_a_replacement_character(
+    client: FhirClient,
+) -> None:
+    responses.put(
+        f"{BASE}/Patient/7",
+        status=412,
+        body=LONE_SURROGATE_OO,
+        content_type="application/fhir+json",
+    )
+    with pytest.raises(PreconditionFailed) as info:
+        client.update({"resourceType": "Patient", "id": "7"}, if_match="3")
+    assert info.value.outcome == "bad unit \ufffd here"
+    str(info.value).encode("utf-8")  # a message that can be logged and reported
+
+
+@responses.activate
+def test_a_lone_surrogate_in_a_write_outcome_is_a_replacement_character(
+    client: FhirClient,
+) -> None:
+    responses.post(
+        f"{BASE}/Patient",
+        status=200,
+        body=LONE_SURROGATE_OO,
+        content_type="application/fhir+json",
+    )
+    out = client.create({"resourceType": "Patient"}, if_none_exist={"identifier": "urn:mrn|42"})
+    assert out.outcome == "bad unit \ufffd here"
+
+
 @responses.activate
 def test_update_if_match_conflict_as_hapi_answers_it(client: FhirClient) -> None:
     """HAPI FHIR answers a stale If-Match with 409 Conflict instead of 412."""
