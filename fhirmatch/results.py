@@ -42,6 +42,12 @@ __all__ = [
 #: id of the synthetic criterion the engine adds when the patient is recorded as deceased
 DECEASED_CRITERION_ID = "patient-deceased"
 
+# The models build their validators and serializers when first used (``defer_build``): the
+# engine constructs results without validating them and ``--format ndjson`` writes them with
+# msgspec (:func:`result_json`), so a screening run never needs them, and building them at
+# import (with pydantic's plugin look-up, which imports importlib.metadata) took about a tenth of
+# ``fhirmatch evaluate``'s start-up.
+
 
 class CriterionResult(BaseModel):
     """The outcome of one criterion for one patient.
@@ -50,7 +56,7 @@ class CriterionResult(BaseModel):
     words why, with values after unit conversion, or what data is missing.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     id: str
     kind: CriterionKind
@@ -66,7 +72,7 @@ class CriterionResult(BaseModel):
 class TrialResult(BaseModel):
     """One patient screened against one trial."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     patient: str
     study: str
@@ -96,6 +102,8 @@ class TrialResult(BaseModel):
 class EvaluationReport(BaseModel):
     """Every (patient, trial) result of one evaluation run at one as-of date, and the problems
     met reading the input (what was skipped, by file name, line and resource id)."""
+
+    model_config = ConfigDict(defer_build=True)
 
     as_of: date
     results: list[TrialResult] = Field(default_factory=list)

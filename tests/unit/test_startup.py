@@ -184,3 +184,35 @@ print(code, "pint" in sys.modules)
     assert outs[1][0] == ["0", "False"]
     assert outs[1][1] == outs[0][1]
     assert list((tmp_path / "cache").glob("units-*.pickle"))
+
+
+def test_an_ndjson_run_builds_no_result_validators(tmp_path: Path) -> None:
+    """The result models build their pydantic validators and serializers only when first used:
+    ``--format ndjson`` never uses them (the engine constructs results, msgspec writes them).
+    Built afterwards, they read each line written and write it back the same."""
+    env = {**os.environ, "FHIRMATCH_CACHE_DIR": str(tmp_path / "cache")}
+    script = f"""
+import sys
+from fhirmatch.cli import main
+from fhirmatch.results import CriterionResult, TrialResult
+code = main(["evaluate", "--trials", {str(TRIALS)!r}, "--patients", {str(PATIENTS)!r},
+             "--as-of", "2026-11-01", "--format", "ndjson", "--output", sys.argv[1]])
+print(code, TrialResult.__pydantic_complete__, CriterionResult.__pydantic_complete__)
+with open(sys.argv[1], encoding="utf-8") as fh:
+    lines = [line.rstrip("\\n") for line in fh if line.startswith('{{"patient"')]
+print(len(lines), all(TrialResult.model_validate_json(line).model_dump_json() == line
+                      for line in lines))
+"""
+    out = tmp_path / "out.ndjson"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (code, trial_built, criterion_built), (lines, same) = (
+        row.split() for row in proc.stdout.strip().splitlines()[-2:]
+    )
+    assert (code, trial_built, criterion_built) == ("0", "False", "False")
+    assert int(lines) > 0 and same == "True"
