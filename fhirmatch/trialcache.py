@@ -8,8 +8,10 @@ them (with the parsed conditions) in a cache file named by a SHA-256 over:
 
 * the content and path of every trial file, every ValueSet/ConceptMap file and every file of the
   mapping tables (units and analytes);
-* the versions of fhirmatch, fhirpathpy and Python, and the size and modification time of
-  every module of the ``fhirmatch`` package (an edited checkout never reuses an old entry).
+* the versions of fhirmatch and Python; where fhirpathpy, pint and ucumvert are installed, with
+  the size and modification time of each one's ``__init__.py`` (an upgrade or a reinstall
+  rewrites it); and the size and modification time of every module of the ``fhirmatch``
+  package (an edited checkout never reuses an old entry).
 
 Any change gives a new key, so an entry is never stale; a definition that does not compile is
 never cached (the error is raised as without the cache). The cache holds trial definitions and
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import logging
 import os
 import pickle
@@ -86,9 +89,25 @@ def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield path  # a missing file is reported by the real loader
 
 
-def _key(trial_paths: Sequence[str | os.PathLike[str]], term_paths: Sequence[Path]) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _installed(name: str) -> str:
+    """What identifies the installed package ``name``, found without importing it (nor
+    ``importlib.metadata``, which alone took about a twentieth of a cached start-up): its
+    ``__init__.py``, with that file's size and modification time; ``?`` when not installed."""
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    origin = spec.origin if spec is not None else None
+    if not origin:
+        return f"{name} ?"
+    try:
+        st = os.stat(origin)
+    except OSError:
+        return f"{name} {origin}"
+    return f"{name} {origin}:{st.st_size}:{st.st_mtime_ns}"
 
+
+def _key(trial_paths: Sequence[str | os.PathLike[str]], term_paths: Sequence[Path]) -> str:
     from . import __version__
     from .trials import default_mappings_dir
 
@@ -99,11 +118,8 @@ def _key(trial_paths: Sequence[str | os.PathLike[str]], term_paths: Sequence[Pat
 
     add(_FORMAT)
     add(__version__)
-    for dist in ("fhirpathpy", "pint", "ucumvert"):
-        try:
-            add(f"{dist} {version(dist)}")
-        except PackageNotFoundError:
-            add(f"{dist} ?")
+    for name in ("fhirpathpy", "pint", "ucumvert"):
+        add(_installed(name))
     add(sys.version)
     package = Path(__file__).resolve().parent
     for module in sorted(package.rglob("*.py")):

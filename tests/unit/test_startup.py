@@ -144,7 +144,8 @@ from fhirmatch.engine import Engine
 from fhirmatch.trialcache import load_compiled
 trials, term = load_compiled([{str(TRIALS)!r}])
 Engine(trials, term)
-print("fhirpathpy" in sys.modules, "pint" in sys.modules, units._STATE is None)
+print("fhirpathpy" in sys.modules, "pint" in sys.modules, units._STATE is None,
+      "importlib.metadata" in sys.modules)
 units.convert(1.0, "g/dL", "g/L")
 print(units._STATE is not None)
 """
@@ -155,7 +156,8 @@ print(units._STATE is not None)
         for _ in range(2)
     ]
     assert runs[0][0] == "True"  # the first run parsed the conditions
-    assert runs[1] == ["False", "False", "True", "True"]
+    # nor importlib.metadata (the cache key finds the dependencies without it)
+    assert runs[1] == ["False", "False", "True", "False", "True"]
 
 
 def test_unit_conversions_seen_before_need_no_unit_registry(tmp_path: Path) -> None:
@@ -216,3 +218,22 @@ print(len(lines), all(TrialResult.model_validate_json(line).model_dump_json() ==
     )
     assert (code, trial_built, criterion_built) == ("0", "False", "False")
     assert int(lines) > 0 and same == "True"
+
+
+def test_a_reinstalled_dependency_changes_the_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key names each dependency the compiled trials hold results of by its ``__init__.py``
+    and that file's size and modification time, which an upgrade or a reinstall rewrites."""
+    package = tmp_path / "site" / "fhirpathpy"
+    package.mkdir(parents=True)
+    init = package / "__init__.py"
+    init.write_text("__version__ = '1.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    first = trialcache._installed("fhirpathpy")
+    assert first.startswith(f"fhirpathpy {init}:")
+    key = trialcache._key([TRIALS], [])
+    init.write_text("__version__ = '1.1'\n")
+    assert trialcache._installed("fhirpathpy") != first
+    assert trialcache._key([TRIALS], []) != key
+    assert trialcache._installed("no_such_package_here") == "no_such_package_here ?"
