@@ -45,8 +45,8 @@ DECEASED_CRITERION_ID = "patient-deceased"
 # The models build their validators and serializers when first used (``defer_build``): the
 # engine constructs results without validating them and ``--format ndjson`` writes them with
 # msgspec (:func:`result_json`), so a screening run never needs them, and building them at
-# import (with pydantic's plugin look-up, which imports importlib.metadata) took about a tenth of
-# ``fhirmatch evaluate``'s start-up.
+# import (with pydantic's plugin look-up, which imports importlib.metadata) took about 15 ms of
+# ``fhirmatch evaluate``'s start-up (0.25 s).
 
 
 class CriterionResult(BaseModel):
