@@ -132,6 +132,13 @@ def test_a_corrupt_or_shared_cache_entry_is_ignored(
     assert trialcache.load_compiled([folder])[0] == expected
 
 
+def _python(script: str, env: dict[str, str], *args: str) -> str:
+    """What ``script`` prints, run by this Python in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_a_cached_start_parses_nothing_and_builds_no_unit_registry(tmp_path: Path) -> None:
     """In a fresh process whose trials come from the cache: neither pint nor fhirpathpy imported
     (so no ANTLR parse: the parser is fhirpathpy's; and every condition of the trials compiles
@@ -149,12 +156,7 @@ print("fhirpathpy" in sys.modules, "pint" in sys.modules, units._STATE is None,
 units.convert(1.0, "g/dL", "g/L")
 print(units._STATE is not None)
 """
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-        ).stdout.split()
-        for _ in range(2)
-    ]
+    runs = [_python(script, env).split() for _ in range(2)]
     assert runs[0][0] == "True"  # the first run parsed the conditions
     # nor importlib.metadata (the cache key finds the dependencies without it)
     assert runs[1] == ["False", "False", "True", "False", "True"]
@@ -174,14 +176,8 @@ print(code, "pint" in sys.modules)
     outs = []
     for n in range(2):
         out = tmp_path / f"out{n}.ndjson"
-        proc = subprocess.run(
-            [sys.executable, "-c", script, str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        outs.append((proc.stdout.split()[-2:], out.read_text(encoding="utf-8")))
+        printed = _python(script, env, str(out))
+        outs.append((printed.split()[-2:], out.read_text(encoding="utf-8")))
     assert outs[0][0] == ["0", "True"]  # the demo patients' labs need conversions
     assert outs[1][0] == ["0", "False"]
     assert outs[1][1] == outs[0][1]
@@ -206,15 +202,8 @@ print(len(lines), all(TrialResult.model_validate_json(line).model_dump_json() ==
                       for line in lines))
 """
     out = tmp_path / "out.ndjson"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
     (code, trial_built, criterion_built), (lines, same) = (
-        row.split() for row in proc.stdout.strip().splitlines()[-2:]
+        row.split() for row in _python(script, env, str(out)).strip().splitlines()[-2:]
     )
     assert (code, trial_built, criterion_built) == ("0", "False", "False")
     assert int(lines) > 0 and same == "True"
