@@ -27,8 +27,16 @@ from .errors import (
     FatalNetworkError,
     PreconditionFailed,
 )
-from .http import HttpTransport, RetryPolicy, Timeouts, TransportStats, redact_url, same_origin
-from .records import LONE_SURROGATE, mend_lone_surrogates
+from .http import (
+    HttpTransport,
+    RetryPolicy,
+    Timeouts,
+    TransportStats,
+    json_body,
+    redact_url,
+    same_origin,
+)
+from .records import LONE_SURROGATE
 
 log = logging.getLogger(__name__)
 
@@ -631,22 +639,19 @@ class FhirClient:
     @staticmethod
     def _json(response: requests.Response, where: str) -> dict[str, Any]:
         try:
-            body = response.json()
+            body, mended = json_body(response)
         except ValueError:
             raise DataError(where, "server answer is not JSON") from None
         if not isinstance(body, dict):
             raise DataError(where, "server answer is not a JSON object")
-        content = response.content
-        if b"\\ud" in content or b"\\uD" in content:  # a surrogate comes only from an escape
-            body, mended = mend_lone_surrogates(body)
-            if mended:
-                log.warning(
-                    "%s: %d string(s) of the server's answer hold %s; each such character "
-                    "is read as U+FFFD",
-                    where,
-                    mended,
-                    LONE_SURROGATE,
-                )
+        if mended:
+            log.warning(
+                "%s: %d string(s) of the server's answer hold %s; each such character "
+                "is read as U+FFFD",
+                where,
+                mended,
+                LONE_SURROGATE,
+            )
         return body
 
 
@@ -675,14 +680,14 @@ def _outcome(response: requests.Response) -> EntryOutcome:
     resource: dict[str, Any] | None = None
     if response.content:
         try:
-            body = response.json()
+            body, _mended = json_body(response)
         except ValueError:
             body = None
         if isinstance(body, dict):
             resource = body
     oo = None
     if resource is not None and resource.get("resourceType") == "OperationOutcome":
-        oo = _oo_text(mend_lone_surrogates(resource)[0])
+        oo = _oo_text(resource)
     return EntryOutcome(
         status=response.status_code,
         location=response.headers.get("Location") or response.headers.get("Content-Location"),

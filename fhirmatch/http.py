@@ -44,6 +44,7 @@ from .errors import (
     ResourceNotFound,
     TemporaryNetworkError,
 )
+from .records import mend_lone_surrogates
 
 if TYPE_CHECKING:
     from .auth import Auth
@@ -55,6 +56,7 @@ __all__ = [
     "Timeouts",
     "check_base_url",
     "describe_connection_error",
+    "json_body",
     "outcome_text",
     "parse_retry_after",
     "redact_url",
@@ -217,7 +219,7 @@ def outcome_text(response: requests.Response) -> str | None:
     ctype = response.headers.get("Content-Type", "")
     if "json" in ctype:
         try:
-            body = response.json()
+            body, _mended = json_body(response)
         except ValueError:
             return None
         if isinstance(body, dict):
@@ -227,24 +229,29 @@ def outcome_text(response: requests.Response) -> str | None:
                     text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
                     if text:
                         texts.append(str(text))
-                return _unicode("; ".join(texts)[:1000]) or None
+                return "; ".join(texts)[:1000] or None
             # OAuth token endpoints answer {"error": ..., "error_description": ...}
             if "error" in body:
                 desc = body.get("error_description")
-                return _unicode(f"{body['error']}: {desc}" if desc else str(body["error"]))
+                return f"{body['error']}: {desc}" if desc else str(body["error"])
         return None
     if ctype.startswith("text/plain"):
         return response.text[:300].strip() or None
     return None
 
 
-def _unicode(text: str) -> str:
-    """``text`` with each lone surrogate (what a JSON ``"\\udc80"`` escape decodes to) replaced by
-    U+FFFD: a server's words go into error messages, logs and reports, which are written as
-    UTF-8, and such a character cannot be."""
-    from .records import mend_lone_surrogates
-
-    return str(mend_lone_surrogates(text)[0])
+def json_body(response: requests.Response) -> tuple[Any, int]:
+    """``response.json()`` with each lone surrogate (what a JSON ``"\\udc80"`` escape decodes
+    to) replaced by U+FFFD, and how many strings held one (see
+    :func:`fhirmatch.records.mend_lone_surrogates`): a server's words go into results, error
+    messages, logs and reports, which are written as UTF-8, and such a character cannot be.
+    The client's answers, write outcomes and error texts are read through it. Raises
+    ``ValueError`` as ``response.json()`` does."""
+    body = response.json()
+    content = response.content
+    if b"\\ud" in content or b"\\uD" in content:  # a surrogate comes only from an escape
+        return mend_lone_surrogates(body)
+    return body, 0
 
 
 def _error_class(status: int) -> type[NetworkError]:
